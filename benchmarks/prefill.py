@@ -1,0 +1,181 @@
+"""Prefill latency of vanilla vs iLLaVA on a built-in backbone, beside the FLOPs prediction.
+
+    python benchmarks/prefill.py                       # small, 448 and 672, 7 runs, CPU
+    python benchmarks/prefill.py --device cuda --dtype bfloat16 --attn sdpa
+
+For each image size and schedule (vanilla, then the paper's default split at 66.7/77.8/88.9%),
+runs are interleaved round-robin in one process so that drift hits every schedule alike:
+each repeat times the encoder alone (`get_image_features`) and the full prefill forward
+(`logits_to_keep=1`). LLM time = total - encoder. A separate instrumented pass measures the
+share of the merged forward spent in importance + selection + merging + re-packing.
+Prints a markdown table; `--markdown FILE` also appends it, with the machine, to FILE.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import illava  # noqa: E402
+from illava import PAPER_REDUCTIONS, Schedule  # noqa: E402
+from illava.backbones import load_backbone  # noqa: E402
+from illava.flops import predicted_speedup  # noqa: E402
+from illava.inputs import Sample, build_inputs, synthetic_image  # noqa: E402
+from illava.patch.qwen2_5_vl import state_of  # noqa: E402
+from profiler import Timing, time_once  # noqa: E402
+
+PROMPT = "<image> What shapes are in this picture, and what colour is each one?"
+
+
+@dataclass
+class Result:
+    size: int
+    label: str
+    schedule: Schedule
+    encoder: Timing
+    total: Timing
+    merge_share: float
+    predicted: float
+
+    @property
+    def llm(self) -> float:
+        return self.total.median - self.encoder.median
+
+
+def machine(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}, CUDA {torch.version.cuda}"
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"CPU {cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+def schedules(model) -> list[tuple[str, Schedule]]:
+    depth = dict(encoder_depth=model.config.vision_config.depth, llm_depth=model.config.text_config.num_hidden_layers)
+    return [("vanilla", Schedule.vanilla())] + [
+        (f"iLLaVA {r:.1%}", Schedule.paper_default(r, **depth)) for r in PAPER_REDUCTIONS
+    ]
+
+
+def set_schedule(model, schedule: Schedule) -> None:
+    if schedule.removes_nothing:
+        illava.remove(model)  # vanilla is the unpatched model itself
+    else:
+        illava.apply(model, schedule)
+
+
+@torch.inference_mode()
+def bench_size(backbone, size: int, repeats: int, warmup: int, device: torch.device) -> list[Result]:
+    model = backbone.model
+    batch = build_inputs(backbone.tokenizer, backbone.image_processor, [Sample(PROMPT, [synthetic_image(size, 0)])])
+    batch = batch.to(device)
+    text_tokens = int((batch["input_ids"] != model.config.image_token_id).sum())
+    grids = batch["image_grid_thw"].tolist()
+    configs = schedules(model)
+
+    def encoder() -> object:
+        return model.model.get_image_features(batch["pixel_values"], batch["image_grid_thw"])
+
+    def total() -> object:
+        return model(**batch, logits_to_keep=1)
+
+    samples = {label: ([], []) for label, _ in configs}
+    for run in range(warmup + repeats):
+        for label, schedule in configs:
+            set_schedule(model, schedule)
+            enc, tot = time_once(encoder, device), time_once(total, device)
+            if run >= warmup:
+                samples[label][0].append(enc)
+                samples[label][1].append(tot)
+        print(f"  {size}px: run {run + 1}/{warmup + repeats}", file=sys.stderr, flush=True)
+
+    results = []
+    for label, schedule in configs:
+        share = 0.0
+        if not schedule.removes_nothing:
+            set_schedule(model, schedule)
+            state_of(model).time_merges = True
+            shares = []
+            for _ in range(repeats):
+                seconds = time_once(total, device)
+                shares.append(illava.last_stats(model).merge_seconds / seconds)
+            share = statistics.median(shares)
+        encoder_t, total_t = (Timing(tuple(s)) for s in samples[label])
+        results.append(
+            Result(
+                size,
+                label,
+                schedule,
+                encoder_t,
+                total_t,
+                share,
+                predicted_speedup(model.config, schedule, grids, text_tokens),
+            )
+        )
+    illava.remove(model)
+    return results
+
+
+def table(results: list[Result]) -> str:
+    lines = [
+        "| image | schedule | encoder ms | LLM ms | prefill ms (spread) | speedup | predicted | measured/predicted | merge share |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    base = {r.size: r.total.median for r in results if r.label == "vanilla"}
+    for r in results:
+        speedup = base[r.size] / r.total.median
+        lines.append(
+            f"| {r.size}x{r.size} | {r.label} | {r.encoder.median * 1e3:.1f} | {r.llm * 1e3:.1f} "
+            f"| {r.total.median * 1e3:.1f} ({r.total.spread:.0%}) | {speedup:.2f}x | {r.predicted:.2f}x "
+            f"| {speedup / r.predicted:.0%} | {r.merge_share:.1%} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backbone", default="small")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[448, 672])
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--attn", default="sdpa", choices=["eager", "sdpa", "flash_attention_2"])
+    parser.add_argument("--markdown", type=Path, help="append the table and the machine to this file")
+    args = parser.parse_args(argv)
+    if args.repeats < 5:
+        parser.error("--repeats must be at least 5 for a median with a spread")
+
+    device = torch.device(args.device)
+    backbone = load_backbone(args.backbone, attn_implementation=args.attn, dtype=getattr(torch, args.dtype))
+    backbone.model.to(device)
+    results = [r for size in args.sizes for r in bench_size(backbone, size, args.repeats, args.warmup, device)]
+    header = (
+        f"`{' '.join(['python benchmarks/prefill.py', *(argv if argv is not None else sys.argv[1:])])}` "
+        f"on {machine(device)}; backbone {args.backbone}, {args.dtype}, {args.attn}, "
+        f"median of {args.repeats} runs after {args.warmup} warm-up, spread = (max-min)/median"
+    )
+    report = f"{header}\n\n{table(results)}\n"
+    print(report)
+    if args.markdown:
+        with args.markdown.open("a") as out:
+            out.write("\n" + report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

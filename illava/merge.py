@@ -1,0 +1,222 @@
+"""The iLLaVA merge algorithm on plain tensors; it knows no model.
+
+Everything here works on **one segment** (one image, one video frame, or one attention
+window for importance) so that nothing ever crosses a segment boundary, and in **units**: a unit
+is `unit` consecutive tokens that are kept or dropped together (4 for the Qwen2.5-VL encoder,
+whose patch merger fuses 2x2 groups; 1 in the LLM).
+
+Paper, section 3.2.2, and the choices made where it is silent:
+
+* Importance ``S_avg``: the head-averaged column mean of ``softmax(Q K^T / sqrt(d))``, computed
+  in query chunks so no N x N matrix is held. With a causal mask a key at position j is seen by
+  fewer queries than one at position 0, so its column *sum* is divided by the number of
+  queries that can see it (a plain column mean would favour early tokens). A unit scores the
+  mean of its tokens.
+* Selection: the ``P_i`` highest-scoring units are informative; the next ``P_c`` are recycle
+  centres; the remaining ``R`` units are discarded.
+* Recycling: ``S_sub`` is the head-averaged softmax attention from each centre (its tokens as
+  queries) to the centres and discarded units (their tokens as keys), no causal mask: it is a
+  similarity, not a forward pass. A unit's score is the sum over its key tokens, averaged over
+  the centre's query tokens, so each row of ``S_sub`` sums to one. Each centre takes the ``M``
+  discarded units it attends to most as members (centres choose independently, so a discarded
+  unit may feed several centres, and one no centre picks is dropped), and becomes
+  ``sum_k w_k x_k`` over itself and its members with ``w`` its ``S_sub`` row restricted to those
+  units and renormalised. Units merge position by position (token t of a group with token t of
+  each member group).
+* Kept units stay in their original order, so causal order and window layout survive.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+#: Query rows processed at once when computing importance; bounds memory at
+#: `chunk x n_keys` scores per head instead of `n x n`.
+DEFAULT_CHUNK = 256  # measured fastest on CPU for 1-2k-token segments
+
+
+def _expand_kv_heads(key: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """(Hk, N, D) -> (H, N, D) for grouped-query attention."""
+    if key.shape[0] == n_heads:
+        return key
+    return key.repeat_interleave(n_heads // key.shape[0], dim=0)
+
+
+def attention_importance(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    *,
+    causal: bool = False,
+    scale: float | None = None,
+    chunk_size: int = DEFAULT_CHUNK,
+) -> torch.Tensor:
+    """Head-averaged column mean of softmax(Q K^T * scale) for one segment.
+
+    query: (H, N, D); key: (Hk, N, D) with H % Hk == 0. Returns (N,) float32.
+    With `causal`, query i sees keys 0..i and key j's column sum is divided by N - j.
+    """
+    n_heads, n, dim = query.shape
+    key = _expand_kv_heads(key, n_heads)
+    scale = dim**-0.5 if scale is None else scale
+    col_sum = torch.zeros(n, dtype=torch.float32, device=query.device)
+    query = query.float() * scale  # scaling Q (N x D) is cheaper than scaling every score (N x N)
+    key_t = key.float().transpose(1, 2)
+    for start in range(0, n, chunk_size):
+        stop = min(start + chunk_size, n)
+        scores = torch.matmul(query[:, start:stop], key_t)  # (H, c, N)
+        if causal:
+            rows = torch.arange(start, stop, device=query.device)[:, None]
+            cols = torch.arange(n, device=query.device)[None, :]
+            scores.masked_fill_(cols > rows, float("-inf"))
+        col_sum += scores.softmax(dim=-1).sum(dim=(0, 1))
+    if causal:
+        visible = torch.arange(n, 0, -1, device=query.device, dtype=torch.float32)  # N - j
+    else:
+        visible = torch.full((n,), float(n), device=query.device)
+    return col_sum / (n_heads * visible)
+
+
+def windowed_importance(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    boundaries: list[int],
+    *,
+    scale: float | None = None,
+    chunk_size: int = DEFAULT_CHUNK,
+) -> torch.Tensor:
+    """`attention_importance` (non-causal) of each segment ``[b_i, b_{i+1})`` of a packed sequence.
+
+    query, key: (H, N, D) packed; boundaries: cumulative segment starts ending with N.
+    Returns (N,). Segments of equal length are batched into one matmul.
+    """
+    out = torch.empty(query.shape[1], dtype=torch.float32, device=query.device)
+    key = _expand_kv_heads(key, query.shape[0])
+    lengths = [b - a for a, b in zip(boundaries[:-1], boundaries[1:])]
+    by_length: dict[int, list[int]] = {}
+    for start, length in zip(boundaries[:-1], lengths):
+        by_length.setdefault(length, []).append(start)
+    for length, starts in by_length.items():
+        if length == 0:
+            continue
+        if length > chunk_size:
+            for start in starts:
+                out[start : start + length] = attention_importance(
+                    query[:, start : start + length], key[:, start : start + length], scale=scale, chunk_size=chunk_size
+                )
+            continue
+        index = torch.tensor(starts, device=query.device)[:, None] + torch.arange(length, device=query.device)
+        s = scale if scale is not None else query.shape[-1] ** -0.5
+        q = query[:, index].float() * s  # (H, S, L, D)
+        k = key[:, index].float()
+        probs = torch.matmul(q, k.transpose(-1, -2)).softmax(dim=-1)  # (H, S, L, L)
+        out[index.reshape(-1)] = (probs.sum(dim=(0, 2)) / (query.shape[0] * length)).reshape(-1)
+    return out
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Unit indices of one segment, each sorted ascending."""
+
+    keep: torch.Tensor  # (P,) informative + centres, the units that survive
+    centres: torch.Tensor  # (P_c,) recycled cluster units, a subset of keep
+    discarded: torch.Tensor  # (R,)
+
+
+def select_units(
+    scores: torch.Tensor, n_keep: int, n_recycle: int, *, generator: torch.Generator | None = None
+) -> Selection:
+    """Top `n_keep - n_recycle` informative units, the next `n_recycle` as centres, the rest
+    discarded. With a `generator`, the kept units are drawn uniformly at random instead (the
+    random-dropping baseline) and there are no centres."""
+    n = scores.shape[0]
+    if generator is not None:
+        order = torch.randperm(n, generator=generator).to(scores.device)
+        n_recycle = 0
+    else:
+        order = torch.argsort(scores, descending=True, stable=True)
+    centres = order[n_keep - n_recycle : n_keep].sort().values
+    keep = order[:n_keep].sort().values
+    discarded = order[n_keep:].sort().values
+    return Selection(keep=keep, centres=centres, discarded=discarded)
+
+
+def recycle_weights(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    centres: torch.Tensor,
+    discarded: torch.Tensor,
+    *,
+    unit: int,
+    group_size: int,
+    scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Members and merge weights of each centre.
+
+    query, key: (H, n_units * unit, D) of the segment. Returns ``members`` (P_c, 1 + m) unit
+    indices, the centre itself first, and ``weights`` (P_c, 1 + m) summing to one per row,
+    with ``m = min(group_size, R)``.
+    """
+    n_heads = query.shape[0]
+    key = _expand_kv_heads(key, n_heads)
+    dim = query.shape[-1]
+    scale = dim**-0.5 if scale is None else scale
+    candidates = torch.cat([centres, discarded])  # keys of S_sub: centres then discarded units
+    token_offsets = torch.arange(unit, device=query.device)
+    q_tokens = (centres[:, None] * unit + token_offsets).reshape(-1)  # (P_c * unit,)
+    k_tokens = (candidates[:, None] * unit + token_offsets).reshape(-1)
+    scores = torch.matmul(query[:, q_tokens].float(), key[:, k_tokens].float().transpose(1, 2)) * scale
+    probs = scores.softmax(dim=-1).mean(dim=0)  # (P_c*unit, C*unit), heads averaged
+    n_c, n_cand = centres.shape[0], candidates.shape[0]
+    s_sub = probs.reshape(n_c, unit, n_cand, unit).sum(dim=3).mean(dim=1)  # (P_c, C): rows sum to 1
+    m = min(group_size, discarded.shape[0])
+    member_scores, member_pos = s_sub[:, n_c:].topk(m, dim=1)  # among discarded units only
+    self_scores = s_sub[torch.arange(n_c, device=query.device), torch.arange(n_c, device=query.device)]
+    weights = torch.cat([self_scores[:, None], member_scores], dim=1)
+    weights = weights / weights.sum(dim=1, keepdim=True).clamp_min(torch.finfo(weights.dtype).tiny)
+    members = torch.cat([centres[:, None], discarded[member_pos]], dim=1)
+    return members, weights
+
+
+def merge_units(
+    hidden: torch.Tensor, selection: Selection, members: torch.Tensor | None, weights: torch.Tensor | None, *, unit: int
+) -> torch.Tensor:
+    """Hidden states of the kept units, centres replaced by their weighted groups.
+
+    hidden: (n_units * unit, C) -> (P * unit, C), in the order of `selection.keep`.
+    """
+    channels = hidden.shape[-1]
+    units = hidden.reshape(-1, unit, channels)  # (n_units, unit, C)
+    kept = units[selection.keep]
+    if members is not None and members.numel():
+        merged = (units[members] * weights[..., None, None].to(hidden.dtype)).sum(dim=1)  # (P_c, unit, C)
+        slot = torch.searchsorted(selection.keep, selection.centres)
+        kept = kept.index_copy(0, slot, merged)
+    return kept.reshape(-1, channels)
+
+
+def merge_segment(
+    hidden: torch.Tensor,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    scores: torch.Tensor,
+    *,
+    n_keep: int,
+    n_recycle: int,
+    group_size: int,
+    unit: int = 1,
+    generator: torch.Generator | None = None,
+    scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One Token_Merge on one segment: returns (kept unit indices (P,), merged hidden (P*unit, C)).
+
+    hidden: (n*unit, C); query/key: (H, n*unit, D); scores: (n,) unit importance.
+    """
+    selection = select_units(scores, n_keep, n_recycle, generator=generator)
+    members = weights = None
+    if selection.centres.numel() and selection.discarded.numel():
+        members, weights = recycle_weights(
+            query, key, selection.centres, selection.discarded, unit=unit, group_size=group_size, scale=scale
+        )
+    return selection.keep, merge_units(hidden, selection, members, weights, unit=unit)

@@ -1,0 +1,83 @@
+"""`illava-tune demo`: one image prompt on a built-in backbone, unmerged and merged at the paper's
+three reduction ratios, with measured prefill time beside the speedup the FLOPs predict."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+import illava
+from illava import PAPER_REDUCTIONS, Schedule
+from illava.backbones import Backbone, load_backbone
+from illava.flops import predicted_speedup
+from illava.inputs import Sample, build_inputs, synthetic_image
+from profiler import Timing, time_call
+
+PROMPT = "<image> What shapes are in this picture, and what colour is each one?"
+
+
+@dataclass(frozen=True)
+class DemoRow:
+    label: str
+    schedule: Schedule
+    llm_image_tokens: int  # image tokens entering the LLM (after the encoder's merges)
+    final_image_tokens: int  # image tokens after the last LLM merge
+    prefill: Timing
+    predicted: float  # FLOPs speedup over vanilla
+
+
+def _schedule(backbone: Backbone, reduction: float) -> Schedule:
+    config = backbone.model.config
+    return Schedule.paper_default(
+        reduction, encoder_depth=config.vision_config.depth, llm_depth=config.text_config.num_hidden_layers
+    )
+
+
+@torch.inference_mode()
+def run_demo(
+    backbone_name: str = "small", *, image_size: int = 448, repeats: int = 3, warmup: int = 1, progress=print
+) -> list[DemoRow]:
+    progress(f"building backbone {backbone_name!r} ...")
+    backbone = load_backbone(backbone_name)
+    model = backbone.model
+    batch = build_inputs(
+        backbone.tokenizer, backbone.image_processor, [Sample(PROMPT, [synthetic_image(image_size, 0)])]
+    )
+    text_tokens = int((batch["input_ids"] != model.config.image_token_id).sum())
+    grids = batch["image_grid_thw"].tolist()
+    rows = []
+    for reduction in (0.0, *PAPER_REDUCTIONS):
+        schedule = _schedule(backbone, reduction)
+        label = "vanilla" if reduction == 0 else f"iLLaVA {reduction:.1%}"
+        progress(f"timing {label} ({warmup} warm-up + {repeats} runs) ...")
+        if reduction:
+            illava.apply(model, schedule)
+        else:
+            illava.remove(model)
+        timing = time_call(lambda: model(**batch, logits_to_keep=1), repeats=repeats, warmup=warmup)
+        if reduction:
+            stats = illava.last_stats(model)
+            llm_in, final = int(stats.llm_image_tokens[0].sum()), int(stats.llm_image_tokens[-1].sum())
+        else:
+            llm_in = final = int((batch["input_ids"] == model.config.image_token_id).sum())
+        rows.append(
+            DemoRow(
+                label, schedule, llm_in, final, timing, predicted_speedup(model.config, schedule, grids, text_tokens)
+            )
+        )
+    illava.remove(model)
+    return rows
+
+
+def format_table(rows: list[DemoRow]) -> str:
+    base = rows[0].prefill.median
+    header = f"{'schedule':<16}{'img tokens->LLM':>16}{'after LLM':>11}{'prefill ms':>12}{'spread':>8}{'speedup':>9}{'predicted':>11}"
+    lines = [header, "-" * len(header)]
+    for row in rows:
+        lines.append(
+            f"{row.label:<16}{row.llm_image_tokens:>16}{row.final_image_tokens:>11}"
+            f"{row.prefill.median * 1e3:>12.1f}{row.prefill.spread:>8.0%}"
+            f"{base / row.prefill.median:>8.2f}x{row.predicted:>10.2f}x"
+        )
+    return "\n".join(lines)
