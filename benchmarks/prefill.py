@@ -30,7 +30,7 @@ from illava.backbones import load_backbone  # noqa: E402
 from illava.flops import predicted_speedup  # noqa: E402
 from illava.inputs import Sample, build_inputs, synthetic_image  # noqa: E402
 from illava.patch.qwen2_5_vl import state_of  # noqa: E402
-from profiler import Timing, time_once  # noqa: E402
+from profiler import Timing, time_call, time_once  # noqa: E402
 
 PROMPT = "<image> What shapes are in this picture, and what colour is each one?"
 
@@ -130,6 +130,14 @@ def bench_size(backbone, size: int, repeats: int, warmup: int, device: torch.dev
     return results
 
 
+@torch.inference_mode()
+def text_only_floor(backbone, repeats: int, warmup: int, device: torch.device) -> Timing:
+    """Prefill of the prompt's text alone: what is left when every image token is gone."""
+    batch = build_inputs(backbone.tokenizer, backbone.image_processor, [Sample(PROMPT.replace("<image> ", ""))])
+    batch = batch.to(device)
+    return time_call(lambda: backbone.model(**batch, logits_to_keep=1), repeats=repeats, warmup=warmup, device=device)
+
+
 def table(results: list[Result]) -> str:
     lines = [
         "| image | schedule | encoder ms | LLM ms | prefill ms (spread) | speedup | predicted | measured/predicted | merge share |",
@@ -164,12 +172,16 @@ def main(argv: list[str] | None = None) -> int:
     backbone = load_backbone(args.backbone, attn_implementation=args.attn, dtype=getattr(torch, args.dtype))
     backbone.model.to(device)
     results = [r for size in args.sizes for r in bench_size(backbone, size, args.repeats, args.warmup, device)]
+    floor = text_only_floor(backbone, args.repeats, args.warmup, device)
     header = (
         f"`{' '.join(['python benchmarks/prefill.py', *(argv if argv is not None else sys.argv[1:])])}` "
         f"on {machine(device)}; backbone {args.backbone}, {args.dtype}, {args.attn}, "
         f"median of {args.repeats} runs after {args.warmup} warm-up, spread = (max-min)/median"
     )
-    report = f"{header}\n\n{table(results)}\n"
+    report = (
+        f"{header}\n\n{table(results)}\n\nThe same prompt with no image (the floor no token reduction can go "
+        f"below): {floor.median * 1e3:.1f} ms ({floor.spread:.0%} spread).\n"
+    )
     print(report)
     if args.markdown:
         with args.markdown.open("a") as out:

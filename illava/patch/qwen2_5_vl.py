@@ -24,6 +24,7 @@ merging; `labels` are rejected (the merged sequence no longer lines up with them
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field
 
@@ -83,8 +84,12 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _generator(schedule: Schedule) -> torch.Generator | None:
-    return torch.Generator().manual_seed(schedule.seed) if schedule.method == "random" else None
+def _generator(schedule: Schedule, stage: int, layer: int, frame: int) -> torch.Generator | None:
+    """For method "random": a generator per (stage, layer, frame index within its image/video),
+    so what a segment keeps depends on the seed and the segment alone, never on the batch."""
+    if schedule.method != "random":
+        return None
+    return torch.Generator().manual_seed(hash((schedule.seed, stage, layer, frame)) & 0x7FFF_FFFF_FFFF_FFFF)
 
 
 # ----------------------------------------------------------------------------------- encoder
@@ -139,9 +144,10 @@ def _merging_block(
     schedule: Schedule,
     state: IllavaState,
     unit: int,
-    generator: torch.Generator | None,
+    index: int,
+    frame_in_item: list[int],
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One vision block with Token_Merge between attention and FFN (paper eq. 1).
+    """One vision block (number `index`) with Token_Merge between attention and FFN (paper eq. 1).
 
     hidden: (N, C) in window order. Returns (hidden of kept units, kept unit indices).
     """
@@ -170,7 +176,7 @@ def _merging_block(
                 keep, merged = merge_segment(
                     hidden[tokens], q[:, tokens], k[:, tokens], scores[start : start + size],
                     n_keep=step.kept, n_recycle=step.recycled, group_size=schedule.group_size,
-                    unit=unit, generator=generator, scale=attn.scaling,
+                    unit=unit, generator=_generator(schedule, 0, index, frame_in_item[frame]), scale=attn.scaling,
                 )  # fmt: skip
             parts.append(merged)
             keep_parts.append(keep + start)
@@ -191,6 +197,18 @@ class IllavaVisionOutput(BaseModelOutputWithPooling):
     encoder_units: list[list[int]] | None = None  # per block: units per frame entering attention
     merge_seconds: float | None = None  # (ModelOutput fields must default to None)
 
+    def select(self, items: list[int]) -> IllavaVisionOutput:
+        """The same output for the images `items` (repeats allowed), as `generate` expands batches.
+        Statistics describe the encoder run and are kept as they are."""
+        return IllavaVisionOutput(
+            last_hidden_state=self.last_hidden_state,
+            pooler_output=tuple(self.pooler_output[i] for i in items),
+            kept_units=[self.kept_units[i] for i in items],
+            grid_thw=self.grid_thw[items],
+            encoder_units=self.encoder_units,
+            merge_seconds=self.merge_seconds,
+        )
+
 
 def encode(
     visual: torch.nn.Module,
@@ -203,7 +221,6 @@ def encode(
     """The vision encoder with merging, for the images (or videos) of `grid_thw`."""
     state = IllavaState(schedule=schedule, time_merges=time_merges)  # collects this call's stats
     unit = visual.spatial_merge_unit
-    generator = _generator(schedule)
     hidden = visual.patch_embed(pixel_values.type(visual.dtype))  # (N, C)
     n = hidden.shape[0]
     window_index, cu_window = get_vision_window_index(
@@ -218,6 +235,7 @@ def encode(
     )
 
     frame_units = [h * w // unit for t, h, w in grid_thw.tolist() for _ in range(t)]
+    frame_in_item = [i for t, _, _ in grid_thw.tolist() for i in range(t)]
     device = hidden.device
     layout = _VisionLayout(
         frame=torch.repeat_interleave(
@@ -237,7 +255,9 @@ def encode(
         state.stats.encoder_units.append(torch.bincount(layout.frame, minlength=len(frame_units)).tolist())
         steps = steps_at.get(index)
         if steps is not None and any(step.removed for step in steps):
-            hidden, keep = _merging_block(block, hidden, cu, rope, layout, steps, schedule, state, unit, generator)
+            hidden, keep = _merging_block(
+                block, hidden, cu, rope, layout, steps, schedule, state, unit, index, frame_in_item
+            )
             with _MergeTimer(state, device):
                 layout = layout.take(keep)
                 tokens = (keep[:, None] * unit + torch.arange(unit, device=device)).reshape(-1)
@@ -302,6 +322,12 @@ def _repack(valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return index, new_valid
 
 
+def _right_aligned(valid: torch.Tensor) -> torch.Tensor:
+    """Gather index (B, L) that moves left-padded rows (real tokens last) to right padding."""
+    pads = (~valid).sum(dim=1, keepdim=True)
+    return (torch.arange(valid.shape[1], device=valid.device)[None, :] + pads).clamp(max=valid.shape[1] - 1)
+
+
 @dataclass
 class _Sequence:
     """The LLM's working sequence at prefill, left padded."""
@@ -358,11 +384,12 @@ def _merge_llm(
     seq: _Sequence,
     q: torch.Tensor,
     k: torch.Tensor,
+    layer: int,
     step_index: int,
     plans: dict[int, Plan],
+    frame_in_item: dict[int, int],
     schedule: Schedule,
     scale: float,
-    generator: torch.Generator | None,
 ) -> _Sequence:
     """Token_Merge after a decoder layer (paper eq. 2): image tokens only, per segment."""
     hidden = seq.hidden.clone()
@@ -382,7 +409,8 @@ def _merge_llm(
             scores = attention_importance(q_seg, k_seg, causal=True, scale=scale)
             kept, merged = merge_segment(
                 hidden[b, idx], q_seg, k_seg, scores, n_keep=step.kept, n_recycle=step.recycled,
-                group_size=schedule.group_size, unit=1, generator=generator, scale=scale,
+                group_size=schedule.group_size, unit=1, scale=scale,
+                generator=_generator(schedule, 1, layer, frame_in_item[segment]),
             )  # fmt: skip
             hidden[b, idx[kept]] = merged
             keep[b, idx] = False
@@ -391,12 +419,13 @@ def _merge_llm(
     return _Sequence(hidden, seq.positions, seq.rope, seq.valid, seq.segment).gather(index, valid)
 
 
-def _prefill_llm(model, seq: _Sequence, plans: dict[int, Plan], cache, use_cache, state: IllavaState) -> _Sequence:
+def _prefill_llm(
+    model, seq: _Sequence, plans: dict[int, Plan], frame_in_item: dict[int, int], cache, use_cache, state: IllavaState
+) -> _Sequence:
     lm = model.language_model
     schedule = state.schedule
     implementation = lm.config._attn_implementation
     merge_steps = {layer: i for i, layer in enumerate(schedule.llm_layers)}
-    generator = _generator(schedule)
     has_work = any(step.removed for plan in plans.values() for step in plan.llm)
     key_masks = []
     for index, layer in enumerate(lm.layers):
@@ -408,7 +437,9 @@ def _prefill_llm(model, seq: _Sequence, plans: dict[int, Plan], cache, use_cache
             hidden, q, k = _decoder_layer_capturing(layer, seq.hidden, mask, seq.rope, cache, use_cache)
             seq.hidden = hidden
             with _MergeTimer(state, hidden.device):
-                seq = _merge_llm(seq, q, k, merge_steps[index], plans, schedule, layer.self_attn.scaling, generator)
+                seq = _merge_llm(
+                    seq, q, k, index, merge_steps[index], plans, frame_in_item, schedule, layer.self_attn.scaling
+                )
         else:
             seq.hidden = layer(
                 seq.hidden, attention_mask=mask, position_embeddings=seq.rope, cache=cache, use_cache=use_cache
@@ -518,14 +549,23 @@ def _forward(
     """`Qwen2_5_VLModel.forward` with iLLaVA merging (see the module docstring)."""
     state: IllavaState = self._illava
     cache = kwargs.pop("past_key_values", cache)
-    if kwargs.get("labels") is not None:
-        raise ValueError("illava: labels are not supported on a merged model (the sequence is shortened)")
+    for flag in ("output_hidden_states", "output_attentions"):
+        if kwargs.get(flag) or getattr(self.config, flag, False):
+            raise NotImplementedError(f"illava: {flag} is not supported on a merged model (layers differ in length)")
     if use_cache is None:
         use_cache = self.config.text_config.use_cache
     if cache is None and use_cache:
         cache = qwen.DynamicCache(config=self.config.text_config)
     past = cache.get_seq_length() if cache is not None else 0
     if past > 0:
+        visual = (pixel_values, pixel_values_videos, *(mm_encoder_outputs or {}).values())
+        if any(v is not None for v in visual) or (
+            input_ids is not None and _mm_token_types(self.config, input_ids).any()
+        ):
+            raise NotImplementedError(
+                "illava: new images or videos in a cached continuation are not supported; "
+                "run the whole conversation as one prefill"
+            )
         hidden = _decode_llm(self, input_ids, inputs_embeds, attention_mask, position_ids, cache, use_cache, state)
         return qwen.MultimodalBaseModelOutputWithPast(last_hidden_state=hidden, cache=cache if use_cache else None)
 
@@ -558,6 +598,7 @@ def _forward(
     unit = self.visual.spatial_merge_unit
     next_segment = 0
     frame_plans: dict[int, Plan] = {}
+    frame_in_item: dict[int, int] = {}  # segment id -> frame index within its image/video
     encoded = mm_encoder_outputs or {}
     for modality, values, grid, token_id in (
         ("image", pixel_values, image_grid_thw, self.config.image_token_id),
@@ -576,8 +617,10 @@ def _forward(
         first = next_segment
         next_segment = _place_visual(input_ids, embeds, keep, segment, token_id, vision, unit, first)
         frame_sizes = [h * w // unit for t, h, w in vision.grid_thw.tolist() for _ in range(t)]
-        for offset, size in enumerate(frame_sizes):
-            frame_plans[first + offset] = state.schedule.plan(size)
+        frame_indices = (i for t, _, _ in vision.grid_thw.tolist() for i in range(t))
+        for segment_id, size, frame in zip(range(first, next_segment), frame_sizes, frame_indices):
+            frame_plans[segment_id] = state.schedule.plan(size)
+            frame_in_item[segment_id] = frame
 
     rope = self.language_model.rotary_emb(embeds, position_ids)
     seq = _Sequence(embeds, position_ids, rope, attention_mask.bool(), segment)
@@ -585,7 +628,9 @@ def _forward(
         index, valid = _repack(keep)
         seq = seq.gather(index, valid)
     state.stats.image_positions = [seq.positions[:, b][:, seq.segment[b] >= 0] for b in range(batch)]
-    seq = _prefill_llm(self, seq, frame_plans, cache, use_cache, state)
+    seq = _prefill_llm(self, seq, frame_plans, frame_in_item, cache, use_cache, state)
+    if not attention_mask[:, -1].all():  # the caller padded on the right: give the output back that way
+        seq.hidden = seq.hidden.gather(1, _right_aligned(seq.valid)[..., None].expand_as(seq.hidden))
     return qwen.MultimodalBaseModelOutputWithPast(last_hidden_state=seq.hidden, cache=cache if use_cache else None)
 
 
@@ -605,22 +650,68 @@ def _get_video_features(
     )
 
 
+def _outer_forward(original: type):
+    """`original.forward` (the outer model's), refusing `labels`, which it would consume itself.
+    Keeps the original signature: `generate` validates its kwargs against it."""
+
+    @functools.wraps(original.forward)
+    def forward(self, *args, **kwargs):
+        if kwargs.get("labels") is not None:
+            raise ValueError("illava: labels are not supported on a merged model (the sequence is shortened)")
+        return original.forward(self, *args, **kwargs)
+
+    return forward
+
+
+def _expand_multimodal_outputs(self, input_ids, mm_encoder_output, expand_size=1, inputs_embeds=None):
+    """`generate`'s batch expansion (num_return_sequences, beams) for merged encoder outputs.
+
+    The library groups images per sample by matching feature lengths to placeholder counts,
+    which merged features no longer match; here images are grouped by their unmerged sizes and
+    every per-image field is repeated together.
+    """
+    ours = {k: v for k, v in mm_encoder_output.items() if isinstance(v, IllavaVisionOutput)}
+    rest = {k: v for k, v in mm_encoder_output.items() if k not in ours}
+    if rest:
+        rest = super(type(self), self)._expand_multimodal_outputs(input_ids, rest, expand_size, inputs_embeds)
+    if expand_size == 1 or not ours:
+        return {**rest, **ours}
+    if input_ids is None:
+        raise NotImplementedError("illava: expanding a batch of merged images needs input_ids")
+    unit = self.model.visual.spatial_merge_unit
+    for modality, vision in ours.items():
+        token_id = self.config.image_token_id if modality == "image" else self.config.video_token_id
+        sizes = iter(enumerate(t * h * w // unit for t, h, w in vision.grid_thw.tolist()))
+        order = []
+        for placeholders in (input_ids == token_id).sum(dim=1).tolist():
+            items, covered = [], 0
+            while covered < placeholders:
+                item, size = next(sizes)
+                items.append(item)
+                covered += size
+            order.extend(items * expand_size)
+        ours[modality] = vision.select(order)
+    return {**rest, **ours}
+
+
 _PATCHED_CLASSES: dict[type, type] = {}
 
 
-def _patched_class(original: type) -> type:
+def _patched_class(original: type, methods: dict) -> type:
+    """A subclass of `original` overriding `methods`, made once per class so `apply` never nests.
+    It keeps the original's name: `save_pretrained` records the class name as the architecture."""
     if original not in _PATCHED_CLASSES:
         _PATCHED_CLASSES[original] = type(
-            f"Illava{original.__name__}",
-            (original,),
-            {
-                "forward": _forward,
-                "get_image_features": _get_image_features,
-                "get_video_features": _get_video_features,
-                "_illava_original_class": original,
-            },
+            original.__name__, (original,), {**methods, "_illava_original_class": original, "__module__": __name__}
         )
     return _PATCHED_CLASSES[original]
+
+
+_INNER_METHODS = {
+    "forward": _forward,
+    "get_image_features": _get_image_features,
+    "get_video_features": _get_video_features,
+}
 
 
 def inner_model(model: torch.nn.Module) -> torch.nn.Module | None:
@@ -642,18 +733,22 @@ def apply(model: torch.nn.Module, schedule: Schedule) -> None:
                 f"illava: the {part} uses attention {config._attn_implementation!r}; supported: {', '.join(SUPPORTED_ATTENTION)}"
             )
     inner._illava = IllavaState(schedule=schedule)
-    inner.__class__ = _patched_class(type(inner))
+    inner.__class__ = _patched_class(type(inner), _INNER_METHODS)
     inner.rope_deltas = None
+    if model is not inner:
+        outer = {"forward": _outer_forward(type(model)), "_expand_multimodal_outputs": _expand_multimodal_outputs}
+        model.__class__ = _patched_class(type(model), outer)
 
 
 def remove(model: torch.nn.Module) -> None:
     inner = inner_model(model)
-    original = getattr(type(inner), "_illava_original_class", None)
-    if original is None:
-        return
-    inner.__class__ = original
-    del inner._illava
-    inner.rope_deltas = None
+    for module in {id(model): model, id(inner): inner}.values():
+        original = getattr(type(module), "_illava_original_class", None)
+        if original is not None:
+            module.__class__ = original
+    if hasattr(inner, "_illava"):
+        del inner._illava
+        inner.rope_deltas = None
 
 
 def state_of(model: torch.nn.Module) -> IllavaState | None:

@@ -1,0 +1,20 @@
+from illava import PAPER_REDUCTIONS, Schedule
+from illava_tune.cli import main
+
+
+def test_demo_prints_one_row_per_schedule_with_planned_counts(capsys):
+    assert main(["demo", "--backbone", "tiny", "--image-size", "224", "--repeats", "1", "--warmup", "0"]) == 0
+    out = capsys.readouterr().out
+    rows = [line.split() for line in out.splitlines() if line.startswith(("vanilla", "iLLaVA"))]
+    assert [row[0] for row in rows] == ["vanilla", "iLLaVA", "iLLaVA", "iLLaVA"]
+    assert rows[0][1:3] == ["64", "64"]  # 224x224 -> 8x8 LLM tokens, nothing merged
+    for row, reduction in zip(rows[1:], PAPER_REDUCTIONS):
+        plan = Schedule.paper_default(reduction, encoder_depth=6, llm_depth=6).plan(64)
+        assert row[2:4] == [str(plan.after_encoder), str(plan.kept)]
+        assert float(row[-2].rstrip("x")) > 0 and float(row[-1].rstrip("x")) > 1.0  # measured and predicted speedups
+
+
+def test_unknown_backbone_is_a_clear_error(capsys, tmp_path):
+    assert main(["demo", "--backbone", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err
+    assert "illava-tune: error:" in err and "tiny" in err and "small" in err
