@@ -138,18 +138,25 @@ def text_only_floor(backbone, repeats: int, warmup: int, device: torch.device) -
     return time_call(lambda: backbone.model(**batch, logits_to_keep=1), repeats=repeats, warmup=warmup, device=device)
 
 
+def paired_speedups(vanilla: Timing, merged: Timing) -> Timing:
+    """Speedup of each round (runs are interleaved, so round r of both saw the same machine state)."""
+    return Timing(tuple(v / m for v, m in zip(vanilla.samples, merged.samples)))
+
+
 def table(results: list[Result]) -> str:
     lines = [
-        "| image | schedule | encoder ms | LLM ms | prefill ms (spread) | speedup | predicted | measured/predicted | merge share |",
+        "| image | schedule | encoder ms | LLM ms | prefill ms (spread) | speedup (min-max) | predicted "
+        "| measured/predicted | merge share |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    base = {r.size: r.total.median for r in results if r.label == "vanilla"}
+    base = {r.size: r.total for r in results if r.label == "vanilla"}
     for r in results:
-        speedup = base[r.size] / r.total.median
+        speedup = paired_speedups(base[r.size], r.total)
         lines.append(
             f"| {r.size}x{r.size} | {r.label} | {r.encoder.median * 1e3:.1f} | {r.llm * 1e3:.1f} "
-            f"| {r.total.median * 1e3:.1f} ({r.total.spread:.0%}) | {speedup:.2f}x | {r.predicted:.2f}x "
-            f"| {speedup / r.predicted:.0%} | {r.merge_share:.1%} |"
+            f"| {r.total.median * 1e3:.1f} ({r.total.spread:.0%}) "
+            f"| {speedup.median:.2f}x ({speedup.low:.2f}-{speedup.high:.2f}) | {r.predicted:.2f}x "
+            f"| {speedup.median / r.predicted:.0%} | {r.merge_share:.1%} |"
         )
     return "\n".join(lines)
 
@@ -176,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     header = (
         f"`{' '.join(['python benchmarks/prefill.py', *(argv if argv is not None else sys.argv[1:])])}` "
         f"on {machine(device)}; backbone {args.backbone}, {args.dtype}, {args.attn}, "
-        f"median of {args.repeats} runs after {args.warmup} warm-up, spread = (max-min)/median"
+        f"median of {args.repeats} interleaved rounds after {args.warmup} warm-up; spread = (max-min)/median; speedup = median (min-max) of the per-round ratios"
     )
     report = (
         f"{header}\n\n{table(results)}\n\nThe same prompt with no image (the floor no token reduction can go "

@@ -15,10 +15,12 @@ from typing import Any
 
 import torch
 
+from .flops import Flops, predicted_speedup, prefill_flops
 from .patch import PATCHES, SUPPORTED_MODELS
 from .schedule import PAPER_REDUCTIONS, SCHEMA_VERSION, LayerStep, Plan, Schedule, ScheduleError
 
 __all__ = [
+    "Flops",
     "PAPER_REDUCTIONS",
     "SCHEMA_VERSION",
     "LayerStep",
@@ -29,6 +31,8 @@ __all__ = [
     "apply",
     "is_applied",
     "last_stats",
+    "predicted_speedup",
+    "prefill_flops",
     "remove",
 ]
 

@@ -89,29 +89,30 @@ def windowed_importance(
     """`attention_importance` (non-causal) of each segment ``[b_i, b_{i+1})`` of a packed sequence.
 
     query, key: (H, N, D) packed; boundaries: cumulative segment starts ending with N.
-    Returns (N,). Segments of equal length are batched into one matmul.
+    Returns (N,). Segments up to `chunk_size` long (attention windows) are padded into one
+    batched matmul with padded keys masked; longer ones (whole frames) go through the chunked
+    `attention_importance` one at a time.
     """
     out = torch.empty(query.shape[1], dtype=torch.float32, device=query.device)
     key = _expand_kv_heads(key, query.shape[0])
-    lengths = [b - a for a, b in zip(boundaries[:-1], boundaries[1:])]
-    by_length: dict[int, list[int]] = {}
-    for start, length in zip(boundaries[:-1], lengths):
-        by_length.setdefault(length, []).append(start)
-    for length, starts in by_length.items():
-        if length == 0:
-            continue
-        if length > chunk_size:
-            for start in starts:
-                out[start : start + length] = attention_importance(
-                    query[:, start : start + length], key[:, start : start + length], scale=scale, chunk_size=chunk_size
-                )
-            continue
-        index = torch.tensor(starts, device=query.device)[:, None] + torch.arange(length, device=query.device)
+    short = [(a, b - a) for a, b in zip(boundaries[:-1], boundaries[1:]) if 0 < b - a <= chunk_size]
+    for a, b in zip(boundaries[:-1], boundaries[1:]):
+        if b - a > chunk_size:
+            out[a:b] = attention_importance(query[:, a:b], key[:, a:b], scale=scale, chunk_size=chunk_size)
+    if short:
+        device = query.device
+        starts = torch.tensor([a for a, _ in short], device=device)
+        lengths = torch.tensor([n for _, n in short], device=device)
+        offsets = torch.arange(int(lengths.max()), device=device)
+        real = offsets[None, :] < lengths[:, None]  # (S, L)
+        index = torch.where(real, starts[:, None] + offsets, 0)
         s = scale if scale is not None else query.shape[-1] ** -0.5
         q = query[:, index].float() * s  # (H, S, L, D)
         k = key[:, index].float()
-        probs = torch.matmul(q, k.transpose(-1, -2)).softmax(dim=-1)  # (H, S, L, L)
-        out[index.reshape(-1)] = (probs.sum(dim=(0, 2)) / (query.shape[0] * length)).reshape(-1)
+        scores = torch.matmul(q, k.transpose(-1, -2)).masked_fill_(~real[None, :, None, :], float("-inf"))
+        probs = scores.softmax(dim=-1) * real[None, :, :, None]  # padded queries contribute nothing
+        col_mean = probs.sum(dim=(0, 2)) / (query.shape[0] * lengths[:, None])  # (S, L)
+        out[index[real]] = col_mean[real]
     return out
 
 

@@ -45,7 +45,9 @@ SUPPORTED_ATTENTION = ("eager", "sdpa", "flash_attention_2", "flash_attention_3"
 class RunStats:
     """What the last prefill did; read it with `illava.last_stats(model)`."""
 
-    encoder_units: list[list[int]] = field(default_factory=list)  # per vision block: units per frame (attention input)
+    encoder_units: list[list[int]] = field(
+        default_factory=list
+    )  # per vision block: units per frame (images, then videos)
     kept_units: list[torch.Tensor] = field(default_factory=list)  # per image/video: kept raster LLM-token ids
     llm_image_tokens: list[torch.Tensor] = field(default_factory=list)  # per decoder layer: (B,) image tokens in
     llm_sequence: list[torch.Tensor] = field(default_factory=list)  # per decoder layer: (B,) real tokens in
@@ -129,9 +131,17 @@ class _VisionLayout:
     frame: torch.Tensor  # (U,) global frame id
     window: torch.Tensor  # (U,) global window id
     raster: torch.Tensor  # (U,) raster LLM-token id over all items
+    _segments: dict[bool, tuple[torch.Tensor, int]] = field(default_factory=dict)
 
     def take(self, keep: torch.Tensor) -> _VisionLayout:
         return _VisionLayout(self.frame[keep], self.window[keep], self.raster[keep])
+
+    def segments(self, full: bool, unit: int) -> tuple[torch.Tensor, int]:
+        """(cu_seqlens in tokens, longest segment) of frames (`full`) or windows; cached until a merge."""
+        if full not in self._segments:
+            cu = _boundaries(self.frame if full else self.window, unit)
+            self._segments[full] = (cu, int((cu[1:] - cu[:-1]).max()))
+        return self._segments[full]
 
 
 def _merging_block(
@@ -250,8 +260,7 @@ def encode(
     steps_at = {step.layer: [plan.encoder[i] for plan in plans] for i, step in enumerate(plans[0].encoder)}
 
     for index, block in enumerate(visual.blocks):
-        full = index in visual.fullatt_block_indexes
-        cu = _boundaries(layout.frame if full else layout.window, unit).to(device)
+        cu, max_len = layout.segments(index in visual.fullatt_block_indexes, unit)
         state.stats.encoder_units.append(torch.bincount(layout.frame, minlength=len(frame_units)).tolist())
         steps = steps_at.get(index)
         if steps is not None and any(step.removed for step in steps):
@@ -263,7 +272,6 @@ def encode(
                 tokens = (keep[:, None] * unit + torch.arange(unit, device=device)).reshape(-1)
                 rope = tuple(t[tokens] for t in rope)
         else:
-            max_len = int((cu[1:] - cu[:-1]).max())
             hidden = block(hidden, cu_seqlens=cu, max_seqlen=max_len, position_embeddings=rope)
 
     features = visual.merger(hidden)  # (K, C_out), one row per kept group
@@ -612,7 +620,11 @@ def _forward(
         if not isinstance(vision, IllavaVisionOutput):
             raise ValueError(f"illava: {modality} features were encoded by an unpatched model; pass pixel values")
         state.stats.kept_units.extend(vision.kept_units)
-        state.stats.encoder_units.extend(vision.encoder_units)
+        if state.stats.encoder_units:  # images then videos: one list per block, frames in order
+            for block, frames in zip(state.stats.encoder_units, vision.encoder_units):
+                block.extend(frames)
+        else:
+            state.stats.encoder_units = [list(frames) for frames in vision.encoder_units]
         state.stats.merge_seconds += vision.merge_seconds or 0.0
         first = next_segment
         next_segment = _place_visual(input_ids, embeds, keep, segment, token_id, vision, unit, first)
