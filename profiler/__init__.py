@@ -1,6 +1,38 @@
-"""Measures one schedule on one workload. For now: the timing discipline shared by the demo and
-the benchmarks (warm up, synchronise, monotonic clock, median and spread)."""
+"""Measures one schedule on one workload: latency with its spread, the encoder/merger/LLM
+breakdown, decode speed, peak memory, accuracy and fidelity against the unmerged model, on the
+hardware it detects. Builds on `illava`; knows nothing of the optimizer, jobs or the database."""
 
+from .datasets import DatasetError, MCQItem, make_demo_dataset, parse_choice, read_dataset, write_dataset
+from .hardware import HardwareProfile, detect_hardware
+from .measure import Fidelity, Measurement, Profiler, Spread
+from .memory import MemoryReading, MemorySampler, NvmlStatus, nvml_status
 from .timing import Timing, time_call, time_once
+from .workload import PRESETS, Workload, WorkloadError, load_workload, resolve_workload, synthetic_samples
 
-__all__ = ["Timing", "time_call", "time_once"]
+__all__ = [
+    "PRESETS",
+    "DatasetError",
+    "Fidelity",
+    "HardwareProfile",
+    "MCQItem",
+    "Measurement",
+    "MemoryReading",
+    "MemorySampler",
+    "NvmlStatus",
+    "Profiler",
+    "Spread",
+    "Timing",
+    "Workload",
+    "WorkloadError",
+    "detect_hardware",
+    "load_workload",
+    "make_demo_dataset",
+    "nvml_status",
+    "parse_choice",
+    "read_dataset",
+    "resolve_workload",
+    "synthetic_samples",
+    "time_call",
+    "time_once",
+    "write_dataset",
+]

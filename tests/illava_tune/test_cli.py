@@ -1,3 +1,5 @@
+import json
+
 from illava import PAPER_REDUCTIONS, Schedule
 from illava_tune.cli import main
 
@@ -18,3 +20,28 @@ def test_unknown_backbone_is_a_clear_error(capsys, tmp_path):
     assert main(["demo", "--backbone", str(tmp_path / "nope")]) == 2
     err = capsys.readouterr().err
     assert "illava-tune: error:" in err and "tiny" in err and "small" in err
+
+
+def test_profile_prints_the_comparison_and_writes_json(capsys, tmp_path):
+    out_json = tmp_path / "result.json"
+    argv = ["profile", "--backbone", "tiny", "--reduction", "0.889", "--limit", "2", "--repeats", "2",
+            "--warmup", "0", "--quiet", "--json", str(out_json)]  # fmt: skip
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "prefill ms (median)" in out and "greedy match rate" in out and "workload single-448" in out
+    data = json.loads(out_json.read_text())
+    assert data["reference"]["schedule"]["reduction"] == 0.0
+    assert data["result"]["schedule"]["reduction"] == 0.889
+    assert data["result"]["image_tokens_to_llm"] < data["reference"]["image_tokens_to_llm"]
+
+
+def test_profile_rejects_an_unknown_workload_before_loading_anything(capsys):
+    assert main(["profile", "--backbone", "tiny", "--workload", "no-such-preset"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown workload 'no-such-preset'" in err and "single-448" in err
+
+
+def test_hardware_prints_the_detected_profile(capsys):
+    assert main(["hardware", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "kind" in out and "cpu" in out and "torch" in out

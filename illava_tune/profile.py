@@ -1,0 +1,100 @@
+"""`illava-tune profile` and `illava-tune hardware`: thin over `profiler`."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+from illava import Schedule
+from profiler import Measurement, Profiler, detect_hardware, resolve_workload
+
+
+def build_schedule(profiler: Profiler, *, method: str, reduction: float, encoder_share: float | None,
+                   schedule_file: str | None) -> Schedule:  # fmt: skip
+    """A schedule file wins; otherwise the paper's default layers for this backbone's depths."""
+    if schedule_file:
+        return Schedule.coerce(Path(schedule_file))
+    config = profiler.model.config
+    overrides = {"method": method}
+    if encoder_share is not None:
+        overrides["encoder_share"] = encoder_share
+    return Schedule.paper_default(
+        reduction, encoder_depth=config.vision_config.depth, llm_depth=config.text_config.num_hidden_layers, **overrides
+    )
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.1f}"
+
+
+def format_report(reference: Measurement, result: Measurement) -> str:
+    """Side by side: the unmerged reference and the schedule, with the ratio where it means something."""
+    rows = [
+        ("prefill ms (median)", _ms(reference.prefill_s.median), _ms(result.prefill_s.median),
+         f"speedup {reference.prefill_s.median / result.prefill_s.median:.2f}x"),
+        ("prefill ms (p90)", _ms(reference.prefill_s.p90), _ms(result.prefill_s.p90), ""),
+        ("prefill spread (cv)", f"{reference.prefill_s.cv:.1%}", f"{result.prefill_s.cv:.1%}", ""),
+        ("  encoder ms", _ms(reference.encoder_s.median), _ms(result.encoder_s.median), ""),
+        ("  merger ms", _ms(reference.merger_s.median), _ms(result.merger_s.median), ""),
+        ("  LLM ms", _ms(reference.llm_s.median), _ms(result.llm_s.median), ""),
+        ("decode tokens/s", f"{reference.decode_tokens_per_s:.1f}", f"{result.decode_tokens_per_s:.1f}", ""),
+        ("samples/s (end to end)", f"{reference.samples_per_s:.2f}", f"{result.samples_per_s:.2f}", ""),
+        ("image tokens -> LLM", f"{reference.image_tokens_to_llm:.0f}", f"{result.image_tokens_to_llm:.0f}", ""),
+        ("tokens per LLM layer", f"{reference.tokens_per_llm_layer:.1f}", f"{result.tokens_per_llm_layer:.1f}", ""),
+        ("peak memory MiB", _mib(reference), _mib(result), ""),
+        ("accuracy", _pct(reference.accuracy), _pct(result.accuracy),
+         f"retention {result.retention:.1%}" if result.retention is not None else ""),
+        ("first-token agreement", "", f"{result.fidelity.first_token_agreement:.1%}", ""),
+        ("mean KL at answer", "", f"{result.fidelity.mean_kl:.4f}", ""),
+        ("greedy match rate", "", f"{result.fidelity.greedy_match_rate:.1%}", ""),
+    ]  # fmt: skip
+    width = max(len(r[0]) for r in rows)
+    lines = [f"{'':<{width}}  {'vanilla':>12}  {'schedule':>12}", "-" * (width + 30)]
+    lines += [f"{name:<{width}}  {a:>12}  {b:>12}  {note}".rstrip() for name, a, b, note in rows]
+    return "\n".join(lines)
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1%}"
+
+
+def _mib(m: Measurement) -> str:
+    memory = m.peak_memory
+    peak = memory.get("torch_peak_bytes") or memory.get("peak_above_baseline_bytes") or memory.get("peak_bytes")
+    return "-" if peak is None else f"{peak / 2**20:.0f}"
+
+
+def run_profile(args) -> int:
+    from tqdm.auto import tqdm
+
+    workload = resolve_workload(args.workload)
+    if args.dataset:
+        workload = dataclasses.replace(workload, dataset=str(args.dataset), samples=args.limit or workload.samples)
+    elif args.limit:
+        workload = dataclasses.replace(workload, samples=args.limit)
+    progress = (lambda items: tqdm(items, desc="samples", unit="batch", file=sys.stderr)) if not args.quiet else None
+    print(f"loading backbone {args.backbone!r} ...", file=sys.stderr, flush=True)
+    profiler = Profiler(args.backbone, device=args.device, repeats=args.repeats, warmup=args.warmup, progress=progress)
+    schedule = build_schedule(profiler, method=args.method, reduction=args.reduction,
+                              encoder_share=args.encoder_share, schedule_file=args.schedule)  # fmt: skip
+    print("measuring the unmerged reference ...", file=sys.stderr, flush=True)
+    reference = profiler.reference(workload)
+    print("measuring the schedule ...", file=sys.stderr, flush=True)
+    result = profiler.measure(schedule, workload)
+    print(f"backbone {args.backbone} on {profiler.hardware.key()}, workload {workload.name}, "
+          f"{result.n_samples} samples, batch {workload.batch_size}")  # fmt: skip
+    print(f"schedule {schedule.to_json()}")
+    print(format_report(reference, result))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"reference": reference.to_dict(), "result": result.to_dict()}, indent=2))
+        print(f"wrote {args.json}", file=sys.stderr)
+    return 0
+
+
+def run_hardware(args) -> int:
+    profile = detect_hardware(args.device)
+    for key, value in profile.to_dict().items():
+        print(f"{key:<12} {value}")
+    return 0

@@ -1,0 +1,392 @@
+"""Measure one schedule on one workload: latency with its spread, the encoder / merger / LLM
+breakdown, decode speed, tokens, peak memory, accuracy and fidelity against the unmerged model.
+
+The unmerged ("vanilla") reference of a workload is measured once per `Profiler` and reused, so
+every retention and fidelity figure compares against a baseline from the same session, machine
+and inputs. Inputs are built before any timed region.
+
+Accuracy on a labelled multiple-choice dataset is scored by comparing the logits of the option
+letters at the answer position (the first generated token): one forward per sample, no parsing,
+deterministic. `score="generate"` instead generates `output_tokens` greedily and parses the
+letter with `profiler.datasets.parse_choice`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import json
+import math
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import transformers
+from transformers import StoppingCriteria, StoppingCriteriaList
+
+import illava
+from illava import Schedule
+from illava.backbones import Backbone, load_backbone
+from illava.inputs import Sample, build_inputs
+
+from .datasets import MCQItem, parse_choice, read_dataset
+from .hardware import HardwareProfile, detect_hardware
+from .memory import MemorySampler
+from .timing import Timing, time_once
+from .workload import Workload, batches, synthetic_samples
+
+
+# ----------------------------------------------------------------------------------- results
+@dataclass(frozen=True)
+class Spread:
+    """Seconds (or a rate) over repeated runs: median, p90 and the whole range."""
+
+    median: float
+    p90: float
+    low: float
+    high: float
+    cv: float  # coefficient of variation: stdev / mean
+    runs: int
+
+    @classmethod
+    def of(cls, samples: Sequence[float]) -> Spread:
+        ordered = sorted(samples)
+        mean = sum(ordered) / len(ordered)
+        var = sum((x - mean) ** 2 for x in ordered) / max(len(ordered) - 1, 1)
+        p90 = ordered[min(len(ordered) - 1, math.ceil(0.9 * len(ordered)) - 1)]
+        return cls(
+            Timing(tuple(ordered)).median,
+            p90,
+            ordered[0],
+            ordered[-1],
+            math.sqrt(var) / mean if mean else 0.0,
+            len(ordered),
+        )
+
+
+@dataclass(frozen=True)
+class Fidelity:
+    """Agreement with the unmerged model on the same inputs; needs no labels."""
+
+    first_token_agreement: float  # share of samples whose next-token argmax matches
+    mean_kl: float  # mean KL(vanilla || merged) of the next-token distribution at the answer position
+    greedy_match_rate: float  # share of samples whose greedy continuation is identical
+
+
+@dataclass(frozen=True)
+class Measurement:
+    backbone: str
+    schedule: dict[str, Any]
+    workload: dict[str, Any]
+    hardware: dict[str, Any]
+    versions: dict[str, str]
+    prefill_s: Spread  # time to first token at the workload's batch size
+    encoder_s: Spread  # vision blocks (patch embedding to patch merger)
+    merger_s: Spread  # the patch merger (projector)
+    llm_s: Spread  # everything else of the prefill: embedding, LLM layers, lm_head
+    decode_tokens_per_s: float  # generated tokens per second after the first, whole batch
+    samples_per_s: float  # end to end: prefill + `output_tokens` decoded, at the workload's batch size
+    image_tokens_to_llm: float  # mean per sample
+    tokens_per_llm_layer: float  # mean sequence length over the LLM's layers, per sample
+    peak_memory: dict[str, Any]
+    accuracy: float | None
+    retention: float | None  # accuracy / vanilla accuracy, same session
+    fidelity: Fidelity
+    n_samples: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self, **kwargs: Any) -> str:
+        return json.dumps(self.to_dict(), **kwargs)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Measurement:
+        data = dict(data)
+        for name in ("prefill_s", "encoder_s", "merger_s", "llm_s"):
+            data[name] = Spread(**data[name])
+        data["fidelity"] = Fidelity(**data["fidelity"])
+        return cls(**data)
+
+
+# ----------------------------------------------------------------------------------- clocks
+class _StageClock:
+    """Timestamps the encoder and the patch merger inside one forward, through module hooks, so
+    the breakdown comes from the same runs as the total. Works patched or not: both paths call
+    `visual.patch_embed` first and `visual.merger` last."""
+
+    def __init__(self, visual: torch.nn.Module, device: torch.device):
+        self.device = device
+        self.marks: list[tuple[str, float]] = []
+        self.handles = [
+            visual.patch_embed.register_forward_pre_hook(lambda *_: self._mark("encoder")),
+            visual.merger.register_forward_pre_hook(lambda *_: self._mark("merger")),
+            visual.merger.register_forward_hook(lambda *_: self._mark("end")),
+        ]
+
+    def _mark(self, what: str) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.marks.append((what, time.perf_counter()))
+
+    def take(self) -> tuple[float, float]:
+        """(encoder seconds, merger seconds) since the last take, summed over image and video passes."""
+        encoder = merger = 0.0
+        start = merge_start = 0.0
+        for what, at in self.marks:
+            if what == "encoder":
+                start = at
+            elif what == "merger":
+                encoder += at - start
+                merge_start = at
+            else:
+                merger += at - merge_start
+        self.marks.clear()
+        return encoder, merger
+
+    def close(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+class _StepClock(StoppingCriteria):
+    """Called by `generate` once per generated token: timestamps of every step, never stops it."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.stamps: list[float] = []
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.stamps.append(time.perf_counter())
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
+# ----------------------------------------------------------------------------------- references
+@dataclass
+class _Outputs:
+    """What a schedule produced on every sample of a workload."""
+
+    next_token_logits: torch.Tensor  # (S, V) float32 at the answer position
+    greedy: list[torch.Tensor]  # per sample: generated ids
+    predictions: list[str | None]  # per sample: chosen option letter (labelled workloads)
+    correct: list[bool]
+
+
+def _versions() -> dict[str, str]:
+    try:
+        own = importlib.metadata.version("illava-tune")
+    except importlib.metadata.PackageNotFoundError:
+        own = "unknown"
+    return {"illava-tune": own, "torch": torch.__version__, "transformers": transformers.__version__}
+
+
+class Profiler:
+    """Loads a backbone once and measures schedules on workloads.
+
+    >>> profiler = Profiler("tiny")
+    >>> result = profiler.measure(Schedule.paper_default(0.778, encoder_depth=6, llm_depth=6), workload)
+    """
+
+    def __init__(
+        self,
+        backbone: Backbone | str,
+        *,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        attn_implementation: str = "sdpa",
+        repeats: int = 5,
+        warmup: int = 2,
+        score: str = "logits",
+        progress: Callable[[Iterable], Iterable] | None = None,
+    ):
+        if repeats < 1 or warmup < 0:
+            raise ValueError(f"repeats must be >= 1 and warmup >= 0, got {repeats} and {warmup}")
+        if score not in ("logits", "generate"):
+            raise ValueError(f"score must be 'logits' or 'generate', got {score!r}")
+        self.device = torch.device(device)
+        self.backbone = (
+            backbone
+            if isinstance(backbone, Backbone)
+            else load_backbone(backbone, attn_implementation=attn_implementation, dtype=dtype)
+        )
+        self.backbone.model.to(self.device).eval()
+        self.repeats, self.warmup, self.score = repeats, warmup, score
+        self.progress = progress or (lambda items: items)
+        self.hardware: HardwareProfile = detect_hardware(self.device)
+        self._references: dict[str, tuple[Measurement, _Outputs]] = {}
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.backbone.model
+
+    # ------------------------------------------------------------------ inputs
+    def _items(self, workload: Workload) -> tuple[list[Sample], list[MCQItem] | None]:
+        if workload.dataset is None:
+            return synthetic_samples(workload), None
+        items = read_dataset(workload.dataset, limit=workload.samples)
+        return [Sample(item.prompt(), list(item.images)) for item in items], items
+
+    def _batches(self, samples: list[Sample], batch_size: int) -> list[Any]:
+        tokenizer, processor = self.backbone.tokenizer, self.backbone.image_processor
+        return [build_inputs(tokenizer, processor, chunk).to(self.device) for chunk in batches(samples, batch_size)]
+
+    # ------------------------------------------------------------------ public
+    def measure(self, schedule: Schedule | dict | str, workload: Workload) -> Measurement:
+        """Measure `schedule` on `workload` (the vanilla reference first, once per workload)."""
+        schedule = Schedule.coerce(schedule)
+        key = json.dumps(workload.to_dict(), sort_keys=True)
+        samples, items = self._items(workload)
+        inputs = self._batches(samples, workload.batch_size)
+        if key not in self._references:
+            self._references[key] = self._run(None, workload, inputs, items, reference=None)
+        return self._run(schedule, workload, inputs, items, reference=self._references[key])[0]
+
+    def reference(self, workload: Workload) -> Measurement:
+        """The unmerged model's measurement of `workload` (measured on first use)."""
+        key = json.dumps(workload.to_dict(), sort_keys=True)
+        if key not in self._references:
+            samples, items = self._items(workload)
+            inputs = self._batches(samples, workload.batch_size)
+            self._references[key] = self._run(None, workload, inputs, items, reference=None)
+        return self._references[key][0]
+
+    @torch.inference_mode()
+    def _run(self, schedule: Schedule | None, workload, inputs, items, reference) -> tuple[Measurement, _Outputs]:
+        """One measurement; `schedule=None` is the reference: the untouched model, not the patched
+        one with nothing to merge (that one is measured like any other schedule)."""
+        illava.remove(self.model)
+        if schedule is not None:
+            illava.apply(self.model, schedule)
+        try:
+            with MemorySampler(self.device) as sampler:
+                prefill, encoder, merger = self._time_prefill(inputs[0])
+                image_tokens, layer_tokens = self._token_counts(inputs[0])
+                steps, e2e = self._time_generate(inputs[0], workload.output_tokens)
+                outputs = self._outputs(inputs, items, workload.output_tokens)
+        finally:
+            illava.remove(self.model)
+        schedule = schedule or Schedule.vanilla()
+        batch = inputs[0]["input_ids"].shape[0]
+        decode_s = steps[-1] - steps[0] if len(steps) > 1 else float("nan")
+        accuracy = sum(outputs.correct) / len(outputs.correct) if items else None
+        if reference is None:
+            retention, fidelity = (1.0 if accuracy is not None else None), Fidelity(1.0, 0.0, 1.0)
+        else:
+            base = reference[0].accuracy
+            retention = accuracy / base if accuracy is not None and base else None
+            fidelity = _fidelity(reference[1], outputs)
+        measurement = Measurement(
+            backbone=self.backbone.name,
+            schedule=schedule.to_dict(),
+            workload=workload.to_dict(),
+            hardware=self.hardware.to_dict(),
+            versions=_versions(),
+            prefill_s=Spread.of(prefill),
+            encoder_s=Spread.of(encoder),
+            merger_s=Spread.of(merger),
+            llm_s=Spread.of([p - e - m for p, e, m in zip(prefill, encoder, merger)]),
+            decode_tokens_per_s=batch * (len(steps) - 1) / decode_s if decode_s > 0 else float("nan"),
+            samples_per_s=batch / e2e,
+            image_tokens_to_llm=image_tokens,
+            tokens_per_llm_layer=layer_tokens,
+            peak_memory=sampler.reading.to_dict(),
+            accuracy=accuracy,
+            retention=retention,
+            fidelity=fidelity,
+            n_samples=len(outputs.correct),
+        )
+        return measurement, outputs
+
+    def _time_prefill(self, batch) -> tuple[list[float], list[float], list[float]]:
+        clock = _StageClock(self.model.model.visual, self.device)
+        totals, encoders, mergers = [], [], []
+        try:
+            for run in range(self.warmup + self.repeats):
+                total = time_once(lambda: self.model(**batch, logits_to_keep=1), self.device)
+                encoder, merger = clock.take()
+                if run >= self.warmup:
+                    totals.append(total)
+                    encoders.append(encoder)
+                    mergers.append(merger)
+        finally:
+            clock.close()
+        return totals, encoders, mergers
+
+    def _time_generate(self, batch, output_tokens: int) -> tuple[list[float], float]:
+        """Step timestamps of one greedy generation of exactly `output_tokens`, and its wall time."""
+        clock = _StepClock(self.device)
+        kwargs = dict(max_new_tokens=output_tokens, min_new_tokens=output_tokens, do_sample=False)
+        self.model.generate(**batch, **kwargs)  # warm-up
+        clock.stamps.clear()
+        seconds = time_once(
+            lambda: self.model.generate(**batch, **kwargs, stopping_criteria=StoppingCriteriaList([clock])), self.device
+        )
+        return clock.stamps, seconds
+
+    def _outputs(self, inputs, items: list[MCQItem] | None, output_tokens: int) -> _Outputs:
+        logits, greedy, predictions, correct = [], [], [], []
+        letters = _letter_ids(self.backbone.tokenizer) if items else {}
+        for batch in self.progress(inputs):
+            last = self.model(**batch, logits_to_keep=1).logits[:, -1].float()  # (B, V)
+            generated = self.model.generate(**batch, max_new_tokens=output_tokens, do_sample=False)
+            new = generated[:, batch["input_ids"].shape[1] :]
+            logits.append(last.cpu())
+            greedy.extend(row.cpu() for row in new)
+            for row in range(last.shape[0]):
+                if items is None:
+                    continue
+                item = items[len(predictions)]
+                if self.score == "logits":
+                    options = list(item.options)
+                    choice = options[int(torch.argmax(last[row, [letters[o] for o in options]]))]
+                else:
+                    text = self.backbone.tokenizer.decode(new[row], skip_special_tokens=True)
+                    choice = parse_choice(text, item.options)
+                predictions.append(choice)
+                correct.append(choice == item.answer)
+        if items is None:
+            correct = [False] * sum(len(t) for t in logits)
+        return _Outputs(torch.cat(logits), greedy, predictions, correct)
+
+    def _token_counts(self, batch) -> tuple[float, float]:
+        """(image tokens entering the LLM, mean tokens per LLM layer) per sample, for `batch`: from
+        the stats of the last (timed) prefill when patched, from the inputs when not."""
+        if not illava.is_applied(self.model):
+            config = self.model.config
+            ids = batch["input_ids"]
+            visual = ((ids == config.image_token_id) | (ids == config.video_token_id)).sum(dim=1).float()
+            return float(visual.mean()), float(batch["attention_mask"].sum(dim=1).float().mean())
+        stats = illava.last_stats(self.model)
+        image = float(stats.llm_image_tokens[0].float().mean())
+        layers = float(torch.stack(stats.llm_sequence).float().mean())
+        return image, layers
+
+
+def _letter_ids(tokenizer) -> dict[str, int]:
+    """Token id of each option letter as the first token of an answer ("A", not " A": the chat
+    template ends with a newline). A letter that is not one token is an error: logits scoring
+    needs a single token per option."""
+    ids = {}
+    for letter in "ABCDEFGH":
+        encoded = tokenizer.encode(letter, add_special_tokens=False)
+        if len(encoded) == 1:
+            ids[letter] = encoded[0]
+    if not {"A", "B", "C", "D"} <= set(ids):
+        raise ValueError("this tokenizer does not encode option letters A-D as single tokens; use score='generate'")
+    return ids
+
+
+def _fidelity(reference: _Outputs, outputs: _Outputs) -> Fidelity:
+    ref_logp = reference.next_token_logits.log_softmax(dim=-1)
+    logp = outputs.next_token_logits.log_softmax(dim=-1)
+    kl = (ref_logp.exp() * (ref_logp - logp)).sum(dim=-1)  # (S,)
+    agree = (ref_logp.argmax(dim=-1) == logp.argmax(dim=-1)).float()
+    match = [torch.equal(a, b) for a, b in zip(reference.greedy, outputs.greedy)]
+    return Fidelity(float(agree.mean()), float(kl.clamp_min(0).mean()), sum(match) / len(match))
+
+
+__all__ = ["Fidelity", "Measurement", "Profiler", "Spread"]
