@@ -35,6 +35,12 @@ def build_parser() -> argparse.ArgumentParser:
     profile.add_argument("--workload", default=None, help="a preset name or a YAML/JSON file (default single-448)")
     profile.add_argument("--dataset", help="a labelled multiple-choice dataset (.tsv, .jsonl, .parquet)")
     profile.add_argument("--limit", type=int, help="number of samples (dataset rows or synthetic samples)")
+    profile.add_argument(
+        "--score",
+        default="logits",
+        choices=["logits", "generate"],
+        help="how a dataset answer is read: option-letter logits (default) or parsed generation",
+    )
     profile.add_argument("--repeats", type=int, default=5, help="timed prefill runs (median, p90, spread)")
     profile.add_argument("--warmup", type=int, default=2)
     profile.add_argument("--device", default="cpu", help="cpu or cuda[:N]")

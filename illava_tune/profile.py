@@ -76,7 +76,8 @@ def run_profile(args) -> int:
         workload = dataclasses.replace(workload, samples=args.limit)
     progress = (lambda items: tqdm(items, desc="samples", unit="batch", file=sys.stderr)) if not args.quiet else None
     print(f"loading backbone {args.backbone!r} ...", file=sys.stderr, flush=True)
-    profiler = Profiler(args.backbone, device=args.device, repeats=args.repeats, warmup=args.warmup, progress=progress)
+    profiler = Profiler(args.backbone, device=args.device, repeats=args.repeats, warmup=args.warmup,
+                        score=args.score, progress=progress)  # fmt: skip
     schedule = build_schedule(profiler, method=args.method, reduction=args.reduction,
                               encoder_share=args.encoder_share, schedule_file=args.schedule)  # fmt: skip
     print("measuring the unmerged reference ...", file=sys.stderr, flush=True)
