@@ -48,17 +48,80 @@ def build_parser() -> argparse.ArgumentParser:
     profile.add_argument("--quiet", action="store_true", help="no progress bar")
     profile.set_defaults(run=_lazy("run_profile"))
 
+    _tuning_commands(commands)
+
     hardware = commands.add_parser("hardware", help="print the detected hardware profile")
     hardware.add_argument("--device", default="cuda" if _cuda() else "cpu")
     hardware.set_defaults(run=_lazy("run_hardware"))
     return parser
 
 
-def _lazy(name: str):
-    def run(args: argparse.Namespace) -> int:
-        from . import profile
+def _tuning_commands(commands) -> None:
+    db_help = "database URL (default: $DATABASE_URL, else sqlite:///illava.db)"
+    submit = commands.add_parser("submit", help="submit a tuning job: Optuna search of schedules on Ray workers")
+    submit.add_argument("--backbone", default="small", help="tiny, small, or a local checkpoint directory")
+    submit.add_argument("--workload", default=None, help="a preset name or a YAML/JSON file (default single-448)")
+    submit.add_argument("--dataset", help="a labelled multiple-choice dataset: accuracy becomes an objective")
+    submit.add_argument("--limit", type=int, help="dataset rows (or synthetic samples) per measurement")
+    submit.add_argument("--trials", type=int, default=12)
+    submit.add_argument("--workers", type=int, default=1, help="CPU workers (GPU clusters: one per GPU)")
+    submit.add_argument("--reduction", default="0.5:0.95", help="a ratio (0.778) or a range (0.5:0.95)")
+    submit.add_argument("--min-retention", type=float, help="accuracy retention floor, e.g. 0.95")
+    submit.add_argument("--max-memory-mib", type=float, help="peak memory cap")
+    submit.add_argument("--max-latency-ms", type=float, help="prefill latency cap")
+    submit.add_argument("--sampler", default="tpe", choices=["tpe", "nsga2", "random"])
+    submit.add_argument("--seed", type=int, default=0)
+    submit.add_argument("--wait", action="store_true", help="run in this process with a progress bar, print the front")
+    submit.add_argument("--latency-ms", type=float, help="with --wait: also print the best schedule under this target")
+    submit.add_argument("--ray-address", help="a Ray cluster (default: $RAY_ADDRESS, else a local one)")
+    submit.add_argument("--database", help=db_help)
+    submit.set_defaults(run=_lazy("cmd_submit", "tune"))
 
-        return getattr(profile, name)(args)
+    for name, helptext in (("status", "progress of a job"), ("cancel", "stop a job between trials"),
+                           ("resume", "continue a job whose driver stopped"), ("pareto", "print a job's front and plot it")):  # fmt: skip
+        sub = commands.add_parser(name, help=helptext)
+        sub.add_argument("job", help="job id (a unique prefix is enough)")
+        sub.add_argument("--database", help=db_help)
+        if name == "pareto":
+            sub.add_argument("--plot", help="PNG path (default pareto-JOB.png)")
+        if name == "resume":
+            sub.add_argument("--ray-address")
+        sub.set_defaults(run=_lazy(f"cmd_{name}", "tune"))
+
+    jobs = commands.add_parser("jobs", help="list tuning jobs")
+    jobs.add_argument("--database", help=db_help)
+    jobs.set_defaults(run=_lazy("cmd_jobs", "tune"))
+
+    best = commands.add_parser("best", help="the best published schedule under a latency target")
+    best.add_argument("--backbone", required=True)
+    best.add_argument("--latency-ms", type=float, required=True)
+    best.add_argument("--hardware", help="hardware key (see `illava-tune hardware`)")
+    best.add_argument("--workload", help="workload name")
+    best.add_argument("--max-memory-mib", type=float)
+    best.add_argument("--min-retention", type=float)
+    best.add_argument("--database", help=db_help)
+    best.set_defaults(run=_lazy("cmd_best", "tune"))
+
+    export = commands.add_parser("export", help="write a published schedule's manifest (illava.apply accepts it)")
+    export.add_argument("schedule_id", type=int)
+    export.add_argument("--format", default="json", choices=["json", "yaml"])
+    export.add_argument("-o", "--output")
+    export.add_argument("--database", help=db_help)
+    export.set_defaults(run=_lazy("cmd_export", "tune"))
+
+    database = commands.add_parser("db", help="database schema: upgrade or check")
+    database.add_argument("action", choices=["upgrade", "check"])
+    database.add_argument("--database", help=db_help)
+    database.set_defaults(run=_lazy("cmd_db", "tune"))
+
+
+def _lazy(name: str, module: str = "profile"):
+    """Import the command's module only when it runs: `illava-tune demo` never imports Ray or SQL."""
+
+    def run(args: argparse.Namespace) -> int:
+        import importlib
+
+        return getattr(importlib.import_module(f"illava_tune.{module}"), name)(args)
 
     return run
 
@@ -73,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError, LookupError, RuntimeError) as error:
         print(f"illava-tune: error: {error}", file=sys.stderr)
         return 2
 

@@ -39,7 +39,7 @@ def format_report(reference: Measurement, result: Measurement) -> str:
         ("  encoder ms", _ms(reference.encoder_s.median), _ms(result.encoder_s.median), ""),
         ("  merger ms", _ms(reference.merger_s.median), _ms(result.merger_s.median), ""),
         ("  LLM ms", _ms(reference.llm_s.median), _ms(result.llm_s.median), ""),
-        ("decode tokens/s", f"{reference.decode_tokens_per_s:.1f}", f"{result.decode_tokens_per_s:.1f}", ""),
+        ("decode tokens/s", _rate(reference.decode_tokens_per_s), _rate(result.decode_tokens_per_s), ""),
         ("samples/s (end to end)", f"{reference.samples_per_s:.2f}", f"{result.samples_per_s:.2f}", ""),
         ("image tokens -> LLM", f"{reference.image_tokens_to_llm:.0f}", f"{result.image_tokens_to_llm:.0f}", ""),
         ("tokens per LLM layer", f"{reference.tokens_per_llm_layer:.1f}", f"{result.tokens_per_llm_layer:.1f}", ""),
@@ -54,6 +54,10 @@ def format_report(reference: Measurement, result: Measurement) -> str:
     lines = [f"{'':<{width}}  {'vanilla':>12}  {'schedule':>12}", "-" * (width + 30)]
     lines += [f"{name:<{width}}  {a:>12}  {b:>12}  {note}".rstrip() for name, a, b, note in rows]
     return "\n".join(lines)
+
+
+def _rate(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
 
 
 def _pct(value: float | None) -> str:

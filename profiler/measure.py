@@ -86,7 +86,7 @@ class Measurement:
     encoder_s: Spread  # vision blocks (patch embedding to patch merger)
     merger_s: Spread  # the patch merger (projector)
     llm_s: Spread  # everything else of the prefill: embedding, LLM layers, lm_head
-    decode_tokens_per_s: float  # generated tokens per second after the first, whole batch
+    decode_tokens_per_s: float | None  # generated tokens per second after the first, whole batch (None: 1 token)
     samples_per_s: float  # end to end: prefill + `output_tokens` decoded, at the workload's batch size
     image_tokens_to_llm: float  # mean per sample
     tokens_per_llm_layer: float  # mean sequence length over the LLM's layers, per sample
@@ -271,7 +271,7 @@ class Profiler:
             illava.remove(self.model)
         schedule = schedule or Schedule.vanilla()
         batch = inputs[0]["input_ids"].shape[0]
-        decode_s = steps[-1] - steps[0] if len(steps) > 1 else float("nan")
+        decode_s = steps[-1] - steps[0] if len(steps) > 1 else 0.0
         accuracy = sum(outputs.correct) / len(outputs.correct) if items else None
         if reference is None:
             retention, fidelity = (1.0 if accuracy is not None else None), Fidelity(1.0, 0.0, 1.0)
@@ -289,7 +289,7 @@ class Profiler:
             encoder_s=Spread.of(encoder),
             merger_s=Spread.of(merger),
             llm_s=Spread.of([p - e - m for p, e, m in zip(prefill, encoder, merger)]),
-            decode_tokens_per_s=batch * (len(steps) - 1) / decode_s if decode_s > 0 else float("nan"),
+            decode_tokens_per_s=batch * (len(steps) - 1) / decode_s if decode_s > 0 else None,
             samples_per_s=batch / e2e,
             image_tokens_to_llm=image_tokens,
             tokens_per_llm_layer=layer_tokens,

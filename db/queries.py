@@ -1,0 +1,450 @@
+"""Data access: each function takes a `Session` first, flushes what it wrote and never commits
+(the caller's `Database.session()` block owns the transaction).
+
+Bad input (an unknown state, a non-JSON document, a trial of another job) raises `ValueError`
+naming what is wrong and what is allowed; a missing row raises `db.NotFound`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime
+from typing import Any, TypeVar
+
+from sqlalchemy import ColumnElement, delete, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from .errors import AmbiguousId, NotFound
+from .models import (
+    JOB_FINISHED,
+    JOB_STATES,
+    TRIAL_FINISHED,
+    TRIAL_STATES,
+    Backbone,
+    Base,
+    HardwareProfileRow,
+    PublishedSchedule,
+    Trial,
+    TuningJob,
+    WorkloadRow,
+    utcnow,
+)
+
+Row = TypeVar("Row", bound=Base)
+_HEX = frozenset("0123456789abcdef")
+
+
+# ----------------------------------------------------------------------------- helpers
+def canonical_json(document: Any, what: str = "document") -> str:
+    """`document` as canonical JSON (sorted keys, no spaces), or ValueError saying why it is not JSON.
+    NaN and infinities are refused: PostgreSQL's JSON rejects them and they compare unequal to themselves."""
+    try:
+        return json.dumps(document, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    except (TypeError, ValueError) as err:
+        raise ValueError(
+            f"{what} is not storable as JSON ({err}); use dicts, lists, str, finite numbers, bool, None"
+        ) from err
+
+
+def _document(value: Any, what: str, *, optional: bool = False) -> dict[str, Any] | None:
+    """A JSON object to store: a plain dict copy (tuples become lists, as they come back)."""
+    if value is None and optional:
+        return None
+    if not isinstance(value, Mapping):
+        allowed = "a mapping or None" if optional else "a mapping"
+        raise ValueError(f"{what} must be {allowed} (a JSON object), got {type(value).__name__}")
+    return json.loads(canonical_json(dict(value), what))
+
+
+def _number(value: Any, what: str) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(f"{what} must be a finite number or None, got {value!r}")
+    return float(value)
+
+
+def _positive_int(value: Any, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{what} must be an integer >= 1, got {value!r}")
+    return value
+
+
+def _first(session: Session, model: type[Row], *where: ColumnElement[bool]) -> Row | None:
+    return session.scalars(select(model).where(*where).limit(1)).first()
+
+
+def _insert_or_get(session: Session, row: Row, *where: ColumnElement[bool]) -> Row:
+    """Insert `row`; when a concurrent writer inserted the same unique key first, return theirs.
+    The insert runs in a SAVEPOINT so losing the race leaves the caller's transaction intact."""
+    try:
+        with session.begin_nested():
+            session.add(row)
+    except IntegrityError:
+        existing = _first(session, type(row), *where)
+        if existing is None:
+            raise
+        return existing
+    return row
+
+
+# ----------------------------------------------------------------------------- reference rows
+def get_or_create_backbone(
+    session: Session, name: str, path: str | None = None, config: Mapping[str, Any] | None = None
+) -> Backbone:
+    """The backbone called `name`, created if new. A `path` or `config` given replaces the stored
+    one (the latest job's is the one worth keeping: paths differ between machines)."""
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"backbone name must be a non-empty string, got {name!r}")
+    config_doc = _document(config, "backbone config", optional=True)
+    backbone = _first(session, Backbone, Backbone.name == name)
+    if backbone is None:
+        backbone = _insert_or_get(session, Backbone(name=name, path=path, config=config_doc), Backbone.name == name)
+    if path is not None:
+        backbone.path = str(path)
+    if config_doc is not None:
+        backbone.config = config_doc
+    session.flush()
+    return backbone
+
+
+def hardware_key(profile: Mapping[str, Any]) -> str:
+    """The grouping key of a hardware profile dict: its `"key"` field, else computed from its fields
+    exactly as `profiler.HardwareProfile.key()` does (this package does not import the profiler)."""
+    if profile.get("key"):
+        return str(profile["key"])
+    kind, name = profile.get("kind"), profile.get("name")
+    if kind == "cuda" and name:
+        mig = profile.get("mig_profile")
+        return f"cuda:{name}" + (f" MIG {mig}" if mig else "")
+    if kind == "cpu" and name and profile.get("threads") is not None:
+        return f"cpu:{name} x{profile['threads']}"
+    raise ValueError(
+        "hardware profile has no 'key' and not the fields to compute one "
+        f"(kind 'cuda' with name, or kind 'cpu' with name and threads): got keys {sorted(profile)}"
+    )
+
+
+def get_or_create_hardware(
+    session: Session, profile: Mapping[str, Any], *, key: str | None = None
+) -> HardwareProfileRow:
+    """The hardware group of `profile` (a `HardwareProfile.to_dict()`, by `key`, else the profile's
+    "key" field, else `hardware_key`), created with this profile if new. An existing row keeps the
+    first profile seen: versions differ within a group and each trial's metrics carry its own."""
+    document = _document(profile, "hardware profile")
+    assert document is not None
+    key = key or hardware_key(document)
+    row = _first(session, HardwareProfileRow, HardwareProfileRow.key == key)
+    if row is None:
+        row = _insert_or_get(session, HardwareProfileRow(key=key, profile=document), HardwareProfileRow.key == key)
+    session.flush()
+    return row
+
+
+def workload_fingerprint(spec: Mapping[str, Any]) -> str:
+    """sha256 of the canonical JSON of a workload spec."""
+    return hashlib.sha256(canonical_json(dict(spec), "workload spec").encode()).hexdigest()
+
+
+def get_or_create_workload(session: Session, name: str, spec: Mapping[str, Any]) -> WorkloadRow:
+    """The workload whose spec (a `Workload.to_dict()`) has this fingerprint, created if new; the
+    same spec under another name is the same workload (the first name is kept)."""
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"workload name must be a non-empty string, got {name!r}")
+    document = _document(spec, "workload spec")
+    assert document is not None
+    fingerprint = workload_fingerprint(document)
+    row = _first(session, WorkloadRow, WorkloadRow.fingerprint == fingerprint)
+    if row is None:
+        row = _insert_or_get(
+            session,
+            WorkloadRow(name=name, spec=document, fingerprint=fingerprint),
+            WorkloadRow.fingerprint == fingerprint,
+        )
+    session.flush()
+    return row
+
+
+# ----------------------------------------------------------------------------- jobs
+def create_job(
+    session: Session,
+    *,
+    backbone: Backbone,
+    hardware: HardwareProfileRow,
+    workload: WorkloadRow,
+    n_trials: int,
+    n_workers: int,
+    sampler: str,
+    seed: int | None,
+    search_space: Mapping[str, Any],
+    constraints: Mapping[str, Any],
+) -> TuningJob:
+    """A new job, status "queued", id a uuid4 hex, Optuna study name `illava-<id>`."""
+    if not isinstance(sampler, str) or not sampler.strip():
+        raise ValueError(f"sampler must be a non-empty string, got {sampler!r}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise ValueError(f"seed must be an integer or None, got {seed!r}")
+    job_id = uuid.uuid4().hex
+    job = TuningJob(
+        id=job_id,
+        study_name=f"illava-{job_id}",
+        backbone=backbone,
+        hardware=hardware,
+        workload=workload,
+        status="queued",
+        n_trials=_positive_int(n_trials, "n_trials"),
+        n_workers=_positive_int(n_workers, "n_workers"),
+        sampler=sampler,
+        seed=seed,
+        search_space=_document(search_space, "search_space"),
+        constraints=_document(constraints, "constraints"),
+        cancel_requested=False,
+        created_at=utcnow(),
+    )
+    session.add(job)
+    session.flush()
+    return job
+
+
+def get_job(session: Session, job_id: str) -> TuningJob:
+    """The job with this id, or with the only id that starts with `job_id` (like a git hash).
+    Raises `NotFound`, or `AmbiguousId` (a `NotFound`) when several ids start with the prefix."""
+    if not isinstance(job_id, str) or not job_id.strip():
+        raise ValueError(f"a job id must be a non-empty string, got {job_id!r}")
+    prefix = job_id.strip().lower()
+    job = session.get(TuningJob, prefix)
+    if job is not None:
+        return job
+    if not set(prefix) <= _HEX:
+        raise NotFound("tuning job", job_id, "job ids are hexadecimal (0-9, a-f)")
+    # The prefix is hex only, so it holds no LIKE wildcards.
+    matches = list(session.scalars(select(TuningJob).where(TuningJob.id.like(f"{prefix}%")).limit(6)))
+    if not matches:
+        raise NotFound("tuning job", job_id)
+    if len(matches) > 1:
+        raise AmbiguousId("tuning job", job_id, sorted(match.id for match in matches))
+    return matches[0]
+
+
+def list_jobs(session: Session, limit: int = 50, *, status: str | None = None) -> list[TuningJob]:
+    """The newest jobs first, optionally only those with `status`."""
+    query = select(TuningJob).order_by(TuningJob.created_at.desc(), TuningJob.id).limit(_positive_int(limit, "limit"))
+    if status is not None:
+        query = query.where(TuningJob.status == _job_state(status))
+    return list(session.scalars(query))
+
+
+def _job_state(status: str) -> str:
+    if status not in JOB_STATES:
+        raise ValueError(f"unknown job status {status!r}; allowed: {', '.join(JOB_STATES)}")
+    return status
+
+
+def _attached(session: Session, job: TuningJob) -> TuningJob:
+    """`job` as a row of this session: a job read in an earlier session is reloaded by id (never
+    merged, which would write its stale values over newer ones, such as a cancel request)."""
+    if job in session:
+        return job
+    fresh = session.get(TuningJob, job.id)
+    if fresh is None:
+        raise NotFound("tuning job", job.id)
+    return fresh
+
+
+def set_job_status(session: Session, job: TuningJob, status: str, error: str | None = None) -> TuningJob:
+    """Set the status and error (None clears it). "running" stamps `started_at` the first time and
+    clears `finished_at` (a resumed job runs again); a final status stamps `finished_at`.
+
+    Like `heartbeat` and `request_cancel`, this changes the session's own row of the job: a `job`
+    read in an earlier session is reloaded by id, and the returned row is the updated one."""
+    status = _job_state(status)
+    job = _attached(session, job)
+    job.status = status
+    now = utcnow()
+    if status == "running":
+        job.started_at = job.started_at or now
+        job.finished_at = None
+        job.heartbeat_at = now
+    elif status in JOB_FINISHED:
+        job.finished_at = now
+    job.error = error
+    session.flush()
+    return job
+
+
+def heartbeat(session: Session, job: TuningJob) -> datetime:
+    """Stamp the job as alive now (the driver calls this while it runs)."""
+    job = _attached(session, job)
+    job.heartbeat_at = utcnow()
+    session.flush()
+    return job.heartbeat_at
+
+
+def request_cancel(session: Session, job: TuningJob) -> TuningJob:
+    """Flag the job for cancellation; its driver stops between trials."""
+    job = _attached(session, job)
+    job.cancel_requested = True
+    session.flush()
+    return job
+
+
+# ----------------------------------------------------------------------------- trials
+def record_trial(
+    session: Session,
+    job: TuningJob,
+    number: int,
+    *,
+    state: str,
+    schedule: Mapping[str, Any],
+    metrics: Mapping[str, Any] | None = None,
+    latency_ms: float | None = None,
+    memory_mib: float | None = None,
+    accuracy: float | None = None,
+    retention: float | None = None,
+    fidelity: float | None = None,
+    feasible: bool | None = None,
+    error: str | None = None,
+) -> Trial:
+    """Store trial `number` of `job` as described by the arguments. Idempotent on (job, number): a
+    second call for the same number replaces the stored values (`started_at` is kept), never adds a
+    row. A final state ("complete", "failed") stamps `finished_at`."""
+    if state not in TRIAL_STATES:
+        raise ValueError(f"unknown trial state {state!r}; allowed: {', '.join(TRIAL_STATES)}")
+    if isinstance(number, bool) or not isinstance(number, int) or number < 0:
+        raise ValueError(f"trial number must be an integer >= 0, got {number!r}")
+    if feasible is not None and not isinstance(feasible, bool):
+        raise ValueError(f"feasible must be True, False or None, got {feasible!r}")
+    values: dict[str, Any] = {
+        "state": state,
+        "schedule": _document(schedule, "trial schedule"),
+        "metrics": _document(metrics, "trial metrics", optional=True),
+        "latency_ms": _number(latency_ms, "latency_ms"),
+        "memory_mib": _number(memory_mib, "memory_mib"),
+        "accuracy": _number(accuracy, "accuracy"),
+        "retention": _number(retention, "retention"),
+        "fidelity": _number(fidelity, "fidelity"),
+        "feasible": feasible,
+        "error": error,
+        "finished_at": utcnow() if state in TRIAL_FINISHED else None,
+    }
+    where = (Trial.job_id == job.id, Trial.number == number)
+    trial = _first(session, Trial, *where)
+    if trial is None:
+        trial = _insert_or_get(session, Trial(job_id=job.id, number=number, started_at=utcnow(), **values), *where)
+    for name, value in values.items():
+        setattr(trial, name, value)
+    session.flush()
+    return trial
+
+
+def list_trials(session: Session, job: TuningJob, state: str | None = None) -> list[Trial]:
+    """The job's trials by number, optionally only those in `state`."""
+    query = select(Trial).where(Trial.job_id == job.id).order_by(Trial.number)
+    if state is not None:
+        if state not in TRIAL_STATES:
+            raise ValueError(f"unknown trial state {state!r}; allowed: {', '.join(TRIAL_STATES)}")
+        query = query.where(Trial.state == state)
+    return list(session.scalars(query))
+
+
+# ----------------------------------------------------------------------------- published schedules
+def publish_front(session: Session, job: TuningJob, trials: Iterable[Trial]) -> list[PublishedSchedule]:
+    """Publish `trials` (the job's Pareto front) in place of whatever the job published before.
+    Each must be a complete trial of this job with latency and memory measured."""
+    chosen = list(trials)
+    for trial in chosen:
+        if trial.job_id != job.id:
+            raise ValueError(f"trial {trial.number} belongs to job {trial.job_id}, not {job.id}")
+        if trial.state != "complete":
+            raise ValueError(f"trial {trial.number} of job {job.id} is {trial.state}; only complete trials publish")
+        if trial.latency_ms is None or trial.memory_mib is None:
+            raise ValueError(f"trial {trial.number} of job {job.id} has no latency_ms or memory_mib to publish")
+    numbers = [trial.number for trial in chosen]
+    if len(set(numbers)) != len(numbers):
+        raise ValueError(f"the same trial is listed twice in the front: numbers {sorted(numbers)}")
+    session.execute(delete(PublishedSchedule).where(PublishedSchedule.job_id == job.id))
+    now = utcnow()
+    published = [
+        PublishedSchedule(
+            job_id=job.id,
+            trial_id=trial.id,
+            backbone_id=job.backbone_id,
+            hardware_id=job.hardware_id,
+            workload_id=job.workload_id,
+            schedule=trial.schedule,
+            latency_ms=trial.latency_ms,
+            memory_mib=trial.memory_mib,
+            accuracy=trial.accuracy,
+            retention=trial.retention,
+            fidelity=trial.fidelity,
+            metrics=trial.metrics,
+            created_at=now,
+        )
+        for trial in sorted(chosen, key=lambda t: t.number)
+    ]
+    session.add_all(published)
+    session.flush()
+    return sorted(published, key=lambda row: (row.latency_ms, row.id))
+
+
+def find_schedules(
+    session: Session,
+    *,
+    backbone: Backbone | str,
+    hardware: HardwareProfileRow | str | None = None,
+    workload: WorkloadRow | str | None = None,
+) -> list[PublishedSchedule]:
+    """Published schedules of `backbone` (a row or its name), optionally only on `hardware` (a row
+    or its key) and `workload` (a row, or a name: every workload of that name), fastest first.
+    A name or key that matches nothing raises `NotFound` listing the known ones."""
+    query = select(PublishedSchedule).where(PublishedSchedule.backbone_id == _backbone_id(session, backbone))
+    if hardware is not None:
+        query = query.where(PublishedSchedule.hardware_id == _hardware_id(session, hardware))
+    if workload is not None:
+        query = query.where(PublishedSchedule.workload_id.in_(_workload_ids(session, workload)))
+    return list(session.scalars(query.order_by(PublishedSchedule.latency_ms, PublishedSchedule.id)))
+
+
+def _known(session: Session, column: Any) -> str:
+    names = sorted(set(session.scalars(select(column))))
+    return ", ".join(map(repr, names)) if names else "none yet"
+
+
+def _backbone_id(session: Session, backbone: Backbone | str) -> int:
+    if isinstance(backbone, Backbone):
+        return backbone.id
+    row = _first(session, Backbone, Backbone.name == backbone)
+    if row is None:
+        raise NotFound("backbone", backbone, f"known: {_known(session, Backbone.name)}")
+    return row.id
+
+
+def _hardware_id(session: Session, hardware: HardwareProfileRow | str) -> int:
+    if isinstance(hardware, HardwareProfileRow):
+        return hardware.id
+    row = _first(session, HardwareProfileRow, HardwareProfileRow.key == hardware)
+    if row is None:
+        raise NotFound("hardware", hardware, f"known: {_known(session, HardwareProfileRow.key)}")
+    return row.id
+
+
+def _workload_ids(session: Session, workload: WorkloadRow | str) -> Sequence[int]:
+    if isinstance(workload, WorkloadRow):
+        return [workload.id]
+    ids = list(session.scalars(select(WorkloadRow.id).where(WorkloadRow.name == workload)))
+    if not ids:
+        raise NotFound("workload", workload, f"known: {_known(session, WorkloadRow.name)}")
+    return ids
+
+
+def get_published(session: Session, schedule_id: int) -> PublishedSchedule:
+    """The published schedule with this id, or `NotFound`."""
+    row = session.get(PublishedSchedule, schedule_id)
+    if row is None:
+        raise NotFound("published schedule", schedule_id)
+    return row

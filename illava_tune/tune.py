@@ -1,0 +1,234 @@
+"""`illava-tune submit | jobs | status | cancel | resume | pareto | best | export | db`: thin over `jobs`."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from db import Database
+
+
+def _database(args) -> Database:
+    return Database(getattr(args, "database", None))
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1%}"
+
+
+def format_front(rows: list[dict[str, Any]]) -> str:
+    header = (f"{'id':>5}  {'latency ms':>10}  {'memory MiB':>10}  {'accuracy':>8}  {'retention':>9}  "
+              f"{'fidelity':>8}  schedule")  # fmt: skip
+    lines = [header, "-" * len(header)]
+    for row in rows:
+        s = row["schedule"]
+        what = "unmerged" if s["reduction"] == 0 else (f"{s['method']} r={s['reduction']:.3f} enc={s['encoder_share']:.2f} "
+                f"E{s['encoder_layers']} L{s['llm_layers']} rec={s['recycle_share']:.2f} M={s['group_size']}")  # fmt: skip
+        lines.append(
+            f"{row['id']:>5}  {_ms(row['latency_ms']):>10}  {_ms(row['memory_mib']):>10}  "
+            f"{_pct(row['accuracy']):>8}  {_pct(row['retention']):>9}  {_pct(row['fidelity']):>8}  {what}"
+        )
+    return "\n".join(lines)
+
+
+def cmd_submit(args) -> int:
+    import jobs
+    from optimizer import Constraints, SearchSpace, parse_range
+
+    database = _database(args)
+    database.upgrade()
+    space = SearchSpace(reduction=parse_range(args.reduction))
+    constraints = Constraints(min_retention=args.min_retention, max_memory_mib=args.max_memory_mib,
+                              max_latency_ms=args.max_latency_ms)  # fmt: skip
+    workload = args.workload
+    if args.dataset:
+        import dataclasses
+
+        from profiler import resolve_workload
+
+        workload = dataclasses.replace(resolve_workload(workload), dataset=str(Path(args.dataset).resolve()),
+                                       samples=args.limit or resolve_workload(workload).samples)  # fmt: skip
+    job_id = jobs.submit(database, backbone=args.backbone, workload=workload, n_trials=args.trials,
+                         n_workers=args.workers, space=space, constraints=constraints, sampler=args.sampler,
+                         seed=args.seed)  # fmt: skip
+    print(job_id)
+    if not args.wait:
+        log = jobs.start_background(database, job_id)
+        print(f"running in the background (log: {log}); follow with `illava-tune status {job_id[:8]}`", file=sys.stderr)
+        return 0
+    return _run_in_foreground(database, job_id, args)
+
+
+def _run_in_foreground(database: Database, job_id: str, args) -> int:
+    from tqdm.auto import tqdm
+
+    import jobs
+
+    bar = tqdm(total=args.trials, desc="trials", unit="trial", file=sys.stderr)
+
+    def on_progress(p) -> None:
+        bar.n = p.done
+        bar.set_postfix(front=p.front_size, failed=p.failed)
+        bar.refresh()
+
+    state = jobs.run(database, job_id, ray_address=getattr(args, "ray_address", None), on_progress=on_progress)
+    bar.close()
+    print(f"job {job_id}: {state}")
+    if state != "completed":
+        return 1
+    print(format_front(jobs.front(database, job_id)))
+    if getattr(args, "latency_ms", None):
+        status = jobs.status(database, job_id)
+        _print_best(
+            jobs.best(database, backbone=status.backbone, latency_ms=args.latency_ms, job=job_id), args.latency_ms
+        )
+    return 0
+
+
+def cmd_resume(args) -> int:
+    import jobs
+
+    database = _database(args)
+    job = jobs.status(database, args.job)
+    args.trials = job.total
+    return _run_in_foreground(database, job.id, args)
+
+
+def cmd_jobs(args) -> int:
+    from db import queries
+
+    database = _database(args)
+    with database.session() as s:
+        rows = [
+            (j.id, j.status, j.backbone.name, j.workload.name, j.n_trials, j.created_at) for j in queries.list_jobs(s)
+        ]
+    if not rows:
+        print("no jobs yet: `illava-tune submit --backbone tiny --trials 8 --wait`")
+    for job_id, state, backbone, workload, trials, created in rows:
+        print(f"{job_id[:12]}  {state:<10} {backbone:<10} {workload:<14} {trials:>4} trials  {created:%Y-%m-%d %H:%M}")
+    return 0
+
+
+def cmd_status(args) -> int:
+    import jobs
+
+    st = jobs.status(_database(args), args.job)
+    eta = f", about {st.eta_s:.0f} s left" if st.eta_s is not None else ""
+    print(f"job {st.id}: {st.state}; {st.done}/{st.total} trials ({st.failed} failed), front {st.front_size}, "
+          f"{st.elapsed_s:.0f} s elapsed{eta}")  # fmt: skip
+    if st.error:
+        print(f"error: {st.error}")
+    return 0
+
+
+def cmd_cancel(args) -> int:
+    import jobs
+
+    print(f"cancel requested for job {jobs.cancel(_database(args), args.job)}")
+    return 0
+
+
+def cmd_pareto(args) -> int:
+    import jobs
+
+    database = _database(args)
+    rows = jobs.front(database, args.job)
+    print(format_front(rows))
+    if rows:
+        out = write_plot(rows, Path(args.plot or f"pareto-{jobs.status(database, args.job).id[:8]}.png"))
+        print(f"plot: {out}", file=sys.stderr)
+    return 0
+
+
+def write_plot(rows: list[dict[str, Any]], path: Path) -> Path:
+    """Latency against quality, memory as marker size: PNG with matplotlib (HTML if plotly is there)."""
+    quality = [r["quality"] for r in rows]
+    latency = [r["latency_ms"] for r in rows]
+    try:
+        import plotly.express as px
+
+        fig = px.scatter(x=latency, y=quality, size=[r["memory_mib"] or 1 for r in rows],
+                         labels={"x": "prefill latency (ms)", "y": "accuracy / fidelity"}, hover_name=[str(r["id"]) for r in rows])  # fmt: skip
+        html = path.with_suffix(".html")
+        fig.write_html(html)
+    except ImportError:
+        pass
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.scatter(latency, quality)
+    for r, x, y in zip(rows, latency, quality):
+        ax.annotate(str(r["id"]), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xlabel("prefill latency (ms)")
+    ax.set_ylabel("accuracy (or first-token agreement)")
+    ax.set_title("Pareto front")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def cmd_best(args) -> int:
+    import jobs
+
+    choice = jobs.best(_database(args), backbone=args.backbone, latency_ms=args.latency_ms, hardware=args.hardware,
+                       workload=args.workload, max_memory_mib=args.max_memory_mib,
+                       min_retention=args.min_retention)  # fmt: skip
+    _print_best(choice, args.latency_ms)
+    return 0
+
+
+def _print_best(choice, latency_ms: float) -> None:
+    import jobs
+
+    row = choice.point.ref  # the published schedule row
+    if choice.met:
+        print(f"\nbest schedule under {latency_ms:.1f} ms: #{row.id} (export: illava-tune export {row.id})")
+    else:
+        print(f"\nno schedule meets {latency_ms:.1f} ms; the fastest is #{row.id}, {choice.gap_ms:.1f} ms over")
+    print(format_front([jobs.published(row)]))
+
+
+def cmd_export(args) -> int:
+    import jobs
+
+    text = jobs.dump(jobs.manifest(_database(args), args.schedule_id), args.format)
+    if args.output:
+        Path(args.output).write_text(text)
+        print(f"wrote {args.output}", file=sys.stderr)
+    else:
+        print(text)
+    return 0
+
+
+def cmd_db(args) -> int:
+    database = _database(args)
+    if args.action == "upgrade":
+        database.upgrade()
+        print(f"{database.url}: schema up to date")
+    else:
+        database.check_schema()
+        print(f"{database.url}: schema up to date")
+    return 0
+
+
+def wait_for(database: Database, job_id: str, timeout_s: float = 600) -> str:
+    """Poll until the job leaves queued/running (used by tests and scripts)."""
+    import jobs
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        state = jobs.status(database, job_id).state
+        if state not in ("queued", "running"):
+            return state
+        time.sleep(0.5)
+    raise TimeoutError(f"job {job_id} still running after {timeout_s} s")

@@ -1,0 +1,35 @@
+"""Tuning jobs: an Optuna search over schedules, evaluated by Ray worker actors (one per GPU, or
+CPU workers), every trial stored in the database, resumable after a driver dies, cancellable.
+Wires `optimizer` + `profiler` + `db` together; nothing imports `jobs`."""
+
+from .api import (
+    JobStatus,
+    best,
+    cancel,
+    dump,
+    front,
+    manifest,
+    published,
+    seed_reductions,
+    start_background,
+    status,
+    submit,
+)
+from .driver import Progress, progress, run
+
+__all__ = [
+    "JobStatus",
+    "Progress",
+    "best",
+    "cancel",
+    "dump",
+    "front",
+    "manifest",
+    "progress",
+    "published",
+    "run",
+    "seed_reductions",
+    "start_background",
+    "status",
+    "submit",
+]

@@ -1,0 +1,25 @@
+"""`python -m jobs run JOB_ID --database URL`: the detached driver process `submit` starts."""
+
+import argparse
+import sys
+
+from db import Database
+
+from .driver import run
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m jobs")
+    parser.add_argument("command", choices=["run"])
+    parser.add_argument("job")
+    parser.add_argument("--database", help="database URL (default: DATABASE_URL or sqlite:///illava.db)")
+    parser.add_argument("--ray-address")
+    args = parser.parse_args(argv)
+    status = run(Database(args.database), args.job, ray_address=args.ray_address,
+                 on_progress=lambda p: print(f"{p.done}/{p.total} trials, front {p.front_size}", flush=True))  # fmt: skip
+    print(f"job {args.job}: {status}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,207 @@
+"""Tuning-job lifecycle as plain functions: the CLI (and any HTTP layer) stays thin over these.
+
+Everything a user can get wrong is checked in `submit`, before a job row exists or a worker
+starts: the backbone loads, the workload parses, the search space fits the model, the
+constraints are satisfiable.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from db import Database, queries
+from illava import PAPER_REDUCTIONS, Schedule
+from optimizer import Constraints, SearchSpace, best_for_target
+
+SAMPLERS = ("tpe", "nsga2", "random")
+
+
+@dataclass(frozen=True)
+class JobStatus:
+    id: str
+    state: str
+    backbone: str
+    workload: str
+    done: int
+    total: int
+    failed: int
+    front_size: int
+    elapsed_s: float
+    eta_s: float | None
+    error: str | None
+
+
+def seed_reductions(space: SearchSpace) -> list[float]:
+    """The reductions the study starts from: the paper's ratios inside the searched range."""
+    if isinstance(space.reduction, float | int):
+        return [float(space.reduction)]
+    low, high = space.reduction
+    inside = [r for r in PAPER_REDUCTIONS if low <= r <= high]
+    return inside or [(low + high) / 2]
+
+
+def _check_backbone(backbone: str) -> tuple[int, int]:
+    """Depths of the backbone's encoder and LLM; fails like loading would, without loading weights."""
+    from illava.backbones import BUILTIN_BACKBONES, build_config
+
+    if backbone in BUILTIN_BACKBONES:
+        config = build_config(backbone)
+    else:
+        from transformers import AutoConfig
+
+        path = Path(backbone)
+        if not (path / "config.json").is_file():
+            raise ValueError(
+                f"unknown backbone {backbone!r}: built-ins are {sorted(BUILTIN_BACKBONES)}; "
+                "any other name must be a local checkpoint directory with a config.json"
+            )
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+    return config.vision_config.depth, config.text_config.num_hidden_layers
+
+
+def submit(
+    database: Database,
+    *,
+    backbone: str,
+    workload: Any,
+    n_trials: int,
+    n_workers: int = 1,
+    space: SearchSpace | None = None,
+    constraints: Constraints | None = None,
+    sampler: str = "tpe",
+    seed: int = 0,
+) -> str:
+    """Validate everything, then create the job (queued); returns its id."""
+    from profiler import detect_hardware, resolve_workload
+
+    if n_trials < 1:
+        raise ValueError(f"--trials must be >= 1, got {n_trials}")
+    if n_workers < 1:
+        raise ValueError(f"--workers must be >= 1, got {n_workers}")
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; allowed: {', '.join(SAMPLERS)}")
+    workload = resolve_workload(workload)
+    encoder_depth, llm_depth = _check_backbone(backbone)
+    space = space or SearchSpace()
+    space.check_fits(encoder_depth=encoder_depth, llm_depth=llm_depth)
+    constraints = constraints or Constraints()
+    constraints.check_satisfiable()
+    for reduction in seed_reductions(space):
+        Schedule.paper_default(reduction, encoder_depth=encoder_depth, llm_depth=llm_depth)
+    hardware = detect_hardware("cuda" if _has_cuda() else "cpu")
+    with database.session() as s:
+        job = queries.create_job(
+            s,
+            backbone=queries.get_or_create_backbone(s, backbone),
+            hardware=queries.get_or_create_hardware(s, hardware.to_dict(), key=hardware.key()),
+            workload=queries.get_or_create_workload(s, workload.name, workload.to_dict()),
+            n_trials=n_trials, n_workers=n_workers, sampler=sampler, seed=seed,
+            search_space=space.to_dict(), constraints=constraints.to_dict(),
+        )  # fmt: skip
+        return job.id
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def start_background(database: Database, job_id: str, log_dir: Path = Path(".illava-jobs")) -> Path:
+    """Run the driver in a detached process (`python -m jobs run JOB`); returns its log file."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log = log_dir / f"{job_id}.log"
+    with log.open("ab") as out:
+        subprocess.Popen(
+            [sys.executable, "-m", "jobs", "run", job_id, "--database", database.url],
+            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+        )  # fmt: skip
+    return log
+
+
+def status(database: Database, job_id: str) -> JobStatus:
+    from .driver import progress
+
+    with database.session() as s:
+        job = queries.get_job(s, job_id)
+        head = (job.id, job.status, job.backbone.name, job.workload.name, job.error)
+    p = progress(database, head[0])
+    return JobStatus(head[0], head[1], head[2], head[3], p.done, p.total, p.failed, p.front_size, p.elapsed_s,
+                     p.eta_s if head[1] == "running" else None, head[4])  # fmt: skip
+
+
+def cancel(database: Database, job_id: str) -> str:
+    """Ask a running job to stop (its driver checks between trials); a queued job stops at once."""
+    with database.session() as s:
+        job = queries.get_job(s, job_id)
+        if job.status in ("completed", "cancelled", "failed"):
+            raise ValueError(f"job {job.id} is already {job.status}")
+        queries.request_cancel(s, job)
+        if job.status == "queued":
+            queries.set_job_status(s, job, "cancelled")
+        return job.id
+
+
+def front(database: Database, job_id: str) -> list[dict[str, Any]]:
+    """The job's published schedules (its Pareto front), fastest first."""
+    with database.session() as s:
+        job = queries.get_job(s, job_id)
+        rows = [row for row in queries.find_schedules(s, backbone=job.backbone.name) if row.job_id == job.id]
+        return [published(row) for row in rows]  # fastest first
+
+
+def published(row) -> dict[str, Any]:
+    return {
+        "id": row.id, "job": row.job_id, "schedule": row.schedule, "latency_ms": row.latency_ms,
+        "memory_mib": row.memory_mib, "accuracy": row.accuracy, "retention": row.retention,
+        "fidelity": row.fidelity, "quality": row.accuracy if row.accuracy is not None else row.fidelity,
+    }  # fmt: skip
+
+
+def best(database: Database, *, backbone: str, latency_ms: float, hardware: str | None = None,
+         workload: str | None = None, max_memory_mib: float | None = None, min_retention: float | None = None,
+         job: str | None = None):  # fmt: skip
+    """The best published schedule under `latency_ms` (optionally only `job`'s); see `best_for_target`."""
+    with database.session() as s:
+        rows = queries.find_schedules(s, backbone=backbone, hardware=hardware, workload=workload)
+        if job is not None:
+            rows = [row for row in rows if row.job_id == queries.get_job(s, job).id]
+        if not rows:
+            raise ValueError(f"no published schedules for backbone {backbone!r}; run `illava-tune submit` first")
+        from .driver import point
+
+        return best_for_target([point(row) for row in rows], latency_ms=latency_ms, max_memory_mib=max_memory_mib,
+                               min_retention=min_retention)  # fmt: skip
+
+
+def manifest(database: Database, schedule_id: int) -> dict[str, Any]:
+    """The export DESIGN describes: schedule + backbone + workload + hardware + metrics + provenance.
+    `illava.apply(model, manifest)` accepts it."""
+    from importlib.metadata import version
+
+    with database.session() as s:
+        row = queries.get_published(s, schedule_id)
+        return {
+            "manifest_version": 1,
+            "schedule": Schedule.from_dict(row.schedule).to_dict(),
+            "backbone": {"name": row.backbone.name, "path": row.backbone.path},
+            "workload": row.workload.spec,
+            "hardware": row.hardware.profile,
+            "metrics": row.metrics,
+            "provenance": {"job": row.job_id, "trial": row.trial_id, "illava-tune": version("illava-tune")},
+        }
+
+
+def dump(manifest_dict: dict[str, Any], fmt: str) -> str:
+    if fmt == "json":
+        return json.dumps(manifest_dict, indent=2)
+    if fmt == "yaml":
+        import yaml
+
+        return yaml.safe_dump(manifest_dict, sort_keys=False)
+    raise ValueError(f"unknown format {fmt!r}; allowed: json, yaml")

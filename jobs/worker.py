@@ -1,0 +1,48 @@
+"""The Ray actor that evaluates schedules: it loads the backbone once and measures each schedule
+it is handed (apply, profile, remove), so no trial pays for loading a model."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+#: Trial numbers the worker deliberately fails, for fault-injection tests and drills:
+#: ``ILLAVA_TUNE_FAULTS="raise:3,crash:5"`` raises in trial 3 and kills the worker process in
+#: trial 5. Read by the driver and handed to the actors, never set in normal use.
+FAULTS_ENV = "ILLAVA_TUNE_FAULTS"
+
+
+def parse_faults(text: str | None) -> dict[int, str]:
+    faults: dict[int, str] = {}
+    for part in (text or "").split(","):
+        if part.strip():
+            kind, _, number = part.strip().partition(":")
+            if kind not in ("raise", "crash") or not number.isdigit():
+                raise ValueError(f"{FAULTS_ENV}: {part!r} is not raise:N or crash:N")
+            faults[int(number)] = kind
+    return faults
+
+
+class TrialWorker:
+    """Plain class; the driver wraps it with `ray.remote` (so importing this needs no Ray)."""
+
+    def __init__(self, backbone: str, workload: dict[str, Any], *, device: str, repeats: int, warmup: int,
+                 faults: dict[int, str] | None = None):  # fmt: skip
+        from profiler import Profiler, Workload
+
+        self.workload = Workload.from_dict(workload)
+        self.profiler = Profiler(backbone, device=device, repeats=repeats, warmup=warmup)
+        self.faults = faults or {}
+
+    def depths(self) -> tuple[int, int]:
+        config = self.profiler.model.config
+        return config.vision_config.depth, config.text_config.num_hidden_layers
+
+    def evaluate(self, number: int, schedule: dict[str, Any]) -> dict[str, Any]:
+        """Measure one schedule; returns `Measurement.to_dict()`. Exceptions propagate to the driver."""
+        fault = self.faults.get(number)
+        if fault == "raise":
+            raise RuntimeError(f"injected fault in trial {number}")
+        if fault == "crash":
+            os._exit(1)
+        return self.profiler.measure(schedule, self.workload).to_dict()

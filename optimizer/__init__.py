@@ -1,0 +1,42 @@
+"""Search for the schedules worth deploying: the search space, the multi-objective Optuna study
+(latency, memory, quality; hard limits as constraints), the Pareto front and target queries.
+
+Imports `illava` (the schedule type) and Optuna; never Ray, the database, jobs or the profiler:
+measurements arrive as the plain dict ``profiler.Measurement.to_dict()`` gives.
+
+    study = make_study("sqlite:///illava.db", "illava-demo", seed=0)
+    seed_study(study, space, encoder_depth=32, llm_depth=28)
+    trial = study.ask()
+    schedule = space.suggest(trial, encoder_depth=32, llm_depth=28)
+    ...  # measure it
+    tell_result(study, trial, measurement.to_dict(), constraints=constraints)
+"""
+
+from .front import Choice, NoMatchError, Point, best_for_target, pareto_front
+from .objectives import Constraints, Metrics, Objectives, metrics_summary, retention_of
+from .space import SearchSpace, SearchSpaceError, parse_range, schedule_params
+from .study import SAMPLERS, SEED_ATTR, make_study, points_from_study, seed_study, tell_failure, tell_result
+
+__all__ = [
+    "SAMPLERS",
+    "SEED_ATTR",
+    "Choice",
+    "Constraints",
+    "Metrics",
+    "NoMatchError",
+    "Objectives",
+    "Point",
+    "SearchSpace",
+    "SearchSpaceError",
+    "best_for_target",
+    "make_study",
+    "metrics_summary",
+    "pareto_front",
+    "parse_range",
+    "points_from_study",
+    "retention_of",
+    "schedule_params",
+    "seed_study",
+    "tell_failure",
+    "tell_result",
+]

@@ -1,0 +1,142 @@
+"""Tuning jobs end to end on the `tiny` backbone, a real local Ray cluster and real databases."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+
+import jobs
+from db import Database, queries
+from optimizer import Constraints, SearchSpace
+from tests.db.conftest import fresh_database
+
+WORKLOAD = "single-448"
+N_TRIALS = 6
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_cluster():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield
+    ray.shutdown()
+
+
+def small_workload(tmp_path: Path) -> Path:
+    path = tmp_path / "workload.yaml"
+    path.write_text("name: tiny-e2e\nimages_per_sample: 1\nimage_size: [224, 224]\nsamples: 2\noutput_tokens: 2\n")
+    return path
+
+
+def submit(database: Database, tmp_path: Path, **overrides) -> str:
+    database.upgrade()
+    fields = dict(backbone="tiny", workload=small_workload(tmp_path), n_trials=N_TRIALS, n_workers=2,
+                  space=SearchSpace(reduction=(0.5, 0.95)), constraints=Constraints(), sampler="tpe", seed=0)  # fmt: skip
+    fields.update(overrides)
+    return jobs.submit(database, **fields)
+
+
+def stored_trials(database: Database, job_id: str):
+    with database.session() as s:
+        return queries.list_trials(s, queries.get_job(s, job_id))
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_a_job_runs_end_to_end_and_publishes_optunas_front(backend, tmp_path):
+    with fresh_database(backend, tmp_path) as database:
+        job_id = submit(database, tmp_path)
+        assert jobs.run(database, job_id) == "completed"
+        trials = stored_trials(database, job_id)
+        assert sorted(t.number for t in trials) == list(range(N_TRIALS))  # every trial stored once
+        assert all(t.state == "complete" for t in trials)
+        assert any(t.schedule["reduction"] == 0.0 for t in trials)  # the study starts from the unmerged model
+        front = jobs.front(database, job_id)
+        assert front
+        points = [(r["latency_ms"], r["memory_mib"], -r["quality"]) for r in front]
+        for a in points:  # non-dominated
+            assert not any(all(x <= y for x, y in zip(b, a)) and b != a for b in points)
+        study = optuna.load_study(study_name=f"illava-{job_id}", storage=database.optuna_storage_url)
+        by_trial = {t.number: t for t in trials}
+        with database.session() as s:
+            published = {p.trial_id for p in queries.find_schedules(s, backbone="tiny") if p.job_id == job_id}
+        assert {by_trial[t.number].id for t in study.best_trials} == published
+        status = jobs.status(database, job_id)
+        assert (status.state, status.done, status.total, status.front_size) == (
+            "completed",
+            N_TRIALS,
+            N_TRIALS,
+            len(front),
+        )
+
+
+def test_failing_and_crashing_trials_are_recorded_and_the_job_completes(tmp_path, monkeypatch):
+    monkeypatch.setenv("ILLAVA_TUNE_FAULTS", "raise:2,crash:3")
+    database = Database(f"sqlite:///{tmp_path / 'faults.db'}")
+    job_id = submit(database, tmp_path)
+    assert jobs.run(database, job_id) == "completed"
+    trials = {t.number: t for t in stored_trials(database, job_id)}
+    assert len(trials) == N_TRIALS
+    assert trials[2].state == "failed" and "injected fault in trial 2" in trials[2].error
+    assert trials[3].state == "failed" and "worker died" in trials[3].error
+    assert sum(t.state == "complete" for t in trials.values()) == N_TRIALS - 2
+    assert jobs.status(database, job_id).failed == 2
+
+
+def test_a_killed_driver_loses_nothing_and_resume_finishes_the_job(tmp_path):
+    database = Database(f"sqlite:///{tmp_path / 'killed.db'}")
+    job_id = submit(database, tmp_path, n_trials=8, n_workers=1)
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "jobs", "run", job_id, "--database", database.url],
+        cwd=Path(__file__).resolve().parents[2], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 180
+    while sum(t.state == "complete" for t in stored_trials(database, job_id)) < 2:
+        assert driver.poll() is None, "the driver exited before it could be killed"
+        assert time.monotonic() < deadline, "the driver did not finish two trials in time"
+        time.sleep(0.2)
+    os.killpg(driver.pid, signal.SIGKILL)  # the driver and everything it started, mid-job
+    driver.wait()
+    before = {t.number: t.metrics for t in stored_trials(database, job_id) if t.state == "complete"}
+    assert jobs.status(database, job_id).state == "running"  # nobody told the database
+
+    assert jobs.run(database, job_id) == "completed"  # resume
+    trials = stored_trials(database, job_id)
+    assert sorted(t.number for t in trials) == sorted({t.number for t in trials})  # nothing twice
+    assert sum(t.state != "running" for t in trials) == len(trials)
+    finished = {t.number: t.metrics for t in trials if t.state == "complete"}
+    assert all(finished[number] == metrics for number, metrics in before.items())  # nothing lost or re-run
+    # The budget counts every finished trial, an interrupted one included (it is recorded, not re-run).
+    assert len(trials) == 8
+    assert all(t.state == "complete" or t.error.startswith(("interrupted", "injected")) for t in trials)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"backbone": "no-such-model"}, "unknown backbone 'no-such-model'"),
+        ({"workload": "no-such-workload"}, "unknown workload 'no-such-workload'"),
+        ({"constraints": None, "n_trials": 0}, "--trials must be >= 1"),
+        ({"sampler": "grid"}, "unknown sampler 'grid'"),
+        ({"space": SearchSpace(reduction=(0.5, 0.95), encoder_layer_count=(1, 9))}, "encoder"),
+    ],
+)
+def test_bad_input_fails_before_any_job_exists(tmp_path, overrides, message):
+    database = Database(f"sqlite:///{tmp_path / 'bad.db'}")
+    with pytest.raises(ValueError, match=message):
+        submit(database, tmp_path, **overrides)
+    with database.session() as s:
+        assert queries.list_jobs(s) == []
+
+
+def test_an_impossible_constraint_is_refused():
+    with pytest.raises(ValueError, match="min_retention"):
+        Constraints(min_retention=1.5)
