@@ -9,9 +9,21 @@ from typing import Any
 
 from db import Database
 
+#: A running job whose driver has been silent this long is probably orphaned (the driver checks
+#: in at least every few seconds, and after every trial).
+STALE_DRIVER_S = 120
 
-def _database(args) -> Database:
-    return Database(getattr(args, "database", None))
+
+def _database(args, *, create: bool = False) -> Database:
+    """The database, with its schema checked (a clear "run `illava-tune db upgrade`" otherwise).
+    With `create`, a database that was never migrated is set up on the spot: a first `submit`
+    on the default SQLite file needs no set-up; one at an older revision is never migrated
+    behind the user's back."""
+    database = Database(getattr(args, "database", None))
+    if create and database.current_revision() is None:
+        database.upgrade()
+    database.check_schema()
+    return database
 
 
 def _ms(value: float | None) -> str:
@@ -41,8 +53,7 @@ def cmd_submit(args) -> int:
     import jobs
     from optimizer import Constraints, SearchSpace, parse_range
 
-    database = _database(args)
-    database.upgrade()
+    database = _database(args, create=True)
     space = SearchSpace(reduction=parse_range(args.reduction))
     constraints = Constraints(min_retention=args.min_retention, max_memory_mib=args.max_memory_mib,
                               max_latency_ms=args.max_latency_ms)  # fmt: skip
@@ -96,7 +107,7 @@ def cmd_resume(args) -> int:
 
     database = _database(args)
     job = jobs.status(database, args.job)
-    args.trials = job.total
+    args.trials = job.progress.total
     return _run_in_foreground(database, job.id, args)
 
 
@@ -119,11 +130,16 @@ def cmd_status(args) -> int:
     import jobs
 
     st = jobs.status(_database(args), args.job)
-    eta = f", about {st.eta_s:.0f} s left" if st.eta_s is not None else ""
-    print(f"job {st.id}: {st.state}; {st.done}/{st.total} trials ({st.failed} failed), front {st.front_size}, "
-          f"{st.elapsed_s:.0f} s elapsed{eta}")  # fmt: skip
+    p = st.progress
+    eta = f", about {p.eta_s:.0f} s left" if p.eta_s is not None else ""
+    print(f"job {st.id}: {st.state}; {p.done}/{p.total} trials ({p.failed} failed), front {p.front_size}, "
+          f"{p.elapsed_s:.0f} s elapsed{eta}")  # fmt: skip
     if st.error:
         print(f"error: {st.error}")
+    if st.state == "running" and st.heartbeat_age_s is not None and st.heartbeat_age_s > STALE_DRIVER_S:
+        print(
+            f"its driver has not been seen for {st.heartbeat_age_s:.0f} s; if it died: illava-tune resume {st.id[:8]}"
+        )
     return 0
 
 
@@ -211,7 +227,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_db(args) -> int:
-    database = _database(args)
+    database = Database(args.database)
     if args.action == "upgrade":
         database.upgrade()
         print(f"{database.url}: schema up to date")

@@ -15,7 +15,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--database", help="database URL (default: DATABASE_URL or sqlite:///illava.db)")
     parser.add_argument("--ray-address")
     args = parser.parse_args(argv)
-    status = run(Database(args.database), args.job, ray_address=args.ray_address,
+    database = Database(args.database)
+    database.check_schema()
+    status = run(database, args.job, ray_address=args.ray_address,
                  on_progress=lambda p: print(f"{p.done}/{p.total} trials, front {p.front_size}", flush=True))  # fmt: skip
     print(f"job {args.job}: {status}", flush=True)
     return 0

@@ -7,16 +7,20 @@ constraints are satisfiable.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from db import Database, queries
 from illava import PAPER_REDUCTIONS, Schedule
 from optimizer import Constraints, SearchSpace, best_for_target
+
+if TYPE_CHECKING:
+    from .driver import Progress
 
 SAMPLERS = ("tpe", "nsga2", "random")
 
@@ -27,13 +31,9 @@ class JobStatus:
     state: str
     backbone: str
     workload: str
-    done: int
-    total: int
-    failed: int
-    front_size: int
-    elapsed_s: float
-    eta_s: float | None
     error: str | None
+    heartbeat_age_s: float | None  # seconds since the driver last checked in (None: never ran)
+    progress: Progress  # trials done / total, failed, front size, elapsed, estimate of what is left
 
 
 def seed_reductions(space: SearchSpace) -> list[float]:
@@ -125,14 +125,18 @@ def start_background(database: Database, job_id: str, log_dir: Path = Path(".ill
 
 
 def status(database: Database, job_id: str) -> JobStatus:
+    from datetime import UTC, datetime
+
     from .driver import progress
 
     with database.session() as s:
         job = queries.get_job(s, job_id)
         head = (job.id, job.status, job.backbone.name, job.workload.name, job.error)
+        beat = (datetime.now(UTC) - job.heartbeat_at).total_seconds() if job.heartbeat_at else None
     p = progress(database, head[0])
-    return JobStatus(head[0], head[1], head[2], head[3], p.done, p.total, p.failed, p.front_size, p.elapsed_s,
-                     p.eta_s if head[1] == "running" else None, head[4])  # fmt: skip
+    if head[1] != "running":
+        p = dataclasses.replace(p, eta_s=None)
+    return JobStatus(*head, beat, p)
 
 
 def cancel(database: Database, job_id: str) -> str:

@@ -69,12 +69,8 @@ def test_a_job_runs_end_to_end_and_publishes_optunas_front(backend, tmp_path):
             published = {p.trial_id for p in queries.find_schedules(s, backbone="tiny") if p.job_id == job_id}
         assert {by_trial[t.number].id for t in study.best_trials} == published
         status = jobs.status(database, job_id)
-        assert (status.state, status.done, status.total, status.front_size) == (
-            "completed",
-            N_TRIALS,
-            N_TRIALS,
-            len(front),
-        )
+        p = status.progress
+        assert (status.state, p.done, p.total, p.front_size) == ("completed", N_TRIALS, N_TRIALS, len(front))
 
 
 def test_failing_and_crashing_trials_are_recorded_and_the_job_completes(tmp_path, monkeypatch):
@@ -87,7 +83,7 @@ def test_failing_and_crashing_trials_are_recorded_and_the_job_completes(tmp_path
     assert trials[2].state == "failed" and "injected fault in trial 2" in trials[2].error
     assert trials[3].state == "failed" and "worker died" in trials[3].error
     assert sum(t.state == "complete" for t in trials.values()) == N_TRIALS - 2
-    assert jobs.status(database, job_id).failed == 2
+    assert jobs.status(database, job_id).progress.failed == 2
 
 
 def test_a_killed_driver_loses_nothing_and_resume_finishes_the_job(tmp_path):
@@ -140,3 +136,25 @@ def test_bad_input_fails_before_any_job_exists(tmp_path, overrides, message):
 def test_an_impossible_constraint_is_refused():
     with pytest.raises(ValueError, match="min_retention"):
         Constraints(min_retention=1.5)
+
+
+def test_a_cancelled_job_stops_between_trials(tmp_path):
+    import threading
+
+    database = Database(f"sqlite:///{tmp_path / 'cancel.db'}")
+    job_id = submit(database, tmp_path, n_trials=40, n_workers=1)
+    result = {}
+    driver = threading.Thread(target=lambda: result.setdefault("state", jobs.run(database, job_id)))
+    driver.start()
+    deadline = time.monotonic() + 120
+    while sum(t.state == "complete" for t in stored_trials(database, job_id)) < 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    jobs.cancel(database, job_id)
+    driver.join(timeout=60)
+    assert not driver.is_alive() and result["state"] == "cancelled"
+    trials = stored_trials(database, job_id)
+    assert len(trials) < 40 and all(t.state in ("complete", "failed") for t in trials)
+    assert jobs.status(database, job_id).state == "cancelled"
+    with pytest.raises(ValueError, match="already cancelled"):
+        jobs.cancel(database, job_id)
