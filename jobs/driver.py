@@ -37,7 +37,8 @@ from .api import seed_reductions
 from .worker import FAULTS_ENV, TrialWorker, parse_faults
 
 INTERRUPTED = "interrupted: the driver stopped while this trial was in flight"
-CANCEL_POLL_S = 2.0
+CANCEL_POLL_S = 2.0  # longest wait for a trial before looking at the cancel flag again
+CHECK_IN_S = 1.0  # how often the driver reads the cancel flag and writes its heartbeat
 
 
 @dataclass(frozen=True)
@@ -167,19 +168,16 @@ def run(
     count, device, resources = _plan_workers(n_workers)
     pool = _Pool(count, resources, (backbone, workload),
                  dict(device=device, repeats=3, warmup=1, faults=parse_faults(os.environ.get(FAULTS_ENV))))  # fmt: skip
-    in_flight: dict[Any, tuple[int, Any, Schedule]] = {}
+    in_flight: dict[Any, tuple[optuna.Trial, Any, Schedule]] = {}  # Ray ref -> (trial, actor, schedule)
     cancel, stop_reason = False, "cancelled"
     try:
         encoder_depth, llm_depth = ray.get(pool.idle[0].depths.remote())
         seed_study(study, space, encoder_depth=encoder_depth, llm_depth=llm_depth, reductions=seed_reductions(space))
-        while True:
-            with database.session() as s:
-                job = queries.get_job(s, job_id)
-                finished = sum(t.state != "running" for t in queries.list_trials(s, job))
-                cancel = job.cancel_requested
-                queries.heartbeat(s, job)
-            if cancel:
-                break
+        with database.session() as s:
+            finished = sum(t.state != "running" for t in queries.list_trials(s, queries.get_job(s, job_id)))
+
+        def dispatch() -> None:
+            """Give every idle worker a new trial while the budget allows."""
             while pool.idle and finished + len(in_flight) < n_trials:
                 trial = study.ask()
                 schedule = space.suggest(trial, encoder_depth=encoder_depth, llm_depth=llm_depth)
@@ -187,67 +185,93 @@ def run(
                     queries.record_trial(s, queries.get_job(s, job_id), trial.number, state="running",
                                          schedule=schedule.to_dict())  # fmt: skip
                 actor = pool.idle.pop()
-                in_flight[actor.evaluate.remote(trial.number, schedule.to_dict())] = (trial.number, actor, schedule)
+                in_flight[actor.evaluate.remote(trial.number, schedule.to_dict())] = (trial, actor, schedule)
+
+        next_check_in = 0.0
+        while True:
+            if time.monotonic() >= next_check_in:  # the cancel flag and the heartbeat, about once a second
+                cancel = _check_in(database, job_id)
+                next_check_in = time.monotonic() + CHECK_IN_S
+                if cancel:
+                    break
+            dispatch()
             if not in_flight:
                 break
             # Wake up now and then even when no trial ends, so a cancel request is seen promptly.
             ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=CANCEL_POLL_S)
-            if ready:
-                number, actor, schedule = in_flight.pop(ready[0])
-                _finish(database, job_id, study, ready[0], number, actor, schedule, pool, objectives, constraints)
-                if on_progress:
-                    on_progress(progress(database, job_id, started=started))
+            if not ready:
+                continue
+            trial, actor, schedule = in_flight.pop(ready[0])
+            outcome = _collect(ready[0], actor, pool)
+            summary = _record(database, job_id, trial, schedule, outcome, constraints)  # database first
+            finished += 1
+            dispatch()  # the freed worker starts its next trial before Optuna's bookkeeping below
+            if summary is None:
+                tell_failure(study, trial)
+            else:
+                tell_result(study, trial, summary, constraints=constraints, objectives=objectives)
+            if on_progress:
+                on_progress(progress(database, job_id, started=started))
     except BaseException as error:
         stop_reason = f"driver stopped: {_describe(error)}"
         with database.session() as s:
             queries.set_job_status(s, queries.get_job(s, job_id), "failed", error=stop_reason)
         raise
     finally:
-        for number, actor, schedule in in_flight.values():  # cancelled or failed driver: stop what runs
+        for trial, actor, schedule in in_flight.values():  # cancelled or failed driver: stop what runs
             ray.kill(actor, no_restart=True)
-            tell_failure(study, number)
+            tell_failure(study, trial)
             with database.session() as s:
-                queries.record_trial(s, queries.get_job(s, job_id), number, state="failed",
+                queries.record_trial(s, queries.get_job(s, job_id), trial.number, state="failed",
                                      schedule=schedule.to_dict(), error=stop_reason)  # fmt: skip
         pool.shutdown()
     return _close(database, job_id, cancelled=cancel)
 
 
-def _finish(database, job_id, study, ref, number, actor, schedule, pool, objectives, constraints) -> None:
-    """Store one finished trial (database first, then Optuna) and give its actor back."""
+def _check_in(database: Database, job_id: str) -> bool:
+    """Heartbeat; returns whether a cancel was requested."""
+    with database.session() as s:
+        job = queries.get_job(s, job_id)
+        queries.heartbeat(s, job)
+        return job.cancel_requested
+
+
+def _collect(ref, actor, pool: _Pool) -> dict[str, Any] | str:
+    """A finished task's measurement, or the error that ended it; its actor goes back to the
+    pool (a dead one is replaced by a fresh actor)."""
     import ray
 
     try:
         metrics = ray.get(ref)
-    except ray.exceptions.ActorDiedError as error:  # the worker process died (OOM, crash): replace it
+    except ray.exceptions.ActorDiedError as error:  # the worker process died (OOM, crash)
         pool.replace(actor)
-        _fail(database, job_id, study, number, schedule, f"worker died: {error}".splitlines()[0])
-        return
+        return f"worker died: {error}".splitlines()[0]
     except Exception as error:  # noqa: BLE001 - any error inside a trial fails that trial only
         pool.idle.append(actor)
-        _fail(database, job_id, study, number, schedule, _describe(error))
-        return
+        return _describe(error)
     pool.idle.append(actor)
-    summary = metrics_summary(metrics)
+    return metrics
+
+
+def _record(database: Database, job_id: str, trial, schedule: Schedule, outcome, constraints: Constraints):
+    """Store a finished trial; returns its metrics summary, or None for a failed trial."""
     with database.session() as s:
+        job = queries.get_job(s, job_id)
+        if isinstance(outcome, str):
+            queries.record_trial(s, job, trial.number, state="failed", schedule=schedule.to_dict(), error=outcome)
+            return None
+        summary = metrics_summary(outcome)
         queries.record_trial(
-            s, queries.get_job(s, job_id), number, state="complete", schedule=schedule.to_dict(), metrics=metrics,
+            s, job, trial.number, state="complete", schedule=schedule.to_dict(), metrics=outcome,
             latency_ms=summary.latency_ms, memory_mib=summary.memory_mib, accuracy=summary.accuracy,
             retention=summary.retention, fidelity=summary.fidelity, feasible=constraints.feasible(summary),
         )  # fmt: skip
-    tell_result(study, number, summary, constraints=constraints, objectives=objectives)
+        return summary
 
 
 def _describe(error: BaseException) -> str:
     cause = getattr(error, "cause", None) or error
     return f"{type(cause).__name__}: {cause}".splitlines()[0][:2000]
-
-
-def _fail(database, job_id, study, number, schedule, message: str) -> None:
-    with database.session() as s:
-        queries.record_trial(s, queries.get_job(s, job_id), number, state="failed", schedule=schedule.to_dict(),
-                             error=message)  # fmt: skip
-    tell_failure(study, number)
 
 
 def _close(database: Database, job_id: str, *, cancelled: bool) -> str:
