@@ -161,6 +161,7 @@ def run(
         sampler, seed, n_workers, study_name = job.sampler, job.seed, job.n_workers, job.study_name
         queries.set_job_status(s, job, "running")
     started = time.monotonic()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # progress is ours to report, not Optuna's INFO lines
     study = make_study(database.optuna_storage_url, study_name, sampler=sampler, seed=seed, objectives=objectives)
     _repair(database, job_id, study, objectives, constraints)
 
