@@ -331,9 +331,11 @@ class Profiler:
         logits, greedy, predictions, correct = [], [], [], []
         letters = _letter_ids(self.backbone.tokenizer) if items else {}
         for batch in self.progress(inputs):
-            last = self.model(**batch, logits_to_keep=1).logits[:, -1].float()  # (B, V)
-            generated = self.model.generate(**batch, max_new_tokens=output_tokens, do_sample=False)
-            new = generated[:, batch["input_ids"].shape[1] :]
+            # One generate gives both: the first step's logits are the answer position's (no second prefill).
+            out = self.model.generate(**batch, max_new_tokens=output_tokens, do_sample=False, output_logits=True,
+                                      return_dict_in_generate=True)  # fmt: skip
+            last = out.logits[0].float()  # (B, V)
+            new = out.sequences[:, batch["input_ids"].shape[1] :]
             logits.append(last.cpu())
             greedy.extend(row.cpu() for row in new)
             for row in range(last.shape[0]):
