@@ -18,8 +18,10 @@ reproducing the library's behaviour when nothing is merged:
   layer's input. Per-layer key-padding masks are kept for decoding; decode positions are the
   unmerged model's (`generate` passes them; otherwise they continue from the prefill).
 
-Limitations: beam search (cache reordering) and static/compiled caches are not supported with
-merging; `labels` are rejected (the merged sequence no longer lines up with them).
+Limitations: static/compiled caches are not supported with merging (each layer's cache has its own
+length); `labels`, `output_hidden_states`/`output_attentions` and new images in a cached
+continuation are refused with clear errors. Beam search works: the beams of one sample share its
+merge, so reordering the cache among them needs nothing more.
 """
 
 from __future__ import annotations
@@ -564,6 +566,11 @@ def _forward(
         use_cache = self.config.text_config.use_cache
     if cache is None and use_cache:
         cache = qwen.DynamicCache(config=self.config.text_config)
+    if cache is not None and not isinstance(cache, qwen.DynamicCache):
+        raise NotImplementedError(
+            f"illava: {type(cache).__name__} is not supported on a merged model (each layer's cache has its own "
+            "length after merging); use the default dynamic cache"
+        )
     past = cache.get_seq_length() if cache is not None else 0
     if past > 0:
         visual = (pixel_values, pixel_values_videos, *(mm_encoder_outputs or {}).values())

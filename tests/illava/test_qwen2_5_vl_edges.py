@@ -459,3 +459,12 @@ def test_labels_are_refused_clearly_through_the_outer_model(sdpa):
     illava.apply(model, default(7 / 9, sdpa))
     with pytest.raises(ValueError, match="labels are not supported"):
         model(**batch, labels=batch["input_ids"])
+
+
+@torch.no_grad()
+def test_a_static_cache_is_refused_clearly(sdpa):
+    model = sdpa.model
+    batch = inputs(sdpa, Sample("<image> What?", [SMALL]))
+    illava.apply(model, default(7 / 9, sdpa))
+    with pytest.raises(NotImplementedError, match="StaticCache is not supported on a merged model"):
+        model.generate(**batch, max_new_tokens=2, do_sample=False, cache_implementation="static")

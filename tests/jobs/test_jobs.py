@@ -158,3 +158,13 @@ def test_a_cancelled_job_stops_between_trials(tmp_path):
     assert jobs.status(database, job_id).state == "cancelled"
     with pytest.raises(ValueError, match="already cancelled"):
         jobs.cancel(database, job_id)
+
+
+def test_a_workload_file_that_does_not_parse_fails_before_any_job_exists(tmp_path):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("name: [unclosed\n")
+    database = Database(f"sqlite:///{tmp_path / 'broken.db'}")
+    with pytest.raises(ValueError, match="broken.yaml"):
+        submit(database, tmp_path, workload=broken)
+    with database.session() as s:
+        assert queries.list_jobs(s) == []
