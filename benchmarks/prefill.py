@@ -65,9 +65,8 @@ def machine(device: torch.device) -> str:
 
 
 def schedules(model) -> list[tuple[str, Schedule]]:
-    depth = dict(encoder_depth=model.config.vision_config.depth, llm_depth=model.config.text_config.num_hidden_layers)
     return [("vanilla", Schedule.vanilla())] + [
-        (f"iLLaVA {r:.1%}", Schedule.paper_default(r, **depth)) for r in PAPER_REDUCTIONS
+        (f"iLLaVA {r:.1%}", illava.paper_default_for(model, r)) for r in PAPER_REDUCTIONS
     ]
 
 

@@ -20,17 +20,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from illava import Schedule  # noqa: E402
+import illava  # noqa: E402
 from profiler import Profiler, resolve_workload  # noqa: E402
 
 
 def measure(backbone: str, workload_name: str, reduction: float, count: int, repeats: int) -> list[dict]:
     profiler = Profiler(backbone, repeats=repeats, warmup=2)
     workload = dataclasses.replace(resolve_workload(workload_name), samples=1, output_tokens=4)
-    config = profiler.model.config
-    schedule = Schedule.paper_default(
-        reduction, encoder_depth=config.vision_config.depth, llm_depth=config.text_config.num_hidden_layers
-    )
+    schedule = illava.paper_default_for(profiler.model, reduction)
     results = []
     for index in range(count):
         result = profiler.measure(schedule, workload)

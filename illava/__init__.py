@@ -29,8 +29,10 @@ __all__ = [
     "ScheduleError",
     "UnsupportedModelError",
     "apply",
+    "depths",
     "is_applied",
     "last_stats",
+    "paper_default_for",
     "predicted_speedup",
     "prefill_flops",
     "remove",
@@ -48,6 +50,18 @@ def _patch_for(model: torch.nn.Module):
     raise UnsupportedModelError(
         f"illava does not support {type(model).__name__}; supported model classes: {', '.join(SUPPORTED_MODELS)}"
     )
+
+
+def depths(model_or_config: Any) -> tuple[int, int]:
+    """(vision encoder blocks, LLM decoder layers) of a Qwen2.5-VL model or its config."""
+    config = getattr(model_or_config, "config", model_or_config)
+    return config.vision_config.depth, config.text_config.num_hidden_layers
+
+
+def paper_default_for(model_or_config: Any, reduction: float = 7 / 9, **overrides: Any) -> Schedule:
+    """`Schedule.paper_default` with the paper's layers mapped onto this model's depths."""
+    encoder_depth, llm_depth = depths(model_or_config)
+    return Schedule.paper_default(reduction, encoder_depth=encoder_depth, llm_depth=llm_depth, **overrides)
 
 
 def apply(model: torch.nn.Module, schedule: Schedule | dict[str, Any] | str | Path) -> torch.nn.Module:

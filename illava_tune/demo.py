@@ -9,7 +9,7 @@ import torch
 
 import illava
 from illava import PAPER_REDUCTIONS, Schedule
-from illava.backbones import Backbone, load_backbone
+from illava.backbones import load_backbone
 from illava.flops import predicted_speedup
 from illava.inputs import Sample, build_inputs, synthetic_image
 from profiler import Timing, time_call
@@ -27,13 +27,6 @@ class DemoRow:
     predicted: float  # FLOPs speedup over vanilla
 
 
-def _schedule(backbone: Backbone, reduction: float) -> Schedule:
-    config = backbone.model.config
-    return Schedule.paper_default(
-        reduction, encoder_depth=config.vision_config.depth, llm_depth=config.text_config.num_hidden_layers
-    )
-
-
 @torch.inference_mode()
 def run_demo(
     backbone_name: str = "small", *, image_size: int = 448, repeats: int = 3, warmup: int = 1, progress=print
@@ -48,7 +41,7 @@ def run_demo(
     grids = batch["image_grid_thw"].tolist()
     rows = []
     for reduction in (0.0, *PAPER_REDUCTIONS):
-        schedule = _schedule(backbone, reduction)
+        schedule = illava.paper_default_for(model, reduction)
         label = "vanilla" if reduction == 0 else f"iLLaVA {reduction:.1%}"
         progress(f"timing {label} ({warmup} warm-up + {repeats} runs) ...")
         if reduction:

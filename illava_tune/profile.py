@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+import illava
 from illava import Schedule
 from profiler import Measurement, Profiler, detect_hardware, resolve_workload
 
@@ -16,13 +17,10 @@ def build_schedule(profiler: Profiler, *, method: str, reduction: float, encoder
     """A schedule file wins; otherwise the paper's default layers for this backbone's depths."""
     if schedule_file:
         return Schedule.coerce(Path(schedule_file))
-    config = profiler.model.config
     overrides = {"method": method}
     if encoder_share is not None:
         overrides["encoder_share"] = encoder_share
-    return Schedule.paper_default(
-        reduction, encoder_depth=config.vision_config.depth, llm_depth=config.text_config.num_hidden_layers, **overrides
-    )
+    return illava.paper_default_for(profiler.model, reduction, **overrides)
 
 
 def _ms(seconds: float) -> str:

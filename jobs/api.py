@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import illava
 from db import Database, queries
 from illava import PAPER_REDUCTIONS, Schedule
 from optimizer import Constraints, SearchSpace, best_for_target
@@ -61,7 +62,7 @@ def _check_backbone(backbone: str) -> tuple[int, int]:
                 "any other name must be a local checkpoint directory with a config.json"
             )
         config = AutoConfig.from_pretrained(path, local_files_only=True)
-    return config.vision_config.depth, config.text_config.num_hidden_layers
+    return illava.depths(config)
 
 
 def submit(

@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import illava
+
 #: Trial numbers the worker deliberately fails, for fault-injection tests and drills:
 #: ``ILLAVA_TUNE_FAULTS="raise:3,crash:5"`` raises in trial 3 and kills the worker process in
 #: trial 5. Read by the driver and handed to the actors, never set in normal use.
@@ -35,8 +37,7 @@ class TrialWorker:
         self.faults = faults or {}
 
     def depths(self) -> tuple[int, int]:
-        config = self.profiler.model.config
-        return config.vision_config.depth, config.text_config.num_hidden_layers
+        return illava.depths(self.profiler.model)
 
     def evaluate(self, number: int, schedule: dict[str, Any]) -> dict[str, Any]:
         """Measure one schedule; returns `Measurement.to_dict()`. Exceptions propagate to the driver."""
