@@ -2,6 +2,7 @@
 
     python benchmarks/prefill.py                       # small, 448 and 672, 7 runs, CPU
     python benchmarks/prefill.py --device cuda --dtype bfloat16 --attn sdpa
+    python benchmarks/prefill.py --device cuda --dtype bfloat16 --backbone 7b-shape   # see below
 
 For each image size and schedule (vanilla, then the paper's default split at 66.7/77.8/88.9%),
 runs are interleaved round-robin in one process so that drift hits every schedule alike:
@@ -9,6 +10,12 @@ each repeat times the encoder alone (`get_image_features`) and the full prefill 
 (`logits_to_keep=1`). LLM time = total - encoder. A separate instrumented pass measures the
 share of the merged forward spent in importance + selection + merging + re-packing.
 Prints a markdown table; `--markdown FILE` also appends it, with the machine, to FILE.
+
+`--backbone 7b-shape` is Qwen2.5-VL-7B's architecture (32-block 1280-wide encoder, 28-layer
+3584-wide LLM with 4 KV heads) with random weights, built directly on `--device` (about 15 GB in
+bf16; no checkpoint is read) and the built-in tokenizer's small vocabulary: its timings are those
+of the real model's shapes, its outputs are noise. Images above the processor's 1280-token limit
+are scaled down by it; the table's `img tokens` column is what the LLM actually received.
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import illava  # noqa: E402
 from illava import PAPER_REDUCTIONS, Schedule  # noqa: E402
-from illava.backbones import load_backbone  # noqa: E402
+from illava.backbones import Backbone, build_config, build_image_processor, build_tokenizer, load_backbone  # noqa: E402
 from illava.flops import predicted_speedup  # noqa: E402
 from illava.inputs import Sample, build_inputs, synthetic_image  # noqa: E402
 from illava.patch.qwen2_5_vl import state_of  # noqa: E402
@@ -35,10 +42,37 @@ from profiler import Timing, time_call, time_once  # noqa: E402
 PROMPT = "<image> What shapes are in this picture, and what colour is each one?"
 
 
+# Qwen2.5-VL-7B-Instruct's config.json, the fields that set the cost of a forward.
+SEVEN_B_VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
+                      fullatt_block_indexes=[7, 15, 23, 31])  # fmt: skip
+SEVEN_B_TEXT = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                    num_key_value_heads=4, max_position_embeddings=32768)  # fmt: skip
+
+
+def seven_b_shape(attn: str, dtype: torch.dtype, device: torch.device) -> Backbone:
+    """Qwen2.5-VL-7B's architecture with random weights, initialised on `device` (see the module doc)."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    data = build_config("small").to_dict()
+    data["vision_config"].update(SEVEN_B_VISION)
+    text = data["text_config"]
+    text.update(SEVEN_B_TEXT)
+    text["rope_parameters"] = {**text["rope_parameters"], "mrope_section": [16, 24, 24]}  # head_dim 128, as the 7B
+    data["text_config"] = {k: v for k, v in text.items() if k != "layer_types"}  # re-derived for 28 layers
+    config = Qwen2_5_VLConfig.from_dict(data)
+    rng_devices = [torch.cuda.current_device()] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=rng_devices), device:
+        torch.manual_seed(0)
+        model = Qwen2_5_VLForConditionalGeneration._from_config(config, attn_implementation=attn, dtype=dtype)
+    return Backbone(model=model.eval(), tokenizer=build_tokenizer(), image_processor=build_image_processor(),
+                    name="7b-shape")  # fmt: skip
+
+
 @dataclass
 class Result:
     size: int
     label: str
+    image_tokens: int
     schedule: Schedule
     encoder: Timing
     total: Timing
@@ -83,6 +117,7 @@ def bench_size(backbone, size: int, repeats: int, warmup: int, device: torch.dev
     batch = build_inputs(backbone.tokenizer, backbone.image_processor, [Sample(PROMPT, [synthetic_image(size, 0)])])
     batch = batch.to(device)
     text_tokens = int((batch["input_ids"] != model.config.image_token_id).sum())
+    image_tokens = int((batch["input_ids"] == model.config.image_token_id).sum())
     grids = batch["image_grid_thw"].tolist()
     configs = schedules(model)
 
@@ -118,6 +153,7 @@ def bench_size(backbone, size: int, repeats: int, warmup: int, device: torch.dev
             Result(
                 size,
                 label,
+                image_tokens,
                 schedule,
                 encoder_t,
                 total_t,
@@ -144,15 +180,15 @@ def paired_speedups(vanilla: Timing, merged: Timing) -> Timing:
 
 def table(results: list[Result]) -> str:
     lines = [
-        "| image | schedule | encoder ms | LLM ms | prefill ms (spread) | speedup (min-max) | predicted "
+        "| image | img tokens | schedule | encoder ms | LLM ms | prefill ms (spread) | speedup (min-max) | predicted "
         "| measured/predicted | merge share |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     base = {r.size: r.total for r in results if r.label == "vanilla"}
     for r in results:
         speedup = paired_speedups(base[r.size], r.total)
         lines.append(
-            f"| {r.size}x{r.size} | {r.label} | {r.encoder.median * 1e3:.1f} | {r.llm * 1e3:.1f} "
+            f"| {r.size}x{r.size} | {r.image_tokens} | {r.label} | {r.encoder.median * 1e3:.1f} | {r.llm * 1e3:.1f} "
             f"| {r.total.median * 1e3:.1f} ({r.total.spread:.0%}) "
             f"| {speedup.median:.2f}x ({speedup.low:.2f}-{speedup.high:.2f}) | {r.predicted:.2f}x "
             f"| {speedup.median / r.predicted:.0%} | {r.merge_share:.1%} |"
@@ -162,7 +198,7 @@ def table(results: list[Result]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--backbone", default="small")
+    parser.add_argument("--backbone", default="small", help="tiny, small, a checkpoint directory, or 7b-shape")
     parser.add_argument("--sizes", type=int, nargs="+", default=[448, 672])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=2)
@@ -175,8 +211,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--repeats must be at least 5 for a median with a spread")
 
     device = torch.device(args.device)
-    backbone = load_backbone(args.backbone, attn_implementation=args.attn, dtype=getattr(torch, args.dtype))
-    backbone.model.to(device)
+    dtype = getattr(torch, args.dtype)
+    if args.backbone == "7b-shape":
+        backbone = seven_b_shape(args.attn, dtype, device)
+    else:
+        backbone = load_backbone(args.backbone, attn_implementation=args.attn, dtype=dtype)
+        backbone.model.to(device)
+    if device.type == "cuda":
+        print(f"weights on the GPU: {torch.cuda.memory_allocated(device) / 2**30:.1f} GiB", file=sys.stderr)
     results = [r for size in args.sizes for r in bench_size(backbone, size, args.repeats, args.warmup, device)]
     floor = text_only_floor(backbone, args.repeats, args.warmup, device)
     header = (

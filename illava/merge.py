@@ -101,9 +101,9 @@ def windowed_importance(
             out[a:b] = attention_importance(query[:, a:b], key[:, a:b], scale=scale, chunk_size=chunk_size)
     if short:
         device = query.device
-        starts = torch.tensor([a for a, _ in short], device=device)
-        lengths = torch.tensor([n for _, n in short], device=device)
-        offsets = torch.arange(int(lengths.max()), device=device)
+        # One host-to-device copy for both, and the longest length from the host list (no read back).
+        starts, lengths = torch.tensor([[a for a, _ in short], [n for _, n in short]]).to(device, non_blocking=True)
+        offsets = torch.arange(max(n for _, n in short), device=device)
         real = offsets[None, :] < lengths[:, None]  # (S, L)
         index = torch.where(real, starts[:, None] + offsets, 0)
         s = scale if scale is not None else query.shape[-1] ** -0.5

@@ -115,11 +115,16 @@ class Measurement:
 class _StageClock:
     """Timestamps the encoder and the patch merger inside one forward, through module hooks, so
     the breakdown comes from the same runs as the total. Works patched or not: both paths call
-    `visual.patch_embed` first and `visual.merger` last."""
+    `visual.patch_embed` first and `visual.merger` last.
+
+    On CUDA a mark is a CUDA event recorded on the current stream (no synchronisation inside the
+    forward, so the timed run keeps its asynchrony); the events are read in `take`, which is
+    called after the timed run synchronised. On CPU a mark is `time.perf_counter()`.
+    """
 
     def __init__(self, visual: torch.nn.Module, device: torch.device):
         self.device = device
-        self.marks: list[tuple[str, float]] = []
+        self.marks: list[tuple[str, Any]] = []
         self.handles = [
             visual.patch_embed.register_forward_pre_hook(lambda *_: self._mark("encoder")),
             visual.merger.register_forward_pre_hook(lambda *_: self._mark("merger")),
@@ -128,21 +133,30 @@ class _StageClock:
 
     def _mark(self, what: str) -> None:
         if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        self.marks.append((what, time.perf_counter()))
+            event = torch.cuda.Event(enable_timing=True)
+            event.record(torch.cuda.current_stream(self.device))
+            self.marks.append((what, event))
+        else:
+            self.marks.append((what, time.perf_counter()))
+
+    def _seconds(self, start: Any, stop: Any) -> float:
+        if self.device.type == "cuda":
+            stop.synchronize()
+            return start.elapsed_time(stop) / 1e3  # milliseconds
+        return stop - start
 
     def take(self) -> tuple[float, float]:
         """(encoder seconds, merger seconds) since the last take, summed over image and video passes."""
         encoder = merger = 0.0
-        start = merge_start = 0.0
+        start = merge_start = None
         for what, at in self.marks:
             if what == "encoder":
                 start = at
             elif what == "merger":
-                encoder += at - start
+                encoder += self._seconds(start, at)
                 merge_start = at
             else:
-                merger += at - merge_start
+                merger += self._seconds(merge_start, at)
         self.marks.clear()
         return encoder, merger
 

@@ -165,7 +165,8 @@ class MemorySampler:
 
     One background thread reads memory every `interval_s`; there is also a read at enter (the
     baseline) and one at exit, after a CUDA synchronise so the run's queued kernels finished while
-    the thread still sampled. The thread is always stopped and joined at exit, also when the body
+    the thread still sampled. On CUDA, enter first empties torch's cache (blocks no tensor uses),
+    so the NVML baseline is the memory live at that moment and not what earlier runs left cached. The thread is always stopped and joined at exit, also when the body
     raised. A sampler can be reused for successive runs, not nested. Torch kernels release the GIL,
     so sampling keeps pace; a pure-Python body is still sampled about every 5 ms (the
     interpreter's switch interval).
@@ -192,6 +193,9 @@ class MemorySampler:
         self._reading = None
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # earlier work must not leak into this run's peak
+            # Hand the caching allocator's idle reserve back, so the NVML baseline does not hold
+            # the blocks an earlier run left cached and this run's growth shows above it.
+            torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(self.device)
         self._probe, self._note = self._open_probe()
         self._baseline = self._read_baseline()

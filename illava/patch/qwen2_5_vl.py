@@ -27,6 +27,7 @@ merge, so reordering the cache among them needs nothing more.
 from __future__ import annotations
 
 import functools
+import itertools
 import time
 from dataclasses import dataclass, field
 
@@ -64,6 +65,8 @@ class IllavaState:
     schedule: Schedule
     stats: RunStats = field(default_factory=RunStats)
     key_masks: list[torch.Tensor] | None = None  # per decoder layer: (B, K_l) which cached keys are real
+    key_padded: list[bool] | None = None  # per decoder layer: whether its key mask has any False (host side)
+    key_stage: list[int] | None = None  # per decoder layer: first layer whose cache has the same length and mask
     next_positions: torch.Tensor | None = None  # (B,) position of the next decoded token
     time_merges: bool = False  # synchronise and time the merge work (benchmarks)
 
@@ -97,20 +100,23 @@ def _generator(schedule: Schedule, stage: int, layer: int, frame: int) -> torch.
 
 
 # ----------------------------------------------------------------------------------- encoder
-def _attend_segments(attn: torch.nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor):
+def _attend_segments(
+    attn: torch.nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, cu_host: list[int]
+):
     """Bidirectional attention within each segment of a packed sequence, via the model's kernel.
 
-    q, k, v: (1, H, N, D) -> (N, H*D). Mirrors the library's vision attention dispatch.
+    q, k, v: (1, H, N, D) -> (N, H*D); `cu` the segments' cu_seqlens, `cu_host` the same on the
+    host. Mirrors the library's vision attention dispatch.
     """
     interface = ALL_ATTENTION_FUNCTIONS.get_interface(attn.config._attn_implementation, qwen.eager_attention_forward)
+    lengths = [b - a for a, b in zip(cu_host[:-1], cu_host[1:])]
     if qwen.is_flash_attention_requested(attn.config):
-        max_len = int((cu[1:] - cu[:-1]).max())
+        max_len = max(lengths)
         out, _ = interface(
             attn, q, k, v, attention_mask=None, scaling=attn.scaling, dropout=0.0, is_causal=False,
             cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max_len, max_length_k=max_len,
         )  # fmt: skip
     else:
-        lengths = (cu[1:] - cu[:-1]).tolist()
         parts = zip(*(torch.split(t, lengths, dim=2) for t in (q, k, v)))
         out = torch.cat(
             [interface(attn, a, b, c, attention_mask=None, scaling=attn.scaling, dropout=0.0, is_causal=False)[0]
@@ -120,10 +126,13 @@ def _attend_segments(attn: torch.nn.Module, q: torch.Tensor, k: torch.Tensor, v:
     return out.reshape(q.shape[2], -1)
 
 
-def _boundaries(segment_of_unit: torch.Tensor, unit: int) -> torch.Tensor:
-    """cu_seqlens (int32, in tokens) of the runs of equal ids in `segment_of_unit`."""
+def _boundaries(segment_of_unit: torch.Tensor, unit: int) -> tuple[torch.Tensor, list[int]]:
+    """cu_seqlens (int32, in tokens) of the runs of equal ids in `segment_of_unit`, as a tensor on
+    its device and as a host list (one device-to-host read for both)."""
     _, counts = torch.unique_consecutive(segment_of_unit, return_counts=True)
-    return torch.nn.functional.pad((counts * unit).cumsum(0), (1, 0)).to(torch.int32)
+    sizes = counts * unit
+    cu = torch.nn.functional.pad(sizes.cumsum(0), (1, 0)).to(torch.int32)
+    return cu, list(itertools.accumulate(sizes.tolist(), initial=0))
 
 
 @dataclass
@@ -133,16 +142,16 @@ class _VisionLayout:
     frame: torch.Tensor  # (U,) global frame id
     window: torch.Tensor  # (U,) global window id
     raster: torch.Tensor  # (U,) raster LLM-token id over all items
-    _segments: dict[bool, tuple[torch.Tensor, int]] = field(default_factory=dict)
+    _segments: dict[bool, tuple[torch.Tensor, list[int]]] = field(default_factory=dict)
 
     def take(self, keep: torch.Tensor) -> _VisionLayout:
         return _VisionLayout(self.frame[keep], self.window[keep], self.raster[keep])
 
-    def segments(self, full: bool, unit: int) -> tuple[torch.Tensor, int]:
-        """(cu_seqlens in tokens, longest segment) of frames (`full`) or windows; cached until a merge."""
+    def segments(self, full: bool, unit: int) -> tuple[torch.Tensor, list[int]]:
+        """cu_seqlens in tokens of frames (`full`) or windows, as a tensor and a host list; cached
+        until a merge."""
         if full not in self._segments:
-            cu = _boundaries(self.frame if full else self.window, unit)
-            self._segments[full] = (cu, int((cu[1:] - cu[:-1]).max()))
+            self._segments[full] = _boundaries(self.frame if full else self.window, unit)
         return self._segments[full]
 
 
@@ -150,18 +159,20 @@ def _merging_block(
     block: torch.nn.Module,
     hidden: torch.Tensor,
     cu: torch.Tensor,
+    cu_host: list[int],
     rope: tuple[torch.Tensor, torch.Tensor],
-    layout: _VisionLayout,
+    frame_sizes: list[int],
     steps: list[LayerStep],
     schedule: Schedule,
     state: IllavaState,
     unit: int,
     index: int,
     frame_in_item: list[int],
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     """One vision block (number `index`) with Token_Merge between attention and FFN (paper eq. 1).
 
-    hidden: (N, C) in window order. Returns (hidden of kept units, kept unit indices).
+    hidden: (N, C) in window order, frames contiguous and in order, `frame_sizes` units each.
+    Returns (hidden of kept units, kept unit indices, units per frame after the merge).
     """
     attn = block.attn
     n = hidden.shape[0]
@@ -169,34 +180,35 @@ def _merging_block(
     q, k, v = attn.qkv(x).reshape(n, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)  # (N, H, D) each
     q, k = qwen.apply_rotary_pos_emb_vision(q, k, *rope)
     q, k, v = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))  # (1, H, N, D)
-    hidden = hidden + attn.proj(_attend_segments(attn, q, k, v, cu))
+    hidden = hidden + attn.proj(_attend_segments(attn, q, k, v, cu, cu_host))
 
     with _MergeTimer(state, hidden.device):
         q, k = q[0], k[0]  # (H, N, D)
-        scores = windowed_importance(q, k, cu.tolist(), scale=attn.scaling).view(-1, unit).mean(dim=1)  # (U,)
-        frame_ids, frame_sizes = torch.unique_consecutive(layout.frame, return_counts=True)
-        parts, keep_parts = [], []
+        scores = windowed_importance(q, k, cu_host, scale=attn.scaling).view(-1, unit).mean(dim=1)  # (U,)
+        parts, keep_parts, sizes_after = [], [], []
         start = 0
-        for frame, size in zip(frame_ids.tolist(), frame_sizes.tolist()):
+        for frame, size in enumerate(frame_sizes):
             step = steps[frame]
             if step.tokens_in != size:
                 raise RuntimeError(f"illava: frame {frame} has {size} units, plan expected {step.tokens_in}")
             tokens = slice(start * unit, (start + size) * unit)
             if step.removed == 0:
                 keep, merged = torch.arange(size, device=hidden.device), hidden[tokens]
+                sizes_after.append(size)
             else:
                 keep, merged = merge_segment(
                     hidden[tokens], q[:, tokens], k[:, tokens], scores[start : start + size],
                     n_keep=step.kept, n_recycle=step.recycled, group_size=schedule.group_size,
                     unit=unit, generator=_generator(schedule, 0, index, frame_in_item[frame]), scale=attn.scaling,
                 )  # fmt: skip
+                sizes_after.append(step.kept)
             parts.append(merged)
             keep_parts.append(keep + start)
             start += size
         hidden = torch.cat(parts)
         keep = torch.cat(keep_parts)
     hidden = hidden + block.mlp(block.norm2(hidden))
-    return hidden, keep
+    return hidden, keep, sizes_after
 
 
 @dataclass
@@ -261,19 +273,21 @@ def encode(
     plans = [schedule.plan(units) for units in frame_units]
     steps_at = {step.layer: [plan.encoder[i] for plan in plans] for i, step in enumerate(plans[0].encoder)}
 
+    units = list(frame_units)  # units per frame, kept on the host (what the plan says each merge leaves)
     for index, block in enumerate(visual.blocks):
-        cu, max_len = layout.segments(index in visual.fullatt_block_indexes, unit)
-        state.stats.encoder_units.append(torch.bincount(layout.frame, minlength=len(frame_units)).tolist())
+        cu, cu_host = layout.segments(index in visual.fullatt_block_indexes, unit)
+        state.stats.encoder_units.append(list(units))
         steps = steps_at.get(index)
         if steps is not None and any(step.removed for step in steps):
-            hidden, keep = _merging_block(
-                block, hidden, cu, rope, layout, steps, schedule, state, unit, index, frame_in_item
+            hidden, keep, units = _merging_block(
+                block, hidden, cu, cu_host, rope, units, steps, schedule, state, unit, index, frame_in_item
             )
             with _MergeTimer(state, device):
                 layout = layout.take(keep)
                 tokens = (keep[:, None] * unit + torch.arange(unit, device=device)).reshape(-1)
                 rope = tuple(t[tokens] for t in rope)
         else:
+            max_len = max(b - a for a, b in zip(cu_host[:-1], cu_host[1:]))
             hidden = block(hidden, cu_seqlens=cu, max_seqlen=max_len, position_embeddings=rope)
 
     features = visual.merger(hidden)  # (K, C_out), one row per kept group
@@ -296,14 +310,18 @@ def encode(
 
 
 # ----------------------------------------------------------------------------------- LLM
-def _layer_mask(key_valid: torch.Tensor, q_len: int, implementation: str, dtype: torch.dtype):
+def _layer_mask(
+    key_valid: torch.Tensor, q_len: int, implementation: str, dtype: torch.dtype, padded: bool | None = None
+):
     """Mask for `q_len` queries that are the last `q_len` of `key_valid.shape[1]` keys.
 
     key_valid: (B, K) bool. Flash kernels take the 2-D padding mask; eager an additive
-    (B, 1, q, K) float mask; sdpa a boolean one (None when plain causal suffices).
+    (B, 1, q, K) float mask; sdpa a boolean one (None when plain causal suffices). `padded`
+    says whether `key_valid` has any False, when the caller knows it on the host (otherwise it
+    is read from the device, a synchronisation).
     """
     batch, n_keys = key_valid.shape
-    no_padding = bool(key_valid.all())
+    no_padding = not padded if padded is not None else bool(key_valid.all())
     if implementation.startswith("flash"):
         return None if no_padding else key_valid.to(torch.int32)
     if implementation == "sdpa" and no_padding and q_len in (1, n_keys):
@@ -319,17 +337,17 @@ def _layer_mask(key_valid: torch.Tensor, q_len: int, implementation: str, dtype:
     return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, torch.finfo(dtype).min)
 
 
-def _repack(valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _repack(valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """Gather index (B, L') that packs the True entries of `valid` (B, L) to the right
-    (left padding), and the new validity mask (B, L')."""
+    (left padding), the new validity mask (B, L'), and whether that mask has padding."""
     counts = valid.sum(dim=1)
-    length = int(counts.max()) if counts.numel() else 0
+    shortest, length = torch.stack([counts.min(), counts.max()]).tolist() if counts.numel() else (0, 0)
     order = torch.sort((~valid).to(torch.int8), dim=1, stable=True).indices  # real positions first, in order
     slots = torch.arange(length, device=valid.device)[None, :]
     rank = slots - (length - counts[:, None])  # (B, L')
     new_valid = rank >= 0
     index = order.gather(1, rank.clamp(min=0))
-    return index, new_valid
+    return index, new_valid, shortest != length
 
 
 def _right_aligned(valid: torch.Tensor) -> torch.Tensor:
@@ -347,8 +365,9 @@ class _Sequence:
     rope: tuple[torch.Tensor, torch.Tensor]  # (B, L, D) each
     valid: torch.Tensor  # (B, L) bool
     segment: torch.Tensor  # (B, L) image/frame segment id, -1 for text and padding
+    padded: bool | None = None  # whether `valid` has any False (None: not known on the host)
 
-    def gather(self, index: torch.Tensor, valid: torch.Tensor) -> _Sequence:
+    def gather(self, index: torch.Tensor, valid: torch.Tensor, padded: bool | None = None) -> _Sequence:
         """The sequence re-laid along `index` (B, L'), with validity `valid` (B, L')."""
 
         def along_length(t: torch.Tensor) -> torch.Tensor:  # (B, L, X) -> (B, L', X)
@@ -360,6 +379,7 @@ class _Sequence:
             rope=(along_length(self.rope[0]), along_length(self.rope[1])),
             valid=valid,
             segment=self.segment.gather(1, index).masked_fill(~valid, -1),
+            padded=padded,
         )
 
 
@@ -425,8 +445,8 @@ def _merge_llm(
             hidden[b, idx[kept]] = merged
             keep[b, idx] = False
             keep[b, idx[kept]] = True
-    index, valid = _repack(keep)
-    return _Sequence(hidden, seq.positions, seq.rope, seq.valid, seq.segment).gather(index, valid)
+    index, valid, padded = _repack(keep)
+    return _Sequence(hidden, seq.positions, seq.rope, seq.valid, seq.segment).gather(index, valid, padded)
 
 
 def _prefill_llm(
@@ -437,12 +457,18 @@ def _prefill_llm(
     implementation = lm.config._attn_implementation
     merge_steps = {layer: i for i, layer in enumerate(schedule.llm_layers)}
     has_work = any(step.removed for plan in plans.values() for step in plan.llm)
-    key_masks = []
+    key_masks, key_padded, key_stage = [], [], []
+    stage_valid = None
     for index, layer in enumerate(lm.layers):
+        if seq.valid is not stage_valid:  # first layer, or the sequence was merged: a new mask and new counts
+            stage_valid, stage = seq.valid, index
+            mask = _layer_mask(seq.valid, seq.valid.shape[1], implementation, seq.hidden.dtype, padded=seq.padded)
+            image_tokens, sequence = (seq.segment >= 0).sum(dim=1), seq.valid.sum(dim=1)
         key_masks.append(seq.valid)
-        state.stats.llm_image_tokens.append((seq.segment >= 0).sum(dim=1))
-        state.stats.llm_sequence.append(seq.valid.sum(dim=1))
-        mask = _layer_mask(seq.valid, seq.valid.shape[1], implementation, seq.hidden.dtype)
+        key_padded.append(seq.padded)
+        key_stage.append(stage)
+        state.stats.llm_image_tokens.append(image_tokens)
+        state.stats.llm_sequence.append(sequence)
         if has_work and index in merge_steps:
             hidden, q, k = _decoder_layer_capturing(layer, seq.hidden, mask, seq.rope, cache, use_cache)
             seq.hidden = hidden
@@ -454,7 +480,10 @@ def _prefill_llm(
             seq.hidden = layer(
                 seq.hidden, attention_mask=mask, position_embeddings=seq.rope, cache=cache, use_cache=use_cache
             )
-    state.key_masks = key_masks if use_cache is not False and cache is not None else None
+    keeps_cache = use_cache is not False and cache is not None
+    state.key_masks = key_masks if keeps_cache else None
+    state.key_padded = key_padded if keeps_cache else None
+    state.key_stage = key_stage if keeps_cache else None
     state.next_positions = seq.positions[:, :, -1].max(dim=0).values + 1
     seq.hidden = lm.norm(seq.hidden)
     return seq
@@ -474,12 +503,14 @@ def _decode_llm(model, input_ids, inputs_embeds, attention_mask, position_ids, c
         positions = position_ids[1:] if position_ids.shape[0] == 4 else position_ids
         positions = positions.expand(3, batch, -1) if positions.dim() == 3 else positions[None].expand(3, -1, -1)
     state.next_positions = positions[:, :, -1].max(dim=0).values + 1
-    new_valid = (
-        attention_mask[:, -q_len:].bool() if attention_mask is not None
-        else torch.ones(batch, q_len, dtype=torch.bool, device=hidden.device)
-    )  # fmt: skip
+    if attention_mask is not None:
+        new_valid = attention_mask[:, -q_len:].bool()
+        new_padded = not bool(new_valid.all())  # one read per step, not one per layer
+    else:
+        new_valid, new_padded = torch.ones(batch, q_len, dtype=torch.bool, device=hidden.device), False
     rope = lm.rotary_emb(hidden, positions)
     implementation = lm.config._attn_implementation
+    masks = {}  # per stage (layers whose caches share length and padding): this step's mask
     for index, layer in enumerate(lm.layers):
         cached = cache.layers[index].get_seq_length()
         if cached != state.key_masks[index].shape[1]:
@@ -487,9 +518,14 @@ def _decode_llm(model, input_ids, inputs_embeds, attention_mask, position_ids, c
                 f"illava: layer {index} caches {cached} keys but the merged prefill left "
                 f"{state.key_masks[index].shape[1]}; the cache does not belong to this run"
             )
-        key_valid = torch.cat([state.key_masks[index], new_valid], dim=1)
-        state.key_masks[index] = key_valid
-        mask = _layer_mask(key_valid, q_len, implementation, hidden.dtype)
+        stage = state.key_stage[index]
+        if stage not in masks:
+            key_valid = torch.cat([state.key_masks[index], new_valid], dim=1)
+            padded = state.key_padded[index]
+            padded = (not bool(key_valid.all()) if padded is None else padded) or new_padded
+            masks[stage] = (key_valid, padded, _layer_mask(key_valid, q_len, implementation, hidden.dtype, padded))
+        key_valid, padded, mask = masks[stage]
+        state.key_masks[index], state.key_padded[index] = key_valid, padded
         hidden = layer(hidden, attention_mask=mask, position_embeddings=rope, cache=cache, use_cache=use_cache)
     return lm.norm(hidden)
 
@@ -573,10 +609,10 @@ def _forward(
         )
     past = cache.get_seq_length() if cache is not None else 0
     if past > 0:
+        # Placeholder ids without pixels are ordinary tokens here, as in the unpatched model: a model
+        # can generate one (seen with random weights on the GPU), and decoding must not stop on it.
         visual = (pixel_values, pixel_values_videos, *(mm_encoder_outputs or {}).values())
-        if any(v is not None for v in visual) or (
-            input_ids is not None and _mm_token_types(self.config, input_ids).any()
-        ):
+        if any(v is not None for v in visual):
             raise NotImplementedError(
                 "illava: new images or videos in a cached continuation are not supported; "
                 "run the whole conversation as one prefill"
@@ -644,8 +680,8 @@ def _forward(
     rope = self.language_model.rotary_emb(embeds, position_ids)
     seq = _Sequence(embeds, position_ids, rope, attention_mask.bool(), segment)
     with _MergeTimer(state, embeds.device):
-        index, valid = _repack(keep)
-        seq = seq.gather(index, valid)
+        index, valid, padded = _repack(keep)
+        seq = seq.gather(index, valid, padded)
     state.stats.image_positions = [seq.positions[:, b][:, seq.segment[b] >= 0] for b in range(batch)]
     seq = _prefill_llm(self, seq, frame_plans, frame_in_item, cache, use_cache, state)
     if not attention_mask[:, -1].all():  # the caller padded on the right: give the output back that way

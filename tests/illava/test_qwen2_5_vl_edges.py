@@ -468,3 +468,38 @@ def test_a_static_cache_is_refused_clearly(sdpa):
     illava.apply(model, default(7 / 9, sdpa))
     with pytest.raises(NotImplementedError, match="StaticCache is not supported on a merged model"):
         model.generate(**batch, max_new_tokens=2, do_sample=False, cache_implementation="static")
+
+
+class _ForceToken:
+    """A logits processor that makes `token` the greedy choice at generated step `step`."""
+
+    def __init__(self, token: int, step: int, prompt_length: int):
+        self.token, self.step, self.prompt_length = token, step, prompt_length
+
+    def __call__(self, input_ids, scores):
+        if input_ids.shape[1] - self.prompt_length == self.step:
+            scores = scores.clone()
+            scores[:, self.token] = scores.max() + 10
+        return scores
+
+
+@torch.no_grad()
+def test_a_generated_placeholder_token_is_decoded_like_the_unpatched_model(sdpa):
+    """Found on the GPU: a model that generates the image placeholder id (random weights do) must
+    not stop `generate`; without pixels it is an ordinary token, as in the unpatched model."""
+    from transformers import LogitsProcessorList
+
+    model = sdpa.model
+    batch = inputs(sdpa, Sample("<image> What?", [SMALL]))
+    force = LogitsProcessorList([_ForceToken(model.config.image_token_id, 1, batch["input_ids"].shape[1])])
+    kwargs = dict(max_new_tokens=4, min_new_tokens=4, logits_processor=force, **GREEDY)
+    reference = model.generate(**batch, **kwargs)
+    assert reference.sequences[0, batch["input_ids"].shape[1] + 1] == model.config.image_token_id
+    illava.apply(model, Schedule.vanilla())
+    same = model.generate(**batch, **kwargs)
+    assert torch.equal(same.sequences, reference.sequences)
+    for a, b in zip(same.scores, reference.scores):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    illava.apply(model, default(7 / 9, sdpa))
+    merged = model.generate(**batch, **kwargs)
+    assert merged.sequences.shape == reference.sequences.shape

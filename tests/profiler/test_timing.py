@@ -21,3 +21,23 @@ def test_time_call_measures_each_run_after_warmup():
 def test_time_call_rejects_zero_repeats():
     with pytest.raises(ValueError, match="repeats must be >= 1"):
         time_call(lambda: None, repeats=0)
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_timing_waits_for_the_queued_kernels():
+    import torch
+
+    from profiler import time_once
+
+    device = torch.device("cuda")
+    torch.cuda._sleep(1000)  # initialise the context outside the timed call
+    torch.cuda.synchronize()
+    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    torch.cuda._sleep(50_000_000)
+    stop.record()
+    stop.synchronize()
+    kernel_s = start.elapsed_time(stop) / 1e3
+    assert kernel_s > 0.001
+    # Launching returns at once; only a synchronised clock sees the kernel's duration.
+    assert time_once(lambda: torch.cuda._sleep(50_000_000), device) >= 0.8 * kernel_s
