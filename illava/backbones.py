@@ -110,6 +110,26 @@ BUILTIN_BACKBONES: dict[str, BackboneSpec] = {
     ),
 }
 
+# The trained `demo` backbone's architecture. It is not built with seeded weights like the two above:
+# `illava-tune train-demo` trains it from this spec and `load_backbone("demo")` loads the committed
+# checkpoint in DEMO_CHECKPOINT through `from_pretrained`, the path a downloaded checkpoint takes.
+DEMO_SPEC = BackboneSpec(
+    vision_depth=8,
+    vision_hidden=96,
+    vision_intermediate=192,
+    vision_heads=4,
+    fullatt_block_indexes=(3, 7),
+    text_layers=6,
+    text_hidden=192,
+    text_intermediate=512,
+    text_heads=4,
+    text_kv_heads=2,
+    description="trained on the demo VQA benchmark; ~4.6M parameters, committed checkpoint",
+)
+DEMO_CHECKPOINT = Path(__file__).parent / "checkpoints" / "demo"
+#: Every name `load_backbone` knows without a path.
+NAMED_BACKBONES: tuple[str, ...] = ("demo", *BUILTIN_BACKBONES)
+
 
 @dataclass
 class Backbone:
@@ -326,6 +346,8 @@ def _mrope_section(head_dim: int) -> list[int]:
 
 
 def _spec(name: str) -> BackboneSpec:
+    if name == "demo":
+        return DEMO_SPEC
     try:
         return BUILTIN_BACKBONES[name]
     except KeyError:
@@ -333,7 +355,8 @@ def _spec(name: str) -> BackboneSpec:
 
 
 def build_config(name: str) -> Qwen2_5_VLConfig:
-    """Config of a built-in backbone; token ids and vocabulary come from `build_tokenizer`."""
+    """Config of a built-in backbone (or of `demo`'s untrained architecture); token ids and vocabulary
+    come from `build_tokenizer`."""
     spec = _spec(name)
     tokenizer = build_tokenizer()
     ids = _special_ids(tokenizer)
@@ -402,7 +425,8 @@ def load_backbone(
     dtype: torch.dtype = torch.float32,
     seed: int = 0,
 ) -> Backbone:
-    """A built-in (`tiny`, `small`) with weights seeded by `seed`, or a local checkpoint directory.
+    """A built-in (`tiny`, `small`) with weights seeded by `seed`, the trained `demo` checkpoint shipped
+    in the package, or a local checkpoint directory.
 
     `attn_implementation` is handed to transformers: "sdpa", "eager", or "flash_attention_2" on CUDA
     with flash-attn installed. Built-ins are initialised in fp32 and then cast, so a bf16 built-in is
@@ -411,7 +435,20 @@ def load_backbone(
     name = str(name_or_path)
     if name in BUILTIN_BACKBONES:
         return _build_builtin(name, attn_implementation=attn_implementation, dtype=dtype, seed=seed)
+    if name == "demo":
+        if not (DEMO_CHECKPOINT / "config.json").is_file():
+            raise ValueError(
+                f"the demo checkpoint is missing from {DEMO_CHECKPOINT}; `illava-tune train-demo` makes it"
+            )
+        backbone = _load_checkpoint(DEMO_CHECKPOINT, attn_implementation=attn_implementation, dtype=dtype)
+        backbone.name = "demo"
+        return backbone
     return _load_checkpoint(Path(name), attn_implementation=attn_implementation, dtype=dtype)
+
+
+def build_untrained(name: str, *, seed: int = 0, attn_implementation: str = "sdpa") -> Backbone:
+    """A built-in architecture (including `demo`'s) with seeded fp32 weights: where training starts."""
+    return _build_builtin(name, attn_implementation=attn_implementation, dtype=torch.float32, seed=seed)
 
 
 def _build_builtin(name: str, *, attn_implementation: str, dtype: torch.dtype, seed: int) -> Backbone:
@@ -432,7 +469,7 @@ def _load_checkpoint(path: Path, *, attn_implementation: str, dtype: torch.dtype
     """Real checkpoint from a local directory; never touches the hub."""
     if not (path / "config.json").is_file():
         raise ValueError(
-            f"backbone {str(path)!r} is neither a built-in ({', '.join(sorted(BUILTIN_BACKBONES))}) nor a local "
+            f"backbone {str(path)!r} is neither a built-in ({', '.join(NAMED_BACKBONES)}) nor a local "
             "checkpoint directory with a config.json; other names must be local checkpoint directories "
             "(nothing is downloaded from a model hub)"
         )

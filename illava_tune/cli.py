@@ -16,24 +16,28 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+BACKBONE_HELP = "demo (trained, shipped), small, tiny (seeded weights), or a local checkpoint directory"
+WORKLOAD_HELP = "a preset name or a YAML/JSON file (default: demo-vqa for the demo backbone, else single-448)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="illava-tune", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser("demo", help="vanilla vs iLLaVA at the paper's ratios on a built-in backbone")
-    demo.add_argument("--backbone", default="small", help="tiny, small, or a local checkpoint directory")
+    demo.add_argument("--backbone", default="small", help=BACKBONE_HELP)
     demo.add_argument("--image-size", type=int, default=448)
     demo.add_argument("--repeats", type=int, default=3, help="timed runs per schedule (median reported)")
     demo.add_argument("--warmup", type=int, default=1)
     demo.set_defaults(run=_demo)
 
     profile = commands.add_parser("profile", help="measure one schedule on one workload against the unmerged model")
-    profile.add_argument("--backbone", default="small", help="tiny, small, or a local checkpoint directory")
+    profile.add_argument("--backbone", default="small", help=BACKBONE_HELP)
     profile.add_argument("--method", default="illava", help="illava, prune or random")
     profile.add_argument("--reduction", type=float, default=0.778, help="fraction of image tokens removed")
     profile.add_argument("--encoder-share", type=float, help="fraction of the removal done in the encoder (0.4)")
     profile.add_argument("--schedule", help="a schedule or manifest JSON file (overrides the three above)")
-    profile.add_argument("--workload", default=None, help="a preset name or a YAML/JSON file (default single-448)")
-    profile.add_argument("--dataset", help="a labelled multiple-choice dataset (.tsv, .jsonl, .parquet)")
+    profile.add_argument("--workload", default=None, help=WORKLOAD_HELP)
+    profile.add_argument("--dataset", help="a labelled multiple-choice dataset (.tsv, .jsonl, .parquet, or demo)")
     profile.add_argument("--limit", type=int, help="number of samples (dataset rows or synthetic samples)")
     profile.add_argument(
         "--score",
@@ -50,6 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     _tuning_commands(commands)
 
+    train = commands.add_parser("train-demo", add_help=False,
+                                help="train the demo backbone (options: illava-tune train-demo --help)")  # fmt: skip
+    train.set_defaults(run=lambda args: _train_demo(args.extra))
+
     hardware = commands.add_parser("hardware", help="print the detected hardware profile")
     hardware.add_argument("--device", default="cuda" if _cuda() else "cpu")
     hardware.set_defaults(run=_lazy("run_hardware"))
@@ -59,9 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
 def _tuning_commands(commands) -> None:
     db_help = "database URL (default: $DATABASE_URL, else sqlite:///illava.db)"
     submit = commands.add_parser("submit", help="submit a tuning job: Optuna search of schedules on Ray workers")
-    submit.add_argument("--backbone", default="small", help="tiny, small, or a local checkpoint directory")
-    submit.add_argument("--workload", default=None, help="a preset name or a YAML/JSON file (default single-448)")
-    submit.add_argument("--dataset", help="a labelled multiple-choice dataset: accuracy becomes an objective")
+    submit.add_argument("--backbone", default="small", help=BACKBONE_HELP)
+    submit.add_argument("--workload", default=None, help=WORKLOAD_HELP)
+    submit.add_argument(
+        "--dataset", help="a labelled multiple-choice dataset (file, or demo): accuracy becomes an objective"
+    )
     submit.add_argument("--limit", type=int, help="dataset rows (or synthetic samples) per measurement")
     submit.add_argument("--trials", type=int, default=12)
     submit.add_argument("--workers", type=int, default=1, help="CPU workers (GPU clusters: one per GPU)")
@@ -115,6 +125,12 @@ def _tuning_commands(commands) -> None:
     database.set_defaults(run=_lazy("cmd_db", "tune"))
 
 
+def _train_demo(argv: list[str]) -> int:
+    from .train_demo import main
+
+    return main(argv)
+
+
 def _lazy(name: str, module: str = "profile"):
     """Import the command's module only when it runs: `illava-tune demo` never imports Ray or SQL."""
 
@@ -133,7 +149,11 @@ def _cuda() -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "train-demo":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.extra = extra
     try:
         return args.run(args)
     except (ValueError, FileNotFoundError, LookupError, RuntimeError) as error:

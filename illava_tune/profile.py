@@ -10,6 +10,7 @@ from pathlib import Path
 import illava
 from illava import Schedule
 from profiler import Measurement, Profiler, detect_hardware, resolve_workload
+from profiler.workload import default_workload
 
 
 def build_schedule(profiler: Profiler, *, method: str, reduction: float, encoder_share: float | None,
@@ -71,7 +72,7 @@ def _mib(m: Measurement) -> str:
 def run_profile(args) -> int:
     from tqdm.auto import tqdm
 
-    workload = resolve_workload(args.workload)
+    workload = resolve_workload(args.workload or default_workload(args.backbone))
     if args.dataset:
         workload = dataclasses.replace(workload, dataset=str(args.dataset), samples=args.limit or workload.samples)
     elif args.limit:

@@ -49,6 +49,23 @@ def format_front(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _workload(args):
+    """The named preset or file (default: per backbone), with --dataset and --limit applied."""
+    import dataclasses
+
+    from profiler import resolve_workload
+    from profiler.datasets import BUILTIN_DATASETS
+    from profiler.workload import default_workload
+
+    workload = resolve_workload(args.workload or default_workload(args.backbone))
+    if args.dataset:
+        dataset = args.dataset if args.dataset in BUILTIN_DATASETS else str(Path(args.dataset).resolve())
+        workload = dataclasses.replace(workload, dataset=dataset)
+    if args.limit is not None:
+        workload = dataclasses.replace(workload, samples=args.limit)
+    return workload
+
+
 def cmd_submit(args) -> int:
     import jobs
     from optimizer import Constraints, SearchSpace, parse_range
@@ -57,14 +74,7 @@ def cmd_submit(args) -> int:
     space = SearchSpace(reduction=parse_range(args.reduction))
     constraints = Constraints(min_retention=args.min_retention, max_memory_mib=args.max_memory_mib,
                               max_latency_ms=args.max_latency_ms)  # fmt: skip
-    workload = args.workload
-    if args.dataset:
-        import dataclasses
-
-        from profiler import resolve_workload
-
-        workload = dataclasses.replace(resolve_workload(workload), dataset=str(Path(args.dataset).resolve()),
-                                       samples=args.limit or resolve_workload(workload).samples)  # fmt: skip
+    workload = _workload(args)
     job_id = jobs.submit(database, backbone=args.backbone, workload=workload, n_trials=args.trials,
                          n_workers=args.workers, space=space, constraints=constraints, sampler=args.sampler,
                          seed=args.seed)  # fmt: skip

@@ -48,9 +48,9 @@ def seed_reductions(space: SearchSpace) -> list[float]:
 
 def _check_backbone(backbone: str) -> tuple[int, int]:
     """Depths of the backbone's encoder and LLM; fails like loading would, without loading weights."""
-    from illava.backbones import BUILTIN_BACKBONES, build_config
+    from illava.backbones import NAMED_BACKBONES, build_config
 
-    if backbone in BUILTIN_BACKBONES:
+    if backbone in NAMED_BACKBONES:
         config = build_config(backbone)
     else:
         from transformers import AutoConfig
@@ -58,7 +58,7 @@ def _check_backbone(backbone: str) -> tuple[int, int]:
         path = Path(backbone)
         if not (path / "config.json").is_file():
             raise ValueError(
-                f"unknown backbone {backbone!r}: built-ins are {sorted(BUILTIN_BACKBONES)}; "
+                f"unknown backbone {backbone!r}: built-ins are {list(NAMED_BACKBONES)}; "
                 "any other name must be a local checkpoint directory with a config.json"
             )
         config = AutoConfig.from_pretrained(path, local_files_only=True)

@@ -30,7 +30,6 @@ import csv
 import io
 import json
 import math
-import random
 import re
 from collections.abc import Iterator, Mapping
 from contextlib import closing
@@ -39,7 +38,7 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from illava.inputs import IMAGE_MARKER, VIDEO_MARKER, Sample
 
@@ -334,9 +333,12 @@ def _iter_items(path: Path) -> Iterator[MCQItem]:
 
 
 def read_dataset(path: str | Path, *, limit: int | None = None) -> list[MCQItem]:
-    """The first `limit` (all when None) items of a .tsv, .jsonl or .parquet file; see the module docstring."""
+    """The first `limit` (all when None) items of a .tsv, .jsonl or .parquet file (see the module
+    docstring), or of a built-in dataset named in BUILTIN_DATASETS (generated, no file)."""
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise ValueError(f"limit must be a positive integer or None, got {limit!r}")
+    if str(path) in BUILTIN_DATASETS:
+        return _builtin(str(path), limit)
     path = Path(path)
     with closing(_iter_items(path)) as rows:  # closing restores csv's field size limit at once
         items = list(islice(rows, limit))
@@ -404,84 +406,28 @@ def _write_parquet(rows: list[dict[str, Any]], columns: list[str], path: Path) -
 
 
 # ---------------------------------------------------------------------------------------------
-# Demo dataset
+# Built-in datasets
 # ---------------------------------------------------------------------------------------------
 
-_COLOURS = {
-    "red": (220, 30, 30),
-    "green": (30, 160, 50),
-    "blue": (30, 60, 220),
-    "yellow": (240, 210, 20),
-    "purple": (130, 40, 170),
-    "orange": (245, 130, 20),
-    "black": (20, 20, 20),
-}
-_BACKGROUNDS = ((255, 255, 255), (235, 235, 235), (245, 240, 225), (225, 235, 245))
-_SHAPES = ("circle", "square", "triangle")
-_SHAPE_OPTIONS = (*_SHAPES, "star")  # a fourth choice for shape questions; never drawn
+#: Dataset names that need no file: the demo VQA benchmark's splits (`profiler.demo_vqa`).
+#: ``demo`` is the test split.
+BUILTIN_DATASETS = ("demo", "demo:test", "demo:val")
 
 
-def _draw_shape(draw: ImageDraw.ImageDraw, kind: str, colour: tuple[int, int, int], box: tuple[float, ...]) -> None:
-    x0, y0, x1, y1 = box
-    if kind == "circle":
-        draw.ellipse(box, fill=colour)
-    elif kind == "square":
-        draw.rectangle(box, fill=colour)
-    else:
-        draw.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=colour)
+def _builtin(name: str, limit: int | None) -> list[MCQItem]:
+    from .demo_vqa import demo_split
 
-
-def _demo_image(rng: random.Random, shapes: list[tuple[str, str]], size: int) -> Image.Image:
-    """Shapes in separate vertical strips (never overlapping), each at a seeded position and size."""
-    image = Image.new("RGB", (size, size), rng.choice(_BACKGROUNDS))
-    draw = ImageDraw.Draw(image)
-    strip = size / len(shapes)
-    for i, (kind, colour) in enumerate(shapes):
-        side = rng.uniform(0.45, 0.8) * min(strip, size)
-        x0 = i * strip + rng.uniform(0, strip - side)
-        y0 = rng.uniform(0, size - side)
-        _draw_shape(draw, kind, _COLOURS[colour], (x0, y0, x0 + side, y0 + side))
-    return image
-
-
-def _choices(rng: random.Random, correct: str, pool: tuple[str, ...]) -> tuple[dict[str, str], str]:
-    """Four options with `correct` at a seeded letter."""
-    texts = [correct, *rng.sample([p for p in pool if p != correct], 3)]
-    rng.shuffle(texts)
-    return dict(zip(LETTERS, texts, strict=False)), LETTERS[texts.index(correct)]
-
-
-def _demo_item(seed: int, index: int, size: int) -> MCQItem:
-    rng = random.Random(f"illava-demo:{seed}:{index}")
-    kinds = rng.sample(_SHAPES, rng.randint(1, 2))
-    colours = rng.sample(list(_COLOURS), len(kinds))
-    shapes = list(zip(kinds, colours, strict=True))
-    image = _demo_image(rng, shapes, size)
-    kind, colour = rng.choice(shapes)
-    category = rng.choice(("colour", "shape", "count"))
-    if category == "colour":
-        question = f"What colour is the {kind}?"
-        options, answer = _choices(rng, colour, tuple(_COLOURS))
-    elif category == "shape":
-        question = f"Which shape is drawn in {colour}?"
-        options, answer = _choices(rng, kind, _SHAPE_OPTIONS)
-    else:
-        question = "How many shapes are in the image?"
-        options, answer = _choices(rng, str(len(shapes)), ("1", "2", "3", "4"))
-    return MCQItem(str(index), question, options, answer, (image,), category=category)
+    split = "test" if name == "demo" else name.split(":", 1)[1]
+    return demo_split(split, limit)
 
 
 def make_demo_dataset(n: int, *, seed: int = 0, image_size: int = 224) -> list[MCQItem]:
-    """`n` procedurally drawn questions about colour, shape or count of one or two flat shapes.
+    """`n` demo VQA items from the seed stream ``seed{seed}`` (disjoint from train/val/test), at `image_size`."""
+    from .demo_vqa import demo_item
 
-    Item i depends only on (seed, i). The answers are unambiguous by construction (distinct shapes
-    and colours in one image), so a real VLM can score well above chance while a random one cannot.
-    """
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be a positive integer, got {n!r}")
-    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 28:
-        raise ValueError(f"image_size must be an integer >= 28, got {image_size!r}")
-    return [_demo_item(seed, i, image_size) for i in range(n)]
+    return [demo_item(f"seed{seed}", i, image_size=image_size) for i in range(n)]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -28,6 +28,8 @@ import yaml
 
 from illava.inputs import IMAGE_MARKER, VIDEO_MARKER, Sample, synthetic_image, synthetic_video
 
+from .datasets import BUILTIN_DATASETS
+
 # Qwen2.5-VL: 14-pixel patches, 2x2 of them merged into one LLM token. A side that is a multiple of 28
 # passes through the image processor unchanged, so the token count is exactly (w/28) * (h/28).
 SIZE_MULTIPLE = 28
@@ -98,7 +100,11 @@ class Workload:
         if self.dataset is None:
             return
         if not isinstance(self.dataset, str) or not self.dataset.strip():
-            raise self._error("dataset", self.dataset, "a path to a .tsv, .jsonl or .parquet file, or null")
+            raise self._error(
+                "dataset",
+                self.dataset,
+                f"a path to a .tsv, .jsonl or .parquet file, a built-in ({', '.join(BUILTIN_DATASETS)}), or null",
+            )
         if self.video_frames:
             raise self._error(
                 "video_frames", self.video_frames, "0 when a dataset is given (dataset rows carry images, not video)"
@@ -165,6 +171,8 @@ PRESETS: dict[str, Workload] = {
     "single-896": Workload(name="single-896", images_per_sample=1, image_size=(896, 896)),
     "multi-4x448": Workload(name="multi-4x448", images_per_sample=4, image_size=(448, 448)),
     "video-16": Workload(name="video-16", images_per_sample=0, video_frames=16, video_size=(336, 336)),
+    # The demo VQA benchmark's test split (224x224 images, 64 LLM tokens each): accuracy is an objective.
+    "demo-vqa": Workload(name="demo-vqa", dataset="demo", samples=100, output_tokens=4),
 }
 
 
@@ -197,7 +205,7 @@ def load_workload(path: str | Path) -> Workload:
         raise WorkloadError(f"{path}: a workload file must hold a mapping of field names, got {type(data).__name__}")
     data = {"name": path.stem, **data}
     dataset = data.get("dataset")
-    if isinstance(dataset, str) and dataset and not Path(dataset).is_absolute():
+    if isinstance(dataset, str) and dataset and dataset not in BUILTIN_DATASETS and not Path(dataset).is_absolute():
         data["dataset"] = str(path.parent / dataset)
     try:
         return Workload.from_dict(data)
@@ -215,6 +223,12 @@ def save_workload(workload: Workload, path: str | Path) -> Path:
     text = json.dumps(data, indent=2) + "\n" if suffix == ".json" else yaml.safe_dump(data, sort_keys=False)
     path.write_text(text, encoding="utf-8")
     return path
+
+
+def default_workload(backbone: str) -> str:
+    """The preset a command uses when none is named: the labelled demo benchmark for the `demo`
+    backbone (trained on it), the synthetic single-448 image for everything else."""
+    return "demo-vqa" if str(backbone) == "demo" else DEFAULT_PRESET
 
 
 def resolve_workload(spec: str | Path | Workload | None) -> Workload:

@@ -64,7 +64,7 @@ def _row(**fields) -> dict:
 
 @pytest.mark.parametrize("suffix", [".tsv", ".jsonl", ".parquet"])
 def test_write_then_read_round_trips(tmp_path, suffix):
-    items = make_demo_dataset(5, seed=3, image_size=56)
+    items = make_demo_dataset(5, seed=3, image_size=112)
     two_images = MCQItem(
         "x",
         "Which is brighter?",
@@ -182,12 +182,12 @@ def test_prompt_escapes_markers_and_to_sample_validates():
 
 
 def test_demo_dataset_is_deterministic():
-    a, b = make_demo_dataset(12, seed=1, image_size=56), make_demo_dataset(12, seed=1, image_size=56)
+    a, b = make_demo_dataset(12, seed=1, image_size=112), make_demo_dataset(12, seed=1, image_size=112)
     assert all(_same(x, y) for x, y in zip(a, b, strict=True))
-    assert not all(_same(x, y) for x, y in zip(a, make_demo_dataset(12, seed=2, image_size=56), strict=True))
-    assert {item.category for item in a} == {"colour", "shape", "count"}
+    assert not all(_same(x, y) for x, y in zip(a, make_demo_dataset(12, seed=2, image_size=112), strict=True))
+    assert {item.category for item in a} == {"colour", "shape", "count", "position", "presence"}
     for item in a:
-        assert len(item.options) == 4 and item.answer in item.options and item.images[0].size == (56, 56)
+        assert len(item.options) == 4 and item.answer in item.options and item.images[0].size == (112, 112)
     assert len({item.answer for item in a}) > 1
 
 

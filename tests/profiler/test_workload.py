@@ -48,7 +48,7 @@ def test_hand_written_yaml_takes_defaults_name_from_stem_and_dataset_relative_to
 
 def test_unknown_name_lists_presets():
     with pytest.raises(
-        WorkloadError, match=r"unknown workload 'single-999'.*presets are \['multi-4x448', 'single-448'"
+        WorkloadError, match=r"unknown workload 'single-999'.*presets are \['demo-vqa', 'multi-4x448', 'single-448'"
     ):
         resolve_workload("single-999")
 

@@ -1,0 +1,156 @@
+"""Accuracy of the trained `demo` backbone on the demo VQA test split, unmerged and merged.
+
+    python benchmarks/demo_accuracy.py                     # 500 test questions, 5 random-drop seeds
+    python benchmarks/demo_accuracy.py --markdown docs/benchmarks.md
+
+At each of the paper's ratios (66.7/77.8/88.9% of image tokens removed) it scores:
+
+- ``iLLaVA``: the paper's default (40% of the removal in the encoder, 60% in the LLM, paper layers
+  mapped onto the demo model's depths), importance selection with recycling;
+- ``encoder-only`` / ``LLM-only``: the same removal done all in the encoder / all in the LLM;
+- ``prune``: the paper's split and layers, importance selection without recycling;
+- ``random``: the paper's split and layers, uniformly random kept tokens, over `--seeds` seeds.
+
+Inference is deterministic, so a deterministic method has no run-to-run spread; random dropping's
+spread is over its seeds (mean, sd, min-max). The margin of iLLaVA over random also gets a 95% paired
+bootstrap interval over questions (iLLaVA vs the mean of the random seeds, 2000 resamples), which
+accounts for the finite test set. Prints a markdown table; `--markdown FILE` appends it with the
+command and machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import illava  # noqa: E402
+from illava import PAPER_REDUCTIONS  # noqa: E402
+from illava.backbones import load_backbone  # noqa: E402
+from profiler.accuracy import choose  # noqa: E402
+from profiler.demo_vqa import CATEGORIES, demo_split  # noqa: E402
+
+
+def _right(items, choices) -> np.ndarray:
+    return np.array([c == item.answer for item, c in zip(items, choices, strict=True)], dtype=float)
+
+
+def _bootstrap(diff: np.ndarray, resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
+    rng = np.random.default_rng(seed)
+    means = diff[rng.integers(0, len(diff), size=(resamples, len(diff)))].mean(axis=1)
+    return float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
+
+
+def run(backbone_name: str, n_items: int, seeds: int, batch_size: int, log=print) -> str:
+    backbone = load_backbone(backbone_name)
+    model = backbone.model
+    items = demo_split("test", n_items)
+
+    def score(schedule) -> np.ndarray:
+        illava.remove(model)
+        if schedule is not None:
+            illava.apply(model, schedule)
+        try:
+            return _right(items, choose(backbone, items, batch_size=batch_size))
+        finally:
+            illava.remove(model)
+
+    start = time.perf_counter()
+    base = score(None)
+    log(f"unmerged: {base.mean():.3f}")
+    rows = []
+    for ratio in PAPER_REDUCTIONS:
+        paper = illava.paper_default_for(model, ratio)
+        methods = {
+            "iLLaVA": paper,
+            "encoder-only": paper.with_(encoder_share=1.0),
+            "LLM-only": paper.with_(encoder_share=0.0),
+            "prune (no recycling)": paper.with_(method="prune"),
+        }
+        hits = {name: score(schedule) for name, schedule in methods.items()}
+        random_hits = [score(paper.with_(method="random", seed=seed)) for seed in range(seeds)]
+        random_acc = [float(h.mean()) for h in random_hits]
+        low, high = _bootstrap(hits["iLLaVA"] - np.mean(random_hits, axis=0))
+        rows.append((ratio, hits, random_acc, (low, high)))
+        log(f"{ratio:.1%}: " + " ".join(f"{k}={v.mean():.3f}" for k, v in hits.items()) + f" random={random_acc}")
+    seconds = time.perf_counter() - start
+
+    def cell(acc: float) -> str:
+        return f"{acc:.1%} ({acc / base.mean():.1%})"
+
+    lines = [
+        f"Unmerged `{backbone_name}`: **{base.mean():.1%}** on {len(items)} test questions "
+        f"(chance 25%); by type: " + ", ".join(f"{c} {_mean_of(base, items, c):.1%}" for c in CATEGORIES) + ".",
+        "",
+        "Accuracy (retention = accuracy / unmerged accuracy) at each reduction:",
+        "",
+        "| removed | iLLaVA | encoder-only | LLM-only | prune (no recycling) | random: mean (retention), sd, min-max "
+        f"over {seeds} seeds | iLLaVA - random, 95% CI |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for ratio, hits, random_acc, (low, high) in rows:
+        mean = statistics.mean(random_acc)
+        sd = statistics.stdev(random_acc) if len(random_acc) > 1 else 0.0
+        lines.append(
+            f"| {ratio:.1%} | "
+            + " | ".join(
+                cell(float(hits[k].mean())) for k in ("iLLaVA", "encoder-only", "LLM-only", "prune (no recycling)")
+            )
+            + f" | {cell(mean)}, sd {sd:.1%}, {min(random_acc):.1%}-{max(random_acc):.1%}"
+            + f" | {hits['iLLaVA'].mean() - mean:+.1%} [{low:+.1%}, {high:+.1%}] |"
+        )
+    lines += ["", "iLLaVA accuracy by question type:", ""]
+    lines.append("| removed | " + " | ".join(CATEGORIES) + " |")
+    lines.append("|---|" + "---|" * len(CATEGORIES))
+    lines.append("| 0% | " + " | ".join(f"{_mean_of(base, items, c):.1%}" for c in CATEGORIES) + " |")
+    for ratio, hits, _, _ in rows:
+        lines.append(
+            f"| {ratio:.1%} | " + " | ".join(f"{_mean_of(hits['iLLaVA'], items, c):.1%}" for c in CATEGORIES) + " |"
+        )
+    lines += ["", f"({seconds:.0f} s for all {1 + len(rows) * (4 + seeds)} evaluations)"]
+    return "\n".join(lines)
+
+
+def _mean_of(hits: np.ndarray, items, category: str) -> float:
+    mask = np.array([item.category == category for item in items])
+    return float(hits[mask].mean())
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__} CPU, fp32"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--backbone", default="demo", help="demo or a checkpoint trained on the demo benchmark")
+    parser.add_argument("--items", type=int, default=500, help="test questions (at most 500)")
+    parser.add_argument("--seeds", type=int, default=5, help="random-dropping seeds")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--markdown", type=Path, help="append the table, command and machine to this file")
+    args = parser.parse_args(argv)
+    table = run(args.backbone, args.items, args.seeds, args.batch_size, log=lambda m: print(m, file=sys.stderr))
+    print(table)
+    if args.markdown:
+        command = "python benchmarks/demo_accuracy.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        with args.markdown.open("a") as handle:
+            handle.write(f"\n`{command.strip()}` on {machine()}:\n\n{table}\n")
+
+
+if __name__ == "__main__":
+    main()

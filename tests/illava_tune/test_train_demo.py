@@ -1,0 +1,70 @@
+import json
+
+import pytest
+import torch
+
+from illava.backbones import load_backbone
+from illava_tune.cli import main as cli_main
+from illava_tune.train_demo import STATE_FILE, TrainConfig, train
+
+CONFIG = TrainConfig(steps=4, batch_size=2, warmup_steps=2, eval_every=1000, eval_items=5)
+
+
+class _Crash(Exception):
+    pass
+
+
+def _weights(path):
+    return load_backbone(str(path)).model.state_dict()
+
+
+def test_training_writes_a_loadable_checkpoint_and_its_record(tmp_path):
+    lines = []
+    summary = train(CONFIG, tmp_path, log_every=1, log=lines.append, final_items=10)
+    assert any(line.startswith("step 4/4 loss ") and "samples/s" in line and "eta" in line for line in lines)
+    record = json.loads((tmp_path / "training.json").read_text())
+    assert record == json.loads(json.dumps(summary))
+    assert record["config"]["steps"] == 4 and record["test_slice"]["items"] == 10
+    assert set(record["test_accuracy"]) >= {"all", "colour", "shape", "count", "position", "presence"}
+    assert not (tmp_path / STATE_FILE).exists()  # the resumable state goes once the checkpoint is written
+    backbone = load_backbone(str(tmp_path))
+    start = load_backbone("tiny")  # a different architecture: the checkpoint's config is what loads
+    assert backbone.model.config.vision_config.depth == 8 != start.model.config.vision_config.depth
+
+
+def test_a_crashed_run_resumes_to_the_same_weights(tmp_path):
+    straight = tmp_path / "straight"
+    train(CONFIG, straight, log_every=1, log=lambda line: None, final_items=5)
+
+    def crash_at_step_3(line: str) -> None:
+        if line.startswith("step 3/4"):
+            raise _Crash
+
+    crashed = tmp_path / "crashed"
+    with pytest.raises(_Crash):
+        train(CONFIG, crashed, save_every_s=0.0, log_every=1, log=crash_at_step_3, final_items=5)
+    assert torch.load(crashed / STATE_FILE, weights_only=True)["step"] == 2
+    lines = []
+    train(CONFIG, crashed, resume=True, log_every=1, log=lines.append, final_items=5)
+    assert lines[0] == "resuming at step 2/4"
+    a, b = _weights(straight), _weights(crashed)
+    assert all(torch.equal(a[name], b[name]) for name in a)
+
+
+def test_resume_refuses_other_settings_and_a_missing_state(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no train_state.pt"):
+        train(CONFIG, tmp_path, resume=True, final_items=5)
+    with pytest.raises(_Crash):
+        train(CONFIG, tmp_path, save_every_s=0.0, log_every=1, final_items=5,
+              log=lambda line: (_ for _ in ()).throw(_Crash) if line.startswith("step 2/") else None)  # fmt: skip
+    with pytest.raises(ValueError, match="other settings"):
+        train(TrainConfig(steps=5, batch_size=2), tmp_path, resume=True, final_items=5)
+
+
+def test_cli_passes_options_through_and_rejects_bad_ones(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["train-demo", "--out", str(tmp_path), "--steps", "0"])
+    assert exit_info.value.code == 2 and "--steps and --batch-size must be >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli_main(["jobs", "--steps", "3"])
+    assert "unrecognized arguments: --steps 3" in capsys.readouterr().err
