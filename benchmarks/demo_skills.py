@@ -1,7 +1,7 @@
 """Which skill the `demo` backbone has learned: the figures behind "Status of the demo backbone".
 
     python benchmarks/demo_skills.py state OUT/train_state.pt   # OUT: an illava-tune train-demo --out folder
-    python benchmarks/demo_skills.py pointer --lr 1e-3 --steps 400 [--rope-theta 10000]
+    python benchmarks/demo_skills.py pointer --lr 1e-3 --steps 400 [--rope-theta 10000] [--heads 8] [--task copy]
 
 ``state`` loads a training state written by `illava-tune train-demo` and reports, for each way a
 training question is asked (list / match / open / choice), how often the first answer token is
@@ -9,7 +9,8 @@ right on 192 training-stream questions the run has not reached (steps 100000-100
 
 ``pointer`` trains a fresh `demo` model on the text-only matching task alone ("Which option says
 purple?" with the benchmark's option layout; answer: the letter), and prints the accuracy over each
-50 steps: can this LLM learn to point at an option at all, and how fast.
+50 steps: can this LLM learn to point at an option at all, and how fast. ``--task copy`` ("The answer
+is B.") is the control: the same loop on a task that needs no pointing.
 """
 
 from __future__ import annotations
@@ -55,12 +56,27 @@ def skills(state_path: Path, batch_size: int = 64, first_step: int = 100000, bat
         print(f"  {form:<7} {sum(hits):>3}/{len(hits)} = {sum(hits) / len(hits):.1%}")
 
 
-def pointer(lr: float, steps: int, rope_theta: float | None, batch_size: int = 32) -> None:
+TASKS = {
+    "match": lambda item: f"Which option says {item.options[item.answer]}?",  # point at the option by content
+    "copy": lambda item: f"The answer is {item.answer}.",  # control: the letter is in the question
+}
+
+
+def pointer(lr: float, steps: int, rope_theta: float | None, heads: int | None = None, batch_size: int = 32,
+            task: str = "match") -> None:  # fmt: skip
     backbone = build_untrained("demo")
     model = backbone.model
-    if rope_theta is not None:
+    if rope_theta is not None or heads is not None:
         config = build_config("demo")
-        config.text_config.rope_parameters["rope_theta"] = rope_theta
+        if rope_theta is not None:
+            config.text_config.rope_parameters["rope_theta"] = rope_theta
+        if heads is not None:  # query and key-value heads, same hidden size (smaller heads)
+            config.text_config.num_attention_heads = config.text_config.num_key_value_heads = heads
+            head_dim = config.text_config.hidden_size // heads
+            config.text_config.head_dim = head_dim
+            half = head_dim // 2
+            t = half // 4
+            config.text_config.rope_parameters["mrope_section"] = [t, (half - t) // 2, half - t - (half - t) // 2]
         torch.manual_seed(0)
         model = Qwen2_5_VLForConditionalGeneration._from_config(config, attn_implementation="sdpa")
     model.train()
@@ -73,10 +89,7 @@ def pointer(lr: float, steps: int, rope_theta: float | None, batch_size: int = 3
         for group in optimizer.param_groups:
             group["lr"] = lr * min(1.0, (step + 1) / 50)
         items = [demo_item("train", step * batch_size + i) for i in range(batch_size)]
-        samples = [
-            Sample(MCQItem(it.index, f"Which option says {it.options[it.answer]}?", it.options, it.answer, ()).prompt())
-            for it in items
-        ]
+        samples = [Sample(MCQItem(it.index, TASKS[task](it), it.options, it.answer, ()).prompt()) for it in items]
         inputs = build_inputs(tokenizer, backbone.image_processor, samples)
         target = torch.tensor([letters[it.answer] for it in items])
         logits = model(**inputs, logits_to_keep=1, use_cache=False).logits[:, -1]
@@ -87,7 +100,7 @@ def pointer(lr: float, steps: int, rope_theta: float | None, batch_size: int = 3
         optimizer.step()
         hits.append(float((option_ids[logits[:, option_ids].argmax(-1)] == target).float().mean()))
         if (step + 1) % 50 == 0:
-            print(f"lr {lr} theta {rope_theta or 'default'} step {step + 1}: accuracy over the last 50 steps "
+            print(f"{task}: lr {lr} theta {rope_theta or 'default'} heads {heads or 'default'} step {step + 1}: accuracy over the last 50 steps "
                   f"{sum(hits[-50:]) / 50:.3f}, loss {float(loss.detach()):.3f}, {time.perf_counter() - start:.0f} s",
                   flush=True)  # fmt: skip
 
@@ -101,11 +114,13 @@ def main() -> None:
     point.add_argument("--lr", type=float, default=1e-3)
     point.add_argument("--steps", type=int, default=400)
     point.add_argument("--rope-theta", type=float)
+    point.add_argument("--task", choices=sorted(TASKS), default="match", help="copy: a control the model must learn")
+    point.add_argument("--heads", type=int, help="LLM attention heads (query = key-value), default the spec's 4/2")
     args = parser.parse_args()
     if args.command == "state":
         skills(args.path)
     else:
-        pointer(args.lr, args.steps, args.rope_theta)
+        pointer(args.lr, args.steps, args.rope_theta, args.heads, task=args.task)
 
 
 if __name__ == "__main__":
