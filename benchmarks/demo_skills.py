@@ -1,7 +1,7 @@
 """Which skill the `demo` backbone has learned: the figures behind "Status of the demo backbone".
 
     python benchmarks/demo_skills.py state OUT/train_state.pt   # OUT: an illava-tune train-demo --out folder
-    python benchmarks/demo_skills.py pointer --lr 1e-3 --steps 400 [--rope-theta 10000] [--heads 8] [--task copy]
+    python benchmarks/demo_skills.py pointer --lr 1e-3 --steps 400 [--rope-theta 10000] [--heads 8] [--task copy] [--two-option-steps 300]
 
 ``state`` loads a training state written by `illava-tune train-demo` and reports, for each way a
 training question is asked (list / match / open / choice), how often the first answer token is
@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from illava.backbones import Qwen2_5_VLForConditionalGeneration, build_config, build_untrained  # noqa: E402
 from illava.inputs import Sample, build_inputs  # noqa: E402
-from illava_tune.train_demo import TrainConfig, _batch, _question_form  # noqa: E402
+from illava_tune.train_demo import TrainConfig, _batch, _question_form, _two_options  # noqa: E402
 from profiler.datasets import MCQItem  # noqa: E402
 from profiler.demo_vqa import demo_item  # noqa: E402
 from profiler.measure import _letter_ids  # noqa: E402
@@ -63,7 +63,7 @@ TASKS = {
 
 
 def pointer(lr: float, steps: int, rope_theta: float | None, heads: int | None = None, batch_size: int = 32,
-            task: str = "match") -> None:  # fmt: skip
+            task: str = "match", two_option_steps: int = 0) -> None:  # fmt: skip
     backbone = build_untrained("demo")
     model = backbone.model
     if rope_theta is not None or heads is not None:
@@ -89,6 +89,8 @@ def pointer(lr: float, steps: int, rope_theta: float | None, heads: int | None =
         for group in optimizer.param_groups:
             group["lr"] = lr * min(1.0, (step + 1) / 50)
         items = [demo_item("train", step * batch_size + i) for i in range(batch_size)]
+        if step < two_option_steps:  # curriculum: point between two options before four
+            items = [_two_options(item, right_first=i % 2 == 0) for i, item in enumerate(items)]
         samples = [Sample(MCQItem(it.index, TASKS[task](it), it.options, it.answer, ()).prompt()) for it in items]
         inputs = build_inputs(tokenizer, backbone.image_processor, samples)
         target = torch.tensor([letters[it.answer] for it in items])
@@ -100,7 +102,8 @@ def pointer(lr: float, steps: int, rope_theta: float | None, heads: int | None =
         optimizer.step()
         hits.append(float((option_ids[logits[:, option_ids].argmax(-1)] == target).float().mean()))
         if (step + 1) % 50 == 0:
-            print(f"{task}: lr {lr} theta {rope_theta or 'default'} heads {heads or 'default'} step {step + 1}: accuracy over the last 50 steps "
+            options = 2 if step < two_option_steps else 4
+            print(f"{task} ({options} options): lr {lr} theta {rope_theta or 'default'} heads {heads or 'default'} step {step + 1}: accuracy over the last 50 steps "
                   f"{sum(hits[-50:]) / 50:.3f}, loss {float(loss.detach()):.3f}, {time.perf_counter() - start:.0f} s",
                   flush=True)  # fmt: skip
 
@@ -115,12 +118,15 @@ def main() -> None:
     point.add_argument("--steps", type=int, default=400)
     point.add_argument("--rope-theta", type=float)
     point.add_argument("--task", choices=sorted(TASKS), default="match", help="copy: a control the model must learn")
+    point.add_argument("--two-option-steps", type=int, default=0, help="curriculum: first steps with 2 options")
     point.add_argument("--heads", type=int, help="LLM attention heads (query = key-value), default the spec's 4/2")
     args = parser.parse_args()
     if args.command == "state":
         skills(args.path)
     else:
-        pointer(args.lr, args.steps, args.rope_theta, args.heads, task=args.task)
+        pointer(
+            args.lr, args.steps, args.rope_theta, args.heads, task=args.task, two_option_steps=args.two_option_steps
+        )
 
 
 if __name__ == "__main__":

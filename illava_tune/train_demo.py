@@ -4,11 +4,17 @@ The architecture is `illava.backbones.DEMO_SPEC` (a real Qwen2.5-VL: windowed an
 blocks, 2x2 patch merger, GQA, 3-D mRoPE), initialised with seeded weights and trained from scratch on
 the `train` stream of `profiler.demo_vqa` (item i of step s is item s*batch+i, so a run is a function of
 its seed and settings). The loss is cross-entropy on the answer tokens and the ``<|im_end|>`` after
-them, at the positions `generate` would produce them. Multiple-choice rows use exactly the prompt the
-profiler builds and answer with the option letter; every other non-presence question is asked open-ended
-("Answer with a single word.") and answered with the option's words. A first run with letters alone
-sat at chance for 500 steps (16,000 questions): the letter says nothing about the image until the model
-already matches options to it, while the words are a direct signal for what the image shows.
+them, at the positions `generate` would produce them, plus a training-only linear probe that names the
+colour and shape under each image token (it teaches the encoder to see; it is not saved).
+
+A four-option answer takes two skills: seeing the answer, and pointing at the option letter that
+says it. The letter alone teaches neither (runs with choices only sat at chance), and pointing
+does not come from four options even as a text-only task; it comes from two options, and then
+carries over to four (docs/benchmarks.md, "Status of the demo backbone"). So training starts with
+`pointer_steps` of text-only "Which option says X?" questions, two options for the first
+`two_option_share` of them and four after, and then mixes four forms in equal shares: listing the
+objects, open-ended questions answered in words, text-only matching, and the benchmark's own form
+(with the profiler's exact prompt).
 
 The run prints a progress line every `--log-every` steps (loss, training accuracy, samples/s, ETA) and
 the validation accuracy per question type every `--eval-every` steps. It saves a resumable state
@@ -63,6 +69,8 @@ class TrainConfig:
     eval_every: int = 200
     eval_items: int = 250
     probe_weight: float = 1.0
+    pointer_steps: int = 400  # the first steps: text-only "which option says X?" (see _question_form)
+    two_option_share: float = 0.75  # of those, the first share with two options instead of four
 
     def lr_at(self, step: int) -> float:
         """Linear warm-up, then cosine decay to `min_lr_ratio` of the peak."""
@@ -99,16 +107,30 @@ def _listing(scene) -> str:
     return ", ".join(o.name for o in sorted(scene.objects, key=lambda o: (order[o.colour], order[o.shape])))
 
 
-def _example(scene, tokenizer, letters: dict[str, int], end_id: int) -> tuple[Sample, list[int], bool]:
-    """The prompt, the tokens the model should answer with (then <|im_end|>), and whether it is a choice."""
+def _two_options(item: MCQItem, right_first: bool) -> MCQItem:
+    """The item with only its right option and one other, the right one first or second."""
+    right = item.options[item.answer]
+    other = next(text for letter, text in item.options.items() if letter != item.answer)
+    options, answer = ({"A": right, "B": other}, "A") if right_first else ({"A": other, "B": right}, "B")
+    return MCQItem(item.index, item.question, options, answer, item.images, item.category)
+
+
+def _example(
+    scene, tokenizer, letters: dict[str, int], end_id: int, phase: str = "mixed"
+) -> tuple[Sample, list[int], bool]:
+    """The prompt, the tokens the model should answer with (then <|im_end|>), and whether the answer
+    is an option letter. `phase`: ``mixed`` (the forms of _question_form), or the pointing curriculum
+    that comes first, ``match2`` / ``match4`` (text-only matching with two / four options)."""
     item = scene.item()
-    kind = _question_form(scene.index, scene.category)
+    kind = _question_form(scene.index, scene.category) if phase == "mixed" else "match"
+    if phase == "match2":
+        item = _two_options(item, right_first=scene.index % 2 == 0)
     if kind == "choice":
         return item.to_sample(), [letters[item.answer], end_id], True
     if kind == "match":
         question = f"Which option says {item.options[item.answer]}?"
         text = MCQItem(item.index, question, item.options, item.answer, ()).prompt()
-        return Sample(text), [letters[item.answer], end_id], False
+        return Sample(text), [letters[item.answer], end_id], True
     text, answer = (f"{scene.question}\n{OPEN_INSTRUCTION}", item.options[item.answer]) if kind == "open" else (
         LIST_PROMPT, _listing(scene))  # fmt: skip
     sample = Sample(f"{IMAGE_MARKER}\n{text}", list(item.images))
@@ -149,7 +171,11 @@ def _batch(backbone: Backbone, config: TrainConfig, step: int, letters: dict[str
     tokenizer = backbone.tokenizer
     first = step * config.batch_size
     scenes = [demo_scene("train", first + i, image_size=config.image_size) for i in range(config.batch_size)]
-    examples = [_example(scene, tokenizer, letters, end_id) for scene in scenes]
+    if step < config.pointer_steps:
+        phase = "match2" if step < config.pointer_steps * config.two_option_share else "match4"
+    else:
+        phase = "mixed"
+    examples = [_example(scene, tokenizer, letters, end_id, phase) for scene in scenes]
     inputs = build_inputs(tokenizer, backbone.image_processor, [sample for sample, _, _ in examples])
     answers = [answer for _, answer, _ in examples]
     width = max(len(a) for a in answers)
@@ -168,7 +194,8 @@ def _batch(backbone: Backbone, config: TrainConfig, step: int, letters: dict[str
     labels = torch.tensor([[-100] * (width - len(a)) + a for a in answers])  # (B, K)
     is_mcq = torch.tensor([choice for _, _, choice in examples])
     with_image = [scene for scene, (sample, _, _) in zip(scenes, examples) if sample.images]
-    return inputs, labels, is_mcq, torch.cat([_token_labels(scene) for scene in with_image])
+    token_labels = [_token_labels(scene) for scene in with_image]
+    return inputs, labels, is_mcq, torch.cat(token_labels) if token_labels else torch.zeros(0, 2, dtype=torch.long)
 
 
 def _batches(backbone: Backbone, config: TrainConfig, steps: range, letters, end_id: int, workers: int):
@@ -279,15 +306,20 @@ def train(config: TrainConfig, out: Path, *, resume: bool = False, save_every_s:
         captured.clear()  # evaluation runs the encoder too
         logits = model(**inputs, logits_to_keep=width + 1, use_cache=False).logits[:, :width].float()  # (B, K, V)
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
-        features = captured.pop().pooler_output  # per image, or all images concatenated
-        features = torch.cat(features) if isinstance(features, list | tuple) else features
-        probe_logits = probe(features)  # (tokens, colours + shapes + 2)
-        token_labels = token_labels.to(device)
-        colours = len(COLOURS) + 1
-        loss = loss + config.probe_weight * (
-            torch.nn.functional.cross_entropy(probe_logits[:, :colours], token_labels[:, 0], weight=class_weights[0])
-            + torch.nn.functional.cross_entropy(probe_logits[:, colours:], token_labels[:, 1], weight=class_weights[1])
-        )
+        if len(token_labels):  # the pointing curriculum has no images
+            features = captured.pop().pooler_output  # per image, or all images concatenated
+            features = torch.cat(features) if isinstance(features, list | tuple) else features
+            probe_logits = probe(features)  # (tokens, colours + shapes + 2)
+            token_labels = token_labels.to(device)
+            colours = len(COLOURS) + 1
+            loss = loss + config.probe_weight * (
+                torch.nn.functional.cross_entropy(
+                    probe_logits[:, :colours], token_labels[:, 0], weight=class_weights[0]
+                )
+                + torch.nn.functional.cross_entropy(
+                    probe_logits[:, colours:], token_labels[:, 1], weight=class_weights[1]
+                )
+            )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)

@@ -7,7 +7,9 @@ from illava.backbones import load_backbone
 from illava_tune.cli import main as cli_main
 from illava_tune.train_demo import STATE_FILE, TrainConfig, train
 
-CONFIG = TrainConfig(steps=4, batch_size=2, warmup_steps=2, eval_every=1000, eval_items=5)
+# Steps 1-2 are the pointing curriculum (text only; step 1 with two options), 3-4 mixed with images.
+CONFIG = TrainConfig(steps=4, batch_size=2, warmup_steps=2, eval_every=1000, eval_items=5, pointer_steps=2,
+                     two_option_share=0.5)  # fmt: skip
 
 
 class _Crash(Exception):
@@ -68,3 +70,24 @@ def test_cli_passes_options_through_and_rejects_bad_ones(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli_main(["jobs", "--steps", "3"])
     assert "unrecognized arguments: --steps 3" in capsys.readouterr().err
+
+
+def test_training_starts_with_text_only_pointing_then_adds_images():
+    from illava.backbones import build_untrained
+    from illava_tune.train_demo import _batch
+    from profiler.measure import _letter_ids
+
+    backbone = build_untrained("demo")
+    tokenizer = backbone.tokenizer
+    letters, end_id = _letter_ids(tokenizer), tokenizer.convert_tokens_to_ids("<|im_end|>")
+    prompts = []
+    for step in range(3):
+        inputs, labels, is_letter, token_labels = _batch(backbone, CONFIG, step, letters, end_id)
+        prompts.append(tokenizer.decode(inputs["input_ids"][0], skip_special_tokens=True))
+        if step < 2:
+            assert "pixel_values" not in inputs and len(token_labels) == 0 and bool(is_letter.all())
+            assert prompts[-1].startswith("user\nWhich option says ")
+        else:
+            assert inputs["pixel_values"].shape[0] > 0 and len(token_labels) > 0
+    assert "\nB. " in prompts[0] and "\nC. " not in prompts[0]  # two options first
+    assert "\nD. " in prompts[1]
