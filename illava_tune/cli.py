@@ -16,7 +16,9 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-BACKBONE_HELP = "demo (trained, shipped), small, tiny (seeded weights), or a local checkpoint directory"
+BACKBONE_HELP = (
+    "small, tiny (seeded weights), demo (once trained: illava-tune train-demo), or a local checkpoint directory"
+)
 WORKLOAD_HELP = "a preset name or a YAML/JSON file (default: demo-vqa for the demo backbone, else single-448)"
 
 
