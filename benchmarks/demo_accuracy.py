@@ -21,7 +21,6 @@ command and machine.
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import sys
 import time
@@ -37,6 +36,7 @@ from illava import PAPER_REDUCTIONS  # noqa: E402
 from illava.backbones import load_backbone  # noqa: E402
 from profiler.accuracy import choose  # noqa: E402
 from profiler.demo_vqa import CATEGORIES, demo_split  # noqa: E402
+from profiler.hardware import cpu_model  # noqa: E402
 
 
 def _right(items, choices) -> np.ndarray:
@@ -125,15 +125,7 @@ def _mean_of(hits: np.ndarray, items, category: str) -> float:
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__} CPU, fp32"
+    return f"{cpu_model()}, {torch.get_num_threads()} threads, torch {torch.__version__} CPU, fp32"
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -24,11 +24,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from illava.backbones import Qwen2_5_VLForConditionalGeneration, build_config, build_untrained  # noqa: E402
+from illava.backbones import (  # noqa: E402
+    DEMO_SPEC,
+    Qwen2_5_VLForConditionalGeneration,
+    _mrope_section,
+    build_config,
+    build_untrained,
+)
 from illava.inputs import Sample, build_inputs  # noqa: E402
 from illava_tune.train_demo import TrainConfig, _batch, _question_form, _two_options  # noqa: E402
 from profiler.datasets import MCQItem  # noqa: E402
-from profiler.demo_vqa import demo_item  # noqa: E402
+from profiler.demo_vqa import COLOURS, SHAPES, demo_item, demo_scene  # noqa: E402
 from profiler.measure import _letter_ids  # noqa: E402
 
 
@@ -40,20 +46,34 @@ def skills(state_path: Path, batch_size: int = 64, first_step: int = 100000, bat
     model = backbone.model.eval()
     tokenizer = backbone.tokenizer
     end_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    probe = torch.nn.Linear(DEMO_SPEC.text_hidden, len(COLOURS) + len(SHAPES) + 2)
+    probe.load_state_dict(state["probe"])
+    captured: list = []
+    model.model.visual.register_forward_hook(lambda module, args, output: captured.append(output))
     right: dict[str, list[int]] = {}
     config = TrainConfig(batch_size=batch_size)
     for step in range(first_step, first_step + batches):
-        inputs, labels, _, _ = _batch(backbone, config, step, _letter_ids(tokenizer), end_id)
+        inputs, labels, _, token_labels = _batch(backbone, config, step, _letter_ids(tokenizer), end_id)
         width = labels.shape[1]
         predicted = model(**inputs, logits_to_keep=width + 1, use_cache=False).logits[:, :width].argmax(-1)
+        features = captured.pop().pooler_output
+        named = probe(torch.cat(features) if isinstance(features, list | tuple) else features)
+        on_object = token_labels[:, 0] > 0  # the probe's colour and shape on cells that hold an object
+        colours = len(COLOURS) + 1
+        right.setdefault("probe colour", []).extend(
+            (named[on_object, :colours].argmax(-1) == token_labels[on_object, 0]).tolist()
+        )
+        right.setdefault("probe shape", []).extend(
+            (named[on_object, colours:].argmax(-1) == token_labels[on_object, 1]).tolist()
+        )
         for row in range(batch_size):
-            item = demo_item("train", step * batch_size + row)
-            form = _question_form(step * batch_size + row, item.category)
+            scene = demo_scene("train", step * batch_size + row)
+            form = _question_form(step * batch_size + row, scene.category)
             first = int((labels[row] != -100).nonzero()[0])
             right.setdefault(form, []).append(int(predicted[row, first] == labels[row, first]))
-    print(f"training state at step {state['step']}: first answer token right")
+    print(f"training state at step {state['step']}: first answer token right (probe: image tokens on an object)")
     for form, hits in right.items():
-        print(f"  {form:<7} {sum(hits):>3}/{len(hits)} = {sum(hits) / len(hits):.1%}")
+        print(f"  {form:<12} {sum(hits):>4}/{len(hits)} = {sum(hits) / len(hits):.1%}")
 
 
 TASKS = {
@@ -72,11 +92,8 @@ def pointer(lr: float, steps: int, rope_theta: float | None, heads: int | None =
             config.text_config.rope_parameters["rope_theta"] = rope_theta
         if heads is not None:  # query and key-value heads, same hidden size (smaller heads)
             config.text_config.num_attention_heads = config.text_config.num_key_value_heads = heads
-            head_dim = config.text_config.hidden_size // heads
-            config.text_config.head_dim = head_dim
-            half = head_dim // 2
-            t = half // 4
-            config.text_config.rope_parameters["mrope_section"] = [t, (half - t) // 2, half - t - (half - t) // 2]
+            config.text_config.head_dim = config.text_config.hidden_size // heads
+            config.text_config.rope_parameters["mrope_section"] = _mrope_section(config.text_config.head_dim)
         torch.manual_seed(0)
         model = Qwen2_5_VLForConditionalGeneration._from_config(config, attn_implementation="sdpa")
     model.train()

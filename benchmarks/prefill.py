@@ -21,7 +21,6 @@ are scaled down by it; the table's `img tokens` column is what the LLM actually 
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import sys
 from dataclasses import dataclass
@@ -38,6 +37,7 @@ from illava.flops import predicted_speedup  # noqa: E402
 from illava.inputs import Sample, build_inputs, synthetic_image  # noqa: E402
 from illava.patch.qwen2_5_vl import state_of  # noqa: E402
 from profiler import Timing, time_call, time_once  # noqa: E402
+from profiler.hardware import cpu_model  # noqa: E402
 
 PROMPT = "<image> What shapes are in this picture, and what colour is each one?"
 
@@ -87,15 +87,7 @@ class Result:
 def machine(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}, CUDA {torch.version.cuda}"
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"CPU {cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    return f"CPU {cpu_model()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
 def schedules(model) -> list[tuple[str, Schedule]]:
