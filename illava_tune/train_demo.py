@@ -4,17 +4,20 @@ The architecture is `illava.backbones.DEMO_SPEC` (a real Qwen2.5-VL: windowed an
 blocks, 2x2 patch merger, GQA, 3-D mRoPE), initialised with seeded weights and trained from scratch on
 the `train` stream of `profiler.demo_vqa` (item i of step s is item s*batch+i, so a run is a function of
 its seed and settings). The loss is cross-entropy on the answer tokens and the ``<|im_end|>`` after
-them, at the positions `generate` would produce them, plus a training-only linear probe that names the
-colour and shape under each image token (it teaches the encoder to see; it is not saved).
+them, at the positions `generate` would produce them, plus a training-only linear probe on the image
+tokens the encoder hands the LLM that names the colour and shape under each token and the token's row
+and column (it teaches the encoder to see and to say where; it is not saved).
 
 A four-option answer takes two skills: seeing the answer, and pointing at the option letter that
-says it. The letter alone teaches neither (runs with choices only sat at chance), and pointing
-does not come from four options even as a text-only task; it comes from two options, and then
-carries over to four (docs/benchmarks.md, "Status of the demo backbone"). So training starts with
-`pointer_steps` of text-only "Which option says X?" questions, two options for the first
-`two_option_share` of them and four after, and then mixes four forms in equal shares: listing the
-objects, open-ended questions answered in words, text-only matching, and the benchmark's own form
-(with the profiler's exact prompt).
+says it. The letter alone teaches neither (runs with choices only sat at chance). Pointing is learned
+late and abruptly by this small LLM, if at all: with four options not in 400 steps even as a
+text-only task; with two options it was learned within 250-300 steps in some runs and not in
+others (docs/benchmarks.md, "Status of the demo backbone"). So training starts with `pointer_steps`
+of text-only "Which option says X?" questions, two options for the first `two_option_share` of them
+and four after, and then mixes four forms in equal shares: listing the objects, open-ended
+questions answered in words, text-only matching, and the benchmark's own form (with the profiler's
+exact prompt), whose questions show two options at first and four after `two_option_choice_steps`.
+No run of this recipe has yet answered the benchmark's form above chance (issue 5 is open).
 
 The run prints a progress line every `--log-every` steps (loss, training accuracy, samples/s, ETA) and
 the validation accuracy per question type every `--eval-every` steps. It saves a resumable state
@@ -31,6 +34,7 @@ differ in the last bits of a float sum, and so in the weights after training.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import math
@@ -71,6 +75,7 @@ class TrainConfig:
     probe_weight: float = 1.0
     pointer_steps: int = 400  # the first steps: text-only "which option says X?" (see _question_form)
     two_option_share: float = 0.75  # of those, the first share with two options instead of four
+    two_option_choice_steps: int = 600  # mixed steps over which benchmark-form questions go from 2 options to 4
 
     def lr_at(self, step: int) -> float:
         """Linear warm-up, then cosine decay to `min_lr_ratio` of the peak."""
@@ -107,44 +112,57 @@ def _listing(scene) -> str:
     return ", ".join(o.name for o in sorted(scene.objects, key=lambda o: (order[o.colour], order[o.shape])))
 
 
+def _choice_options(index: int, mixed_step: int, config: TrainConfig) -> int:
+    """How many options benchmark-form question `index` shows at `mixed_step` (steps since the pointing
+    curriculum): two for all of them at first, then for a share falling linearly to none after
+    `two_option_choice_steps`; which questions keep two is a fixed pseudo-random function of the index."""
+    share_two = 1.0 - mixed_step / config.two_option_choice_steps if config.two_option_choice_steps > 0 else 0.0
+    return 2 if (index * 0.6180339887) % 1.0 < share_two else 4
+
+
 def _two_options(item: MCQItem, right_first: bool) -> MCQItem:
     """The item with only its right option and one other, the right one first or second."""
     right = item.options[item.answer]
     other = next(text for letter, text in item.options.items() if letter != item.answer)
     options, answer = ({"A": right, "B": other}, "A") if right_first else ({"A": other, "B": right}, "B")
-    return MCQItem(item.index, item.question, options, answer, item.images, item.category)
+    return dataclasses.replace(item, options=options, answer=answer)
 
 
 def _example(
-    scene, tokenizer, letters: dict[str, int], end_id: int, phase: str = "mixed"
-) -> tuple[Sample, list[int], bool]:
-    """The prompt, the tokens the model should answer with (then <|im_end|>), and whether the answer
-    is an option letter. `phase`: ``mixed`` (the forms of _question_form), or the pointing curriculum
-    that comes first, ``match2`` / ``match4`` (text-only matching with two / four options)."""
+    scene, tokenizer, letters: dict[str, int], end_id: int, phase: str = "mixed", options: int = 4
+) -> tuple[Sample, list[int], str]:
+    """The prompt, the tokens the model should answer with (then <|im_end|>), and the form it is asked
+    in (``list``, ``open``, ``match`` or ``choice``; the last two are answered with an option letter).
+    `phase`: ``mixed`` (the forms of _question_form), or the pointing curriculum that comes first,
+    ``match2`` / ``match4`` (text-only matching with two / four options). `options`: how many options
+    a ``choice`` question shows (2 or 4)."""
     item = scene.item()
     kind = _question_form(scene.index, scene.category) if phase == "mixed" else "match"
-    if phase == "match2":
-        item = _two_options(item, right_first=scene.index % 2 == 0)
+    if phase == "match2" or (kind == "choice" and options == 2):
+        # Which option is right alternates by index; the eighth of the index, as choice slots are odd.
+        item = _two_options(item, right_first=(scene.index if phase == "match2" else scene.index // 8) % 2 == 0)
     if kind == "choice":
-        return item.to_sample(), [letters[item.answer], end_id], True
+        return item.to_sample(), [letters[item.answer], end_id], kind
     if kind == "match":
         question = f"Which option says {item.options[item.answer]}?"
         text = MCQItem(item.index, question, item.options, item.answer, ()).prompt()
-        return Sample(text), [letters[item.answer], end_id], True
+        return Sample(text), [letters[item.answer], end_id], kind
     text, answer = (f"{scene.question}\n{OPEN_INSTRUCTION}", item.options[item.answer]) if kind == "open" else (
         LIST_PROMPT, _listing(scene))  # fmt: skip
     sample = Sample(f"{IMAGE_MARKER}\n{text}", list(item.images))
-    return sample, [*tokenizer.encode(answer, add_special_tokens=False), end_id], False
+    return sample, [*tokenizer.encode(answer, add_special_tokens=False), end_id], kind
 
 
 TOKEN_PIXELS = 28  # one LLM image token is a 2x2 group of 14-pixel patches
 
 
 def _token_labels(scene) -> torch.Tensor:
-    """(tokens, 2): colour and shape class (0 = background) of the object covering most of each
-    28x28 cell, in the raster order image tokens reach the LLM."""
+    """(tokens, 4): colour and shape class (0 = background) of the object covering most of each
+    28x28 cell, and the cell's row and column, in the raster order image tokens reach the LLM."""
     cells = scene.image_size // TOKEN_PIXELS
-    labels = torch.zeros(cells * cells, 2, dtype=torch.long)
+    labels = torch.zeros(cells * cells, 4, dtype=torch.long)
+    labels[:, 2] = torch.arange(cells * cells) // cells
+    labels[:, 3] = torch.arange(cells * cells) % cells
     colour_class = {colour: i + 1 for i, colour in enumerate(COLOURS)}
     shape_class = {shape: i + 1 for i, shape in enumerate(SHAPES)}
     for row in range(cells):
@@ -158,12 +176,49 @@ def _token_labels(scene) -> torch.Tensor:
                 if w > 0 and h > 0 and w * h > best_area:
                     best, best_area = obj, w * h
             if best is not None:
-                labels[row * cells + col] = torch.tensor([colour_class[best.colour], shape_class[best.shape]])
+                labels[row * cells + col, :2] = torch.tensor([colour_class[best.colour], shape_class[best.shape]])
     return labels
 
 
+PROBE_TARGETS = ("colour", "shape", "row", "column")
+POSITION_WEIGHT = 0.5  # of each of the row and column terms, relative to colour and shape
+
+
+def _probe_sizes(image_size: int) -> tuple[int, ...]:
+    """Classes of each PROBE_TARGETS head: colours and shapes with background (0), rows, columns."""
+    cells = image_size // TOKEN_PIXELS
+    return len(COLOURS) + 1, len(SHAPES) + 1, cells, cells
+
+
+def _probe_loss_and_hits(probe_logits: torch.Tensor, token_labels: torch.Tensor, image_size: int):
+    """The probe's loss and, per PROBE_TARGETS, which image tokens that hold an object it names right.
+
+    Colour and shape are over all tokens, background down-weighted (most cells are background); row
+    and column only over tokens on an object: the encoder has no absolute position embedding (its
+    rotary positions are relative), so this is what makes it say where an object is, which relative
+    position questions need."""
+    heads = torch.split(probe_logits, _probe_sizes(image_size), dim=-1)
+    on_object = token_labels[:, 0] > 0
+    loss = probe_logits.new_zeros(())
+    for i, head in enumerate(heads[:2]):
+        weight = torch.ones(head.shape[-1], device=head.device)
+        weight[0] = 0.1
+        loss = loss + torch.nn.functional.cross_entropy(head, token_labels[:, i], weight=weight)
+    if on_object.any():
+        for i, head in enumerate(heads[2:], start=2):
+            loss = loss + POSITION_WEIGHT * torch.nn.functional.cross_entropy(
+                head[on_object], token_labels[on_object, i]
+            )
+    hits = {
+        name: head[on_object].argmax(-1) == token_labels[on_object, i]
+        for i, (name, head) in enumerate(zip(PROBE_TARGETS, heads))
+    }
+    return loss, hits
+
+
 def _batch(backbone: Backbone, config: TrainConfig, step: int, letters: dict[str, int], end_id: int):
-    """Inputs of step `step` with each answer appended, and the labels of the last K positions.
+    """Inputs of step `step` with each answer appended, the labels of the last K positions, each row's
+    form (see _example) and the probe's labels of the image tokens (see _token_labels).
 
     Rows are left padded as a whole (prompt + answer), so every answer ends at the last position;
     labels (B, K) hold row i's answer in its last len(answer_i) columns and -100 elsewhere.
@@ -175,7 +230,11 @@ def _batch(backbone: Backbone, config: TrainConfig, step: int, letters: dict[str
         phase = "match2" if step < config.pointer_steps * config.two_option_share else "match4"
     else:
         phase = "mixed"
-    examples = [_example(scene, tokenizer, letters, end_id, phase) for scene in scenes]
+    mixed_step = step - config.pointer_steps
+    examples = [
+        _example(scene, tokenizer, letters, end_id, phase, _choice_options(scene.index, mixed_step, config))
+        for scene in scenes
+    ]
     inputs = build_inputs(tokenizer, backbone.image_processor, [sample for sample, _, _ in examples])
     answers = [answer for _, answer, _ in examples]
     width = max(len(a) for a in answers)
@@ -192,10 +251,10 @@ def _batch(backbone: Backbone, config: TrainConfig, step: int, letters: dict[str
     for key, values in rows.items():
         inputs[key] = torch.tensor([[pad[key]] * (length - len(r)) + r for r in values])  # (B, L)
     labels = torch.tensor([[-100] * (width - len(a)) + a for a in answers])  # (B, K)
-    is_mcq = torch.tensor([choice for _, _, choice in examples])
+    kinds = [kind for _, _, kind in examples]
     with_image = [scene for scene, (sample, _, _) in zip(scenes, examples) if sample.images]
     token_labels = [_token_labels(scene) for scene in with_image]
-    return inputs, labels, is_mcq, torch.cat(token_labels) if token_labels else torch.zeros(0, 2, dtype=torch.long)
+    return inputs, labels, kinds, torch.cat(token_labels) if token_labels else torch.zeros(0, 4, dtype=torch.long)
 
 
 def _batches(backbone: Backbone, config: TrainConfig, steps: range, letters, end_id: int, workers: int):
@@ -258,13 +317,12 @@ def train(config: TrainConfig, out: Path, *, resume: bool = False, save_every_s:
     backbone = build_untrained("demo", seed=config.seed)
     model = backbone.model.to(device).train()
     # A linear probe on the image tokens the encoder hands the LLM, trained to name the colour and
-    # shape under each token: dense supervision that teaches the encoder to see in hundreds of steps
-    # instead of the thousands a 4-way letter needs. Training only; the checkpoint does not hold it.
+    # shape under each token and where the token is: dense supervision that teaches the encoder to see
+    # in hundreds of steps instead of the thousands a 4-way letter needs. Training only; the checkpoint
+    # does not hold it.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed + 1)
-        probe = torch.nn.Linear(DEMO_SPEC.text_hidden, len(COLOURS) + len(SHAPES) + 2).to(device)
-    background = 0.1  # most cells are background
-    class_weights = [torch.tensor([background] + [1.0] * n, device=device) for n in (len(COLOURS), len(SHAPES))]
+        probe = torch.nn.Linear(DEMO_SPEC.text_hidden, sum(_probe_sizes(config.image_size))).to(device)
     captured: list = []
     hook = model.model.visual.register_forward_hook(lambda module, args, output: captured.append(output))
     named = [*model.named_parameters(), *(("probe." + n, p) for n, p in probe.named_parameters())]
@@ -295,8 +353,9 @@ def train(config: TrainConfig, out: Path, *, resume: bool = False, save_every_s:
         f"{torch.get_num_threads()} threads")  # fmt: skip
 
     t0, last_save = time.perf_counter(), time.perf_counter()
-    window_loss, window_right, window_mcq, window_n, window_t = 0.0, 0, 0, 0, time.perf_counter()
-    for step, (inputs, labels, is_mcq, token_labels) in zip(
+    window_loss, window_n, window_t, window_hits = 0.0, 0, time.perf_counter(), {}
+    option_ids = torch.tensor([letters[k] for k in "ABCD"], device=device)
+    for step, (inputs, labels, kinds, token_labels) in zip(
         range(start, config.steps), _batches(backbone, config, range(start, config.steps), letters, end_id, workers)
     ):
         for group in optimizer.param_groups:
@@ -306,30 +365,26 @@ def train(config: TrainConfig, out: Path, *, resume: bool = False, save_every_s:
         captured.clear()  # evaluation runs the encoder too
         logits = model(**inputs, logits_to_keep=width + 1, use_cache=False).logits[:, :width].float()  # (B, K, V)
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+        probe_hits = {}
         if len(token_labels):  # the pointing curriculum has no images
             features = captured.pop().pooler_output  # per image, or all images concatenated
             features = torch.cat(features) if isinstance(features, list | tuple) else features
-            probe_logits = probe(features)  # (tokens, colours + shapes + 2)
-            token_labels = token_labels.to(device)
-            colours = len(COLOURS) + 1
-            loss = loss + config.probe_weight * (
-                torch.nn.functional.cross_entropy(
-                    probe_logits[:, :colours], token_labels[:, 0], weight=class_weights[0]
-                )
-                + torch.nn.functional.cross_entropy(
-                    probe_logits[:, colours:], token_labels[:, 1], weight=class_weights[1]
-                )
-            )
+            probe_loss, probe_hits = _probe_loss_and_hits(probe(features), token_labels.to(device), config.image_size)
+            loss = loss + config.probe_weight * probe_loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
         optimizer.step()
 
-        option_ids = torch.tensor([letters[k] for k in "ABCD"], device=device)
-        is_mcq = is_mcq.to(device)
-        letter_logits = logits[is_mcq, width - 2][:, option_ids]  # MCQ rows: the letter is second to last
-        window_right += int((option_ids[letter_logits.argmax(-1)] == labels[is_mcq, width - 2]).sum())
-        window_mcq += int(is_mcq.sum())
+        with torch.no_grad():  # training accuracy of the letter answers, by form, and of the probe
+            letter_rows = torch.tensor([kind in ("match", "choice") for kind in kinds], device=device)
+            # the letter is second to last
+            picked = option_ids[logits[letter_rows, width - 2][:, option_ids].argmax(-1)]
+            right = (picked == labels[letter_rows, width - 2]).tolist()
+            for kind, hit in zip([k for k in kinds if k in ("match", "choice")], right):
+                window_hits.setdefault(kind, []).append(hit)
+            for name, hit in probe_hits.items():
+                window_hits.setdefault(f"probe_{name}", []).extend(hit.tolist())
         window_loss += float(loss.detach()) * len(labels)
         window_n += len(labels)
         done = step + 1
@@ -337,10 +392,11 @@ def train(config: TrainConfig, out: Path, *, resume: bool = False, save_every_s:
             now = time.perf_counter()
             rate = window_n / (now - window_t)
             eta = (config.steps - done) * config.batch_size / rate
-            log(f"step {done}/{config.steps} loss {window_loss / window_n:.4f} train_acc {window_right / max(1, window_mcq):.3f} "
+            accuracy = " ".join(f"{name}={sum(hits) / len(hits):.2f}" for name, hits in sorted(window_hits.items()))
+            log(f"step {done}/{config.steps} loss {window_loss / window_n:.4f} train_acc {accuracy} "
                 f"lr {config.lr_at(step):.2e} {rate:.1f} samples/s elapsed {elapsed_before + now - t0:.0f}s "
                 f"eta {eta / 60:.1f} min")  # fmt: skip
-            window_loss, window_right, window_mcq, window_n, window_t = 0.0, 0, 0, 0, time.perf_counter()
+            window_loss, window_n, window_t, window_hits = 0.0, 0, time.perf_counter(), {}
         if done % config.eval_every == 0 and done < config.steps:
             log(f"step {done} val {_format(_evaluate(backbone, val_items, 32))}")
             window_t = time.perf_counter()  # evaluation time is not training throughput

@@ -82,12 +82,40 @@ def test_training_starts_with_text_only_pointing_then_adds_images():
     letters, end_id = _letter_ids(tokenizer), tokenizer.convert_tokens_to_ids("<|im_end|>")
     prompts = []
     for step in range(3):
-        inputs, labels, is_letter, token_labels = _batch(backbone, CONFIG, step, letters, end_id)
+        inputs, labels, kinds, token_labels = _batch(backbone, CONFIG, step, letters, end_id)
         prompts.append(tokenizer.decode(inputs["input_ids"][0], skip_special_tokens=True))
         if step < 2:
-            assert "pixel_values" not in inputs and len(token_labels) == 0 and bool(is_letter.all())
+            assert "pixel_values" not in inputs and len(token_labels) == 0 and set(kinds) == {"match"}
             assert prompts[-1].startswith("user\nWhich option says ")
         else:
             assert inputs["pixel_values"].shape[0] > 0 and len(token_labels) > 0
     assert "\nB. " in prompts[0] and "\nC. " not in prompts[0]  # two options first
     assert "\nD. " in prompts[1]
+
+
+def test_benchmark_form_questions_go_from_two_options_to_four():
+    from illava_tune.train_demo import _choice_options
+
+    config = TrainConfig(two_option_choice_steps=100)
+    assert all(_choice_options(i, 0, config) == 2 for i in range(200))
+    halfway = [_choice_options(i, 50, config) for i in range(400)]
+    assert 0.4 < halfway.count(2) / len(halfway) < 0.6
+    assert all(_choice_options(i, 100, config) == 4 for i in range(200))
+    assert all(_choice_options(i, 0, TrainConfig(two_option_choice_steps=0)) == 4 for i in range(20))
+
+
+def test_probe_labels_name_each_tokens_object_and_cell():
+    from illava_tune.train_demo import TOKEN_PIXELS, _token_labels
+    from profiler.demo_vqa import COLOURS, SHAPES, demo_scene
+
+    scene = demo_scene("train", 7)
+    labels = _token_labels(scene)
+    cells = scene.image_size // TOKEN_PIXELS
+    assert labels.shape == (cells * cells, 4)
+    for obj in scene.objects:  # the cell under an object's centre is labelled with it
+        x, y = obj.centre
+        row, col = int(y) // TOKEN_PIXELS, int(x) // TOKEN_PIXELS
+        token = labels[row * cells + col]
+        if obj.size != "small":  # a small object may not cover most of any cell
+            assert token[0] == list(COLOURS).index(obj.colour) + 1 and token[1] == SHAPES.index(obj.shape) + 1
+        assert token[2] == row and token[3] == col
