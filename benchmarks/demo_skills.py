@@ -44,7 +44,7 @@ from illava_tune.train_demo import (  # noqa: E402
     _two_options,
 )
 from profiler.datasets import MCQItem  # noqa: E402
-from profiler.demo_vqa import demo_item, demo_scene  # noqa: E402
+from profiler.demo_vqa import CATEGORIES, demo_item, demo_scene  # noqa: E402
 from profiler.measure import _letter_ids  # noqa: E402
 
 
@@ -71,7 +71,7 @@ def skills(state_path: Path, batch_size: int = 64, first_step: int = 100000, bat
         for target, hits in _probe_loss_and_hits(named, token_labels, config.image_size)[1].items():
             right.setdefault(f"probe {target}", []).extend(hits.tolist())
         for row, form in enumerate(kinds):
-            category = demo_scene("train", step * batch_size + row).category
+            category = CATEGORIES[(step * batch_size + row) % len(CATEGORIES)]  # as demo_scene assigns it
             first = int((labels[row] != -100).nonzero()[0])
             hit = int(predicted[row, first] == labels[row, first])
             right.setdefault(form, []).append(hit)
@@ -87,13 +87,11 @@ def _described(index: int) -> MCQItem:
     red circle."; objects in a seeded order, so the text order says nothing about where they are).
     Position questions are left out: names say nothing about where objects are."""
     index = 5 * (index // 4) + (0, 1, 2, 4)[index % 4]  # skips every position question (index % 5 == 3)
-    scene = demo_scene("train", index)
+    scene = demo_scene("train", index)  # the scene's fields: nothing is drawn
     names = [o.name for o in scene.objects]
     random.Random(index).shuffle(names)
-    item = scene.item()
-    return MCQItem(
-        item.index, item.question, item.options, item.answer, (), item.category, f"In the image: {', '.join(names)}."
-    )
+    hint = f"In the image: {', '.join(names)}."
+    return MCQItem(f"train-{index}", scene.question, scene.options, scene.answer, (), scene.category, hint)
 
 
 TASKS = {

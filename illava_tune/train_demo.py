@@ -139,7 +139,8 @@ def _example(
     item = scene.item()
     kind = _question_form(scene.index, scene.category) if phase == "mixed" else "match"
     if phase == "match2" or (kind == "choice" and options == 2):
-        # Which option is right alternates by index; the eighth of the index, as choice slots are odd.
+        # Which option is right alternates: by index for matching; for choices by index // 8, since
+        # choice slots of _question_form are all odd (by index they would always put the answer second).
         item = _two_options(item, right_first=(scene.index if phase == "match2" else scene.index // 8) % 2 == 0)
     if kind == "choice":
         return item.to_sample(), [letters[item.answer], end_id], kind
