@@ -1,24 +1,26 @@
-"""Which skill the `demo` backbone has learned: the figures behind "Status of the demo backbone".
+"""Which skill of the `demo` recipe learns how fast: the experiments behind "Status of the demo backbone".
 
-    python benchmarks/demo_skills.py state OUT/train_state.pt   # OUT: an illava-tune train-demo --out folder
-    python benchmarks/demo_skills.py pointer --lr 1e-3 --steps 400 [--rope-theta 10000] [--heads 8] [--task copy|compose] [--two-option-steps 300] [--after-match 400]
+    python benchmarks/demo_skills.py encoder [--steps 400] [--lr 1e-3]   # the encoder and probe alone
+    python benchmarks/demo_skills.py binding [--steps 400] [--lr 1e-3]   # the LLM alone, scenes in words
 
-``state`` loads a training state written by `illava-tune train-demo` and reports, for each way a
-training question is asked (list / match / open / choice), how often the first answer token is
-right on 192 training-stream questions the run has not reached (steps 100000-100002).
+``encoder`` trains a fresh `demo` vision encoder with `illava-tune train-demo`'s probe and labels
+(colour under each token, shape at object centres, row and column) and nothing else, and prints every
+25 steps how often the probe names the shape at object centres, by object size, and the colour.
 
-``pointer`` trains a fresh `demo` model on the text-only matching task alone ("Which option says
-purple?" with the benchmark's option layout; answer: the letter), and prints the accuracy over each
-50 steps: can this LLM learn to point at an option at all, and how fast. ``--task copy`` ("The answer
-is B.") is the control: the same loop on a task that needs no pointing. ``--task compose`` is the
-benchmark's question with the scene written out instead of drawn ("In the image: purple cross,
-orange circle."; no position questions): finding the answer and pointing at its option, without
-seeing. ``--after-match N`` runs train-demo's matching curriculum for N steps first.
+``binding`` trains a fresh `demo` model on train-demo's conversations with the image replaced by
+the scene written out ("In the image: purple cross, orange circle."; position questions left out,
+since names say nothing about positions), and prints every 25 steps how often each type of
+question is answered right (all answer tokens, teacher forced). Nothing has to be seen: this is
+whether the LLM learns to bind an attribute to the object a question names.
+
+Both use the `train` stream from item 10,000,000 on (not what a train-demo run of this length
+reads), 32 scenes a step, AdamW with a 50-step warm-up to a constant `--lr`.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import random
 import sys
 import time
@@ -28,170 +30,127 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from illava.backbones import (  # noqa: E402
-    DEMO_SPEC,
-    Qwen2_5_VLForConditionalGeneration,
-    _mrope_section,
-    build_config,
-    build_untrained,
-)
-from illava.inputs import Sample, build_inputs  # noqa: E402
+from illava.backbones import DEMO_SPEC, build_untrained  # noqa: E402
+from illava.inputs import Sample, _chat, build_inputs  # noqa: E402
 from illava_tune.train_demo import (  # noqa: E402
-    TrainConfig,
-    _batch,
+    _answer_labels,
+    _conversation,
     _probe_loss_and_hits,
     _probe_sizes,
-    _two_options,
+    _token_labels,
 )
-from profiler.datasets import MCQItem  # noqa: E402
-from profiler.demo_vqa import CATEGORIES, demo_item, demo_scene  # noqa: E402
-from profiler.measure import _letter_ids  # noqa: E402
+from profiler.accuracy import END_OF_TURN  # noqa: E402
+from profiler.demo_vqa import SHAPES, demo_scene  # noqa: E402
+
+FIRST_ITEM = 10_000_000
+BATCH = 32
 
 
-@torch.no_grad()
-def skills(state_path: Path, batch_size: int = 64, first_step: int = 100000, batches: int = 3) -> None:
-    backbone = build_untrained("demo")
-    state = torch.load(state_path, weights_only=True, map_location="cpu")
-    backbone.model.load_state_dict(state["model"])
-    model = backbone.model.eval()
-    tokenizer = backbone.tokenizer
-    end_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    config = TrainConfig(**{**state["config"], "batch_size": batch_size})
-    probe = torch.nn.Linear(DEMO_SPEC.text_hidden, sum(_probe_sizes(config.image_size)))
-    probe.load_state_dict(state["probe"])
-    captured: list = []
-    model.model.visual.register_forward_hook(lambda module, args, output: captured.append(output))
-    right: dict[str, list[int]] = {}
-    for step in range(first_step, first_step + batches):
-        inputs, labels, kinds, token_labels = _batch(backbone, config, step, _letter_ids(tokenizer), end_id)
-        width = labels.shape[1]
-        predicted = model(**inputs, logits_to_keep=width + 1, use_cache=False).logits[:, :width].argmax(-1)
-        features = captured.pop().pooler_output
-        named = probe(torch.cat(features) if isinstance(features, list | tuple) else features)
-        for target, hits in _probe_loss_and_hits(named, token_labels, config.image_size)[1].items():
-            right.setdefault(f"probe {target}", []).extend(hits.tolist())
-        for row, form in enumerate(kinds):
-            category = CATEGORIES[(step * batch_size + row) % len(CATEGORIES)]  # as demo_scene assigns it
-            first = int((labels[row] != -100).nonzero()[0])
-            hit = int(predicted[row, first] == labels[row, first])
-            right.setdefault(form, []).append(hit)
-            if form in ("open", "choice"):
-                right.setdefault(f"{form} {category}", []).append(hit)
-    print(f"training state at step {state['step']}: first answer token right (probe: image tokens on an object)")
-    for form, hits in sorted(right.items()):
-        print(f"  {form:<12} {sum(hits):>4}/{len(hits)} = {sum(hits) / len(hits):.1%}")
+def _report(step: int, start: float, loss: float, hits: dict[str, list[bool]]) -> None:
+    rates = " ".join(f"{name}={sum(h) / len(h):.2f}" for name, h in sorted(hits.items()) if h)
+    print(f"{step} {time.perf_counter() - start:.0f}s loss {loss:.3f} {rates}", flush=True)
 
 
-def _described(index: int) -> MCQItem:
-    """A benchmark question with the scene written out instead of drawn ("In the image: blue square,
-    red circle."; objects in a seeded order, so the text order says nothing about where they are).
-    Position questions are left out: names say nothing about where objects are."""
-    index = 5 * (index // 4) + (0, 1, 2, 4)[index % 4]  # skips every position question (index % 5 == 3)
-    scene = demo_scene("train", index)  # the scene's fields: nothing is drawn
-    names = [o.name for o in scene.objects]
-    random.Random(index).shuffle(names)
-    hint = f"In the image: {', '.join(names)}."
-    return MCQItem(f"train-{index}", scene.question, scene.options, scene.answer, (), scene.category, hint)
+def _warm(optimizer, lr: float, step: int) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr * min(1.0, (step + 1) / 50)
 
 
-TASKS = {
-    "match": lambda item: MCQItem(
-        item.index, f"Which option says {item.options[item.answer]}?", item.options, item.answer, ()
-    ),
-    "copy": lambda item: MCQItem(item.index, f"The answer is {item.answer}.", item.options, item.answer, ()),
-    # retrieve the answer from the described scene, then point at its option: a choice without seeing
-    "compose": lambda item: item,
-}
+def encoder(steps: int, lr: float) -> None:
+    backbone = build_untrained("demo", seed=0)
+    visual = backbone.model.model.visual.train()
+    probe = torch.nn.Linear(DEMO_SPEC.text_hidden, sum(_probe_sizes(224)))
+    optimizer = torch.optim.AdamW([*visual.parameters(), *probe.parameters()], lr=lr, betas=(0.9, 0.98))
+    hits: dict[str, list[bool]] = {}
+    start = time.perf_counter()
+    for step in range(steps):
+        _warm(optimizer, lr, step)
+        scenes = [demo_scene("train", FIRST_ITEM + step * BATCH + i) for i in range(BATCH)]
+        samples = [Sample("<image>", list(scene.item().images)) for scene in scenes]
+        inputs = build_inputs(backbone.tokenizer, backbone.image_processor, samples)
+        features = visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"]).pooler_output
+        features = torch.cat(features) if isinstance(features, list | tuple) else features
+        labels = torch.cat([_token_labels(scene) for scene in scenes])
+        logits = probe(features)
+        loss, probe_hits = _probe_loss_and_hits(logits, labels, 224)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(visual.parameters(), 1.0)
+        optimizer.step()
+        with torch.no_grad():
+            shape_head = torch.split(logits, _probe_sizes(224), dim=-1)[1]
+            cells = 224 // 28
+            for i, scene in enumerate(scenes):
+                for obj in scene.objects:
+                    x, y = obj.centre
+                    token = i * cells * cells + int(y) // 28 * cells + int(x) // 28
+                    hits.setdefault(f"shape_{obj.size}", []).append(
+                        int(shape_head[token].argmax()) == SHAPES.index(obj.shape) + 1
+                    )
+            hits.setdefault("colour", []).extend(probe_hits["colour"].tolist())
+        if (step + 1) % 25 == 0:
+            _report(step + 1, start, float(loss.detach()), hits)
+            hits = {}
 
 
-def pointer(lr: float, steps: int, rope_theta: float | None, heads: int | None = None, batch_size: int = 32,
-            task: str = "match", two_option_steps: int = 0, after_match: int = 0) -> None:  # fmt: skip
-    backbone = build_untrained("demo")
-    model = backbone.model
-    if rope_theta is not None or heads is not None:
-        config = build_config("demo")
-        if rope_theta is not None:
-            config.text_config.rope_parameters["rope_theta"] = rope_theta
-        if heads is not None:  # query and key-value heads, same hidden size (smaller heads)
-            config.text_config.num_attention_heads = config.text_config.num_key_value_heads = heads
-            config.text_config.head_dim = config.text_config.hidden_size // heads
-            config.text_config.rope_parameters["mrope_section"] = _mrope_section(config.text_config.head_dim)
-        torch.manual_seed(0)
-        model = Qwen2_5_VLForConditionalGeneration._from_config(config, attn_implementation="sdpa")
-    model.train()
-    tokenizer = backbone.tokenizer
-    letters = _letter_ids(tokenizer)
-    option_ids = torch.tensor([letters[k] for k in "ABCD"])
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.05)
-    start, hits, by_category = time.perf_counter(), [], {}
-    for step in range(after_match + steps):
-        for group in optimizer.param_groups:
-            group["lr"] = lr * min(1.0, (step + 1) / 50)
-        first = step * batch_size
-        # --after-match: train-demo's pointing curriculum first (text-only matching, 75% of it with 2 options)
-        now, two_options = (
-            ("match", step < 0.75 * after_match)
-            if step < after_match
-            else (task, step - after_match < two_option_steps)
-        )
-        items = [
-            _described(first + i) if now == "compose" else demo_item("train", first + i) for i in range(batch_size)
-        ]
-        if two_options:  # curriculum: point between two options before four
-            # Which option is right: alternating by row for matching (as in train-demo); a seeded coin per
-            # question for compose, whose question type cycles with the row and would give it away.
-            items = [
-                _two_options(
-                    item, right_first=random.Random(item.index).random() < 0.5 if now == "compose" else i % 2 == 0
-                )
-                for i, item in enumerate(items)
-            ]
-        samples = [Sample(TASKS[now](it).prompt()) for it in items]
-        inputs = build_inputs(tokenizer, backbone.image_processor, samples)
-        target = torch.tensor([letters[it.answer] for it in items])
-        logits = model(**inputs, logits_to_keep=1, use_cache=False).logits[:, -1]
-        loss = torch.nn.functional.cross_entropy(logits, target)
-        optimizer.zero_grad()
+def _described(scene, index: int) -> tuple[str, list[str]]:
+    """The conversation text with the scene in words before the first question, and its categories."""
+    items = [dataclasses.replace(item, images=()) for item in _conversation(scene, 5) if item.category != "position"]
+    objects = list(scene.objects)
+    random.Random(index).shuffle(objects)
+    described = "In the image: " + ", ".join(obj.name for obj in objects) + ".\n"
+    text = "".join(
+        _chat((described if turn == 0 else "") + item.prompt("text")) + f"{item.options[item.answer]}{END_OF_TURN}\n"
+        for turn, item in enumerate(items)
+    )
+    return text, [item.category for item in items]
+
+
+def binding(steps: int, lr: float) -> None:
+    backbone = build_untrained("demo", seed=0)
+    model, tokenizer = backbone.model.train(), backbone.tokenizer
+    optimizer = torch.optim.AdamW(model.model.language_model.parameters(), lr=lr, betas=(0.9, 0.98))
+    header = tokenizer.encode("<|im_start|>assistant\n", add_special_tokens=False)
+    end_id = tokenizer.convert_tokens_to_ids(END_OF_TURN)
+    hits: dict[str, list[bool]] = {}
+    start = time.perf_counter()
+    for step in range(steps):
+        _warm(optimizer, lr, step)
+        indices = [FIRST_ITEM + step * BATCH + i for i in range(BATCH)]
+        conversations = [_described(demo_scene("train", i), i) for i in indices]
+        samples = [Sample(text) for text, _ in conversations]
+        inputs = build_inputs(tokenizer, backbone.image_processor, samples, chat=False)
+        rows = [_answer_labels(ids, header, end_id) for ids in inputs["input_ids"]]
+        labels = torch.stack([row_labels for row_labels, _ in rows])
+        hidden = model.model(**inputs, use_cache=False).last_hidden_state[:, :-1]
+        predicts = labels[:, 1:] != -100
+        targets = labels[:, 1:][predicts]
+        logits = model.lm_head(hidden[predicts]).float()
+        loss = torch.nn.functional.cross_entropy(logits, targets)
+        optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
-        right = (option_ids[logits[:, option_ids].argmax(-1)] == target).tolist()
-        hits.append(sum(right) / len(right))
-        for item, hit in zip(items, right):
-            by_category.setdefault(item.category, []).append(hit)
-        if (step + 1) % 50 == 0:
-            per_type = (
-                " ".join(f"{name} {sum(h) / len(h):.2f}" for name, h in by_category.items()) if now == "compose" else ""
-            )
-            by_category = {}
-            print(f"{now} ({2 if two_options else 4} options): lr {lr} theta {rope_theta or 'default'} heads {heads or 'default'} step {step + 1}: accuracy over the last 50 steps "
-                  f"{sum(hits[-50:]) / 50:.3f} {per_type}, loss {float(loss.detach()):.3f}, {time.perf_counter() - start:.0f} s",
-                  flush=True)  # fmt: skip
+        with torch.no_grad():
+            right = torch.zeros_like(predicts)
+            right[predicts] = logits.argmax(-1) == targets
+            for row, ((_, spans), (_, categories)) in enumerate(zip(rows, conversations, strict=True)):
+                for category, (first, last) in zip(categories, spans, strict=True):
+                    hits.setdefault(category, []).append(bool(right[row, first - 1 : last].all()))
+        if (step + 1) % 25 == 0:
+            _report(step + 1, start, float(loss.detach()), hits)
+            hits = {}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-    state = commands.add_parser("state")
-    state.add_argument("path", type=Path)
-    point = commands.add_parser("pointer")
-    point.add_argument("--lr", type=float, default=1e-3)
-    point.add_argument("--steps", type=int, default=400)
-    point.add_argument("--rope-theta", type=float)
-    point.add_argument("--task", choices=sorted(TASKS), default="match", help="copy: a control the model must learn")
-    point.add_argument("--two-option-steps", type=int, default=0, help="curriculum: first steps with 2 options")
-    point.add_argument("--heads", type=int, help="LLM attention heads (query = key-value), default the spec's 4/2")
-    point.add_argument(
-        "--after-match", type=int, default=0, help="first this many steps of matching (train-demo's curriculum)"
-    )
-    args = parser.parse_args()
-    if args.command == "state":
-        skills(args.path)
-    else:
-        pointer(
-            args.lr, args.steps, args.rope_theta, args.heads, task=args.task, two_option_steps=args.two_option_steps,
-            after_match=args.after_match,
-        )  # fmt: skip
+    parser.add_argument("experiment", choices=["encoder", "binding"])
+    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    print(f"{args.experiment}: {args.steps} steps of {BATCH}, lr {args.lr}, {torch.get_num_threads()} threads")
+    (encoder if args.experiment == "encoder" else binding)(args.steps, args.lr)
 
 
 if __name__ == "__main__":

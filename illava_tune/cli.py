@@ -43,9 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
     profile.add_argument("--limit", type=int, help="number of samples (dataset rows or synthetic samples)")
     profile.add_argument(
         "--score",
-        default="logits",
-        choices=["logits", "generate"],
-        help="how a dataset answer is read: option-letter logits (default) or parsed generation",
+        default=None,
+        choices=["logits", "generate", "options"],
+        help="how a dataset answer is read: option-letter logits, parsed generation, or the likelihood of "
+        "each option's text (default: options for a model whose config says mcq_answer=text, such as demo; "
+        "else logits)",
     )
     profile.add_argument("--repeats", type=int, default=5, help="timed prefill runs (median, p90, spread)")
     profile.add_argument("--warmup", type=int, default=2)

@@ -2,22 +2,24 @@
 
 The architecture is `illava.backbones.DEMO_SPEC` (a real Qwen2.5-VL: windowed and full-attention vision
 blocks, 2x2 patch merger, GQA, 3-D mRoPE), initialised with seeded weights and trained from scratch on
-the `train` stream of `profiler.demo_vqa` (item i of step s is item s*batch+i, so a run is a function of
-its seed and settings). The loss is cross-entropy on the answer tokens and the ``<|im_end|>`` after
-them, at the positions `generate` would produce them, plus a training-only linear probe on the image
-tokens the encoder hands the LLM that names the colour and shape under each token and the token's row
-and column (it teaches the encoder to see and to say where; it is not saved).
+the `train` stream of `profiler.demo_vqa` (image i of step s is item s*batch+i, so a run is a function
+of its seed and settings). Two phases:
 
-A four-option answer takes two skills: seeing the answer, and pointing at the option letter that
-says it. The letter alone teaches neither (runs with choices only sat at chance). Pointing is learned
-late and abruptly by this small LLM, if at all: with four options not in 400 steps even as a
-text-only task; with two options it was learned within 250-300 steps in some runs and not in
-others (docs/benchmarks.md, "Status of the demo backbone"). So training starts with `pointer_steps`
-of text-only "Which option says X?" questions, two options for the first `two_option_share` of them
-and four after, and then mixes four forms in equal shares: listing the objects, open-ended
-questions answered in words, text-only matching, and the benchmark's own form (with the profiler's
-exact prompt), whose questions show two options at first and four after `two_option_choice_steps`.
-No run of this recipe has yet answered the benchmark's form above chance (issue 5 is open).
+1. `encoder_steps` steps of the encoder alone with a training-only linear probe on the image tokens it
+   hands the LLM: the colour under each token, the shape of the object centred on it, and the token's
+   row and column (the encoder has no absolute position embedding). Dense labels teach it to see and
+   to say where in minutes; the probe is not saved.
+2. The whole model (the probe still on) on conversations about each image: the benchmark's own
+   question first, asked exactly as the profiler asks it, then one question of each other type
+   about the same image (answers worked out from the scene's objects). Each question is answered
+   with the option's *text*; the loss is cross-entropy on the answer tokens and the ``<|im_end|>``
+   after each. Five answers share one pass of the encoder.
+
+The checkpoint's config says ``mcq_answer = "text"``, so the profiler scores it by the likelihood of
+each option's text (`profiler.accuracy`). Answering with the option letter instead asks this small
+LLM to find the answer and then point at the letter of the option that says it; three sessions of
+runs with letters stayed at chance for 25,000-77,000 questions (docs/benchmarks.md, "How the demo
+backbone was trained").
 
 The run prints a progress line every `--log-every` steps (loss, training accuracy, samples/s, ETA) and
 the validation accuracy per question type every `--eval-every` steps. It saves a resumable state
@@ -34,14 +36,15 @@ differ in the last bits of a float sum, and so in the weights after training.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import json
 import math
 import os
 import platform
+import random
 import sys
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -49,11 +52,19 @@ import torch
 import transformers
 
 from illava.backbones import DEMO_CHECKPOINT, DEMO_SPEC, Backbone, build_untrained, save_backbone
-from illava.inputs import IMAGE_MARKER, Sample, build_inputs
-from profiler.accuracy import accuracy_by_category, choose
+from illava.inputs import Sample, _chat, build_inputs
+from profiler.accuracy import END_OF_TURN, accuracy_by_category, choose
 from profiler.datasets import MCQItem
-from profiler.demo_vqa import COLOURS, DEFAULT_IMAGE_SIZE, SHAPES, demo_scene, demo_split
-from profiler.measure import _letter_ids
+from profiler.demo_vqa import (
+    COLOURS,
+    DEFAULT_IMAGE_SIZE,
+    DIRECTIONS,
+    SHAPES,
+    _options,
+    absent_lookalikes,
+    demo_scene,
+    demo_split,
+)
 
 STATE_FILE = "train_state.pt"
 SLICE = 100  # test questions the committed checkpoint's test re-scores
@@ -61,111 +72,139 @@ SLICE = 100  # test questions the committed checkpoint's test re-scores
 
 @dataclass(frozen=True)
 class TrainConfig:
-    steps: int = 2400
+    steps: int = 1400
     batch_size: int = 32
     lr: float = 1e-3
     min_lr_ratio: float = 0.05
-    warmup_steps: int = 150
+    warmup_steps: int = 50
     weight_decay: float = 0.05
     grad_clip: float = 1.0
     seed: int = 0
     image_size: int = DEFAULT_IMAGE_SIZE
-    eval_every: int = 200
+    eval_every: int = 250
     eval_items: int = 250
     probe_weight: float = 1.0
-    pointer_steps: int = 400  # the first steps: text-only "which option says X?" (see _question_form)
-    two_option_share: float = 0.75  # of those, the first share with two options instead of four
-    two_option_choice_steps: int = 600  # mixed steps over which benchmark-form questions go from 2 options to 4
+    encoder_steps: int = 450  # the first steps train the encoder and the probe alone (see train)
+    turns: int = 5  # questions per image in one training conversation (the benchmark's first, see _conversation)  # of those, the first share with two options instead of four
 
     def lr_at(self, step: int) -> float:
-        """Linear warm-up, then cosine decay to `min_lr_ratio` of the peak."""
-        if step < self.warmup_steps:
-            return self.lr * (step + 1) / self.warmup_steps
-        progress = (step - self.warmup_steps) / max(1, self.steps - self.warmup_steps)
+        """Each phase warms up linearly over `warmup_steps`; the encoder phase then stays at the peak,
+        the whole-model phase decays to `min_lr_ratio` of it on a cosine."""
+        phase_start = 0 if step < self.encoder_steps else self.encoder_steps
+        if step - phase_start < self.warmup_steps:
+            return self.lr * (step - phase_start + 1) / self.warmup_steps
+        if step < self.encoder_steps:
+            return self.lr
+        span = max(1, self.steps - self.encoder_steps - self.warmup_steps)
+        progress = (step - self.encoder_steps - self.warmup_steps) / span
         return self.lr * (self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-OPEN_INSTRUCTION = "Answer with a single word."
-LIST_PROMPT = "List the objects in the image."
+# ---------------------------------------------------------------------------------------------
+# Training conversations: the benchmark's question, then more questions about the same image
+# ---------------------------------------------------------------------------------------------
+
+MIN_SEPARATION = 0.2  # of the image side: position questions about two objects at least this far apart
+MAX_ACROSS = 0.45  # times that distance: how far off the named axis they may be (as in the benchmark)
 
 
-def _question_form(index: int, category: str) -> str:
-    """How training question `index` is asked, in equal shares: ``list`` (every object named, in a
-    fixed colour then shape order), ``open`` (no options, answered in words), ``match`` (text only:
-    "Which option says X?", the letter of the option that matches) and ``choice`` (the benchmark's own
-    form, which also takes the open slots of presence questions). A choice is two skills at once,
-    seeing the answer and pointing at its letter; alone, the letter teaches neither: runs with choices
-    only, or with choices and open questions, sat at chance for 500-1400 steps. The other forms teach
-    each skill directly."""
-    slot = index % 8
-    if slot in (0, 4):
-        return "list"
-    if slot in (1, 5):
-        return "match"
-    if slot in (2, 6) and category != "presence":  # presence questions need their options
-        return "open"
-    return "choice"
+def _item(scene, category: str, question: str, options: dict[str, str], answer: str) -> MCQItem:
+    return MCQItem(f"{scene.stream}-{scene.index}-{category}", question, options, answer, (), category)
 
 
-def _listing(scene) -> str:
-    order = {colour: i for i, colour in enumerate(COLOURS)} | {shape: i for i, shape in enumerate(SHAPES)}
-    return ", ".join(o.name for o in sorted(scene.objects, key=lambda o: (order[o.colour], order[o.shape])))
+def _direction(a, b, image_size: int) -> str | None:
+    """Where `a` is relative to `b` when one axis clearly dominates (the benchmark's rule), else None."""
+    (ax, ay), (bx, by) = a.centre, b.centre
+    dx, dy = ax - bx, ay - by
+    if abs(dx) >= MIN_SEPARATION * image_size and abs(dy) <= MAX_ACROSS * abs(dx):
+        return "left" if dx < 0 else "right"
+    if abs(dy) >= MIN_SEPARATION * image_size and abs(dx) <= MAX_ACROSS * abs(dy):
+        return "above" if dy < 0 else "below"
+    return None
 
 
-def _choice_options(index: int, mixed_step: int, config: TrainConfig) -> int:
-    """How many options benchmark-form question `index` shows at `mixed_step` (steps since the pointing
-    curriculum): two for all of them at first, then for a share falling linearly to none after
-    `two_option_choice_steps`; which questions keep two is a fixed pseudo-random function of the index."""
-    share_two = 1.0 - mixed_step / config.two_option_choice_steps if config.two_option_choice_steps > 0 else 0.0
-    return 2 if (index * 0.6180339887) % 1.0 < share_two else 4
+def _more_questions(scene, rng: random.Random) -> list[MCQItem]:
+    """One more question of each type other than the scene's own about `scene`'s objects, where the
+    scene allows one, answers computed from the objects and options drawn as the benchmark draws
+    them; in a seeded order."""
+    objects, size = scene.objects, scene.image_size
+    shapes, colours = Counter(o.shape for o in objects), Counter(o.colour for o in objects)
+    out = []
+    if unique := [o for o in objects if shapes[o.shape] == 1]:
+        target = rng.choice(unique)
+        options, answer = _options(rng, target.colour, list(COLOURS))
+        out.append(_item(scene, "colour", f"What colour is the {target.shape}?", options, answer))
+    if unique := [o for o in objects if colours[o.colour] == 1]:
+        target = rng.choice(unique)
+        options, answer = _options(rng, target.shape, SHAPES)
+        out.append(_item(scene, "shape", f"What shape is the {target.colour} object?", options, answer))
+    if rng.random() < 0.5:
+        shape = rng.choice(SHAPES)
+        count, question = shapes[shape], f"How many {shape}s are there?"
+    else:
+        colour = rng.choice(list(COLOURS))
+        count, question = colours[colour], f"How many {colour} objects are there?"
+    if count <= 3:
+        options, answer = _options(rng, str(count), ("0", "1", "2", "3"))
+        out.append(_item(scene, "count", question, options, answer))
+    pairs = [(a, b) for a in objects for b in objects if a is not b]
+    rng.shuffle(pairs)
+    for a, b in pairs:
+        if direction := _direction(a, b, size):
+            options, answer = _options(rng, direction, DIRECTIONS)
+            question = f"Where is the {a.name} relative to the {b.name}?"
+            out.append(_item(scene, "position", question, options, answer))
+            break
+    lookalikes = absent_lookalikes(objects)
+    if objects and len(lookalikes) >= 3:
+        texts = [rng.choice(objects).name, *rng.sample(lookalikes, 3)]
+        options, answer = _options(rng, texts[0], texts)
+        out.append(_item(scene, "presence", "Which of these objects is in the image?", options, answer))
+    out = [item for item in out if item.category != scene.category]
+    rng.shuffle(out)
+    return out
 
 
-def _two_options(item: MCQItem, right_first: bool) -> MCQItem:
-    """The item with only its right option and one other, the right one first or second."""
-    right = item.options[item.answer]
-    other = next(text for letter, text in item.options.items() if letter != item.answer)
-    options, answer = ({"A": right, "B": other}, "A") if right_first else ({"A": other, "B": right}, "B")
-    return dataclasses.replace(item, options=options, answer=answer)
+def _conversation(scene, turns: int) -> list[MCQItem]:
+    """The questions of one training conversation: the benchmark's own question about the scene
+    first (asked exactly as the benchmark asks it), then up to `turns` - 1 more about the same image."""
+    rng = random.Random(f"illava-demo-train-turns:{scene.stream}:{scene.index}")
+    return [scene.item(), *_more_questions(scene, rng)[: turns - 1]]
 
 
-def _example(
-    scene, tokenizer, letters: dict[str, int], end_id: int, phase: str = "mixed", options: int = 4
-) -> tuple[Sample, list[int], str]:
-    """The prompt, the tokens the model should answer with (then <|im_end|>), and the form it is asked
-    in (``list``, ``open``, ``match`` or ``choice``; the last two are answered with an option letter).
-    `phase`: ``mixed`` (the forms of _question_form), or the pointing curriculum that comes first,
-    ``match2`` / ``match4`` (text-only matching with two / four options). `options`: how many options
-    a ``choice`` question shows (2 or 4)."""
-    item = scene.item()
-    kind = _question_form(scene.index, scene.category) if phase == "mixed" else "match"
-    if phase == "match2" or (kind == "choice" and options == 2):
-        # Which option is right alternates: by index for matching; for choices by index // 8, since
-        # choice slots of _question_form are all odd (by index they would always put the answer second).
-        item = _two_options(item, right_first=(scene.index if phase == "match2" else scene.index // 8) % 2 == 0)
-    if kind == "choice":
-        return item.to_sample(), [letters[item.answer], end_id], kind
-    if kind == "match":
-        question = f"Which option says {item.options[item.answer]}?"
-        text = MCQItem(item.index, question, item.options, item.answer, ()).prompt()
-        return Sample(text), [letters[item.answer], end_id], kind
-    text, answer = (f"{scene.question}\n{OPEN_INSTRUCTION}", item.options[item.answer]) if kind == "open" else (
-        LIST_PROMPT, _listing(scene))  # fmt: skip
-    sample = Sample(f"{IMAGE_MARKER}\n{text}", list(item.images))
-    return sample, [*tokenizer.encode(answer, add_special_tokens=False), end_id], kind
+def _conversation_text(items: list[MCQItem]) -> str:
+    """The chat: each question asked for the option's text and answered with it."""
+    return "".join(_chat(item.prompt("text")) + f"{item.options[item.answer]}{END_OF_TURN}\n" for item in items)
+
+
+def _answer_labels(ids: torch.Tensor, header: list[int], end_id: int) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+    """Labels (L,) of one left-padded row: the tokens of every assistant answer and the end-of-turn
+    after it (-100 elsewhere), and each answer's (first, last) label position."""
+    labels = torch.full_like(ids, -100)
+    spans, values, n = [], ids.tolist(), len(header)
+    for start in range(len(values) - n):
+        if values[start : start + n] == header:
+            first = start + n
+            last = values.index(end_id, first)
+            labels[first : last + 1] = ids[first : last + 1]
+            spans.append((first, last))
+    return labels, spans
 
 
 TOKEN_PIXELS = 28  # one LLM image token is a 2x2 group of 14-pixel patches
 
 
 def _token_labels(scene) -> torch.Tensor:
-    """(tokens, 4): colour and shape class (0 = background) of the object covering most of each
-    28x28 cell, and the cell's row and column, in the raster order image tokens reach the LLM."""
+    """(tokens, 4) in the raster order image tokens reach the LLM: the colour class of the object
+    covering most of each 28x28 cell (0 = background); the shape class of the object whose centre is
+    in the cell (-100, not scored, elsewhere: the corner of a large circle and of a large square look
+    alike, and labelling every covered cell, or also the background, made the probe learn shapes far
+    slower); the cell's row and column."""
     cells = scene.image_size // TOKEN_PIXELS
     labels = torch.zeros(cells * cells, 4, dtype=torch.long)
     labels[:, 2] = torch.arange(cells * cells) // cells
     labels[:, 3] = torch.arange(cells * cells) % cells
     colour_class = {colour: i + 1 for i, colour in enumerate(COLOURS)}
-    shape_class = {shape: i + 1 for i, shape in enumerate(SHAPES)}
     for row in range(cells):
         for col in range(cells):
             x0, y0 = col * TOKEN_PIXELS, row * TOKEN_PIXELS
@@ -177,7 +216,11 @@ def _token_labels(scene) -> torch.Tensor:
                 if w > 0 and h > 0 and w * h > best_area:
                     best, best_area = obj, w * h
             if best is not None:
-                labels[row * cells + col, :2] = torch.tensor([colour_class[best.colour], shape_class[best.shape]])
+                labels[row * cells + col, 0] = colour_class[best.colour]
+    labels[:, 1] = -100
+    for obj in scene.objects:
+        x, y = obj.centre
+        labels[int(y) // TOKEN_PIXELS * cells + int(x) // TOKEN_PIXELS, 1] = SHAPES.index(obj.shape) + 1
     return labels
 
 
@@ -194,8 +237,9 @@ def _probe_sizes(image_size: int) -> tuple[int, ...]:
 def _probe_loss_and_hits(probe_logits: torch.Tensor, token_labels: torch.Tensor, image_size: int):
     """The probe's loss and, per PROBE_TARGETS, which image tokens that hold an object it names right.
 
-    Colour and shape are over all tokens, background down-weighted (most cells are background); row
-    and column only over tokens on an object: the encoder has no absolute position embedding (its
+    Colour is over all tokens, background down-weighted (most cells are background); shape only at
+    object centres (see `_token_labels`). Row and column are only over
+    tokens on an object: the encoder has no absolute position embedding (its
     rotary positions are relative), so this is what makes it say where an object is, which relative
     position questions need."""
     heads = torch.split(probe_logits, _probe_sizes(image_size), dim=-1)
@@ -204,76 +248,59 @@ def _probe_loss_and_hits(probe_logits: torch.Tensor, token_labels: torch.Tensor,
     for i, head in enumerate(heads[:2]):
         weight = torch.ones(head.shape[-1], device=head.device)
         weight[0] = 0.1
-        loss = loss + torch.nn.functional.cross_entropy(head, token_labels[:, i], weight=weight)
+        loss = loss + torch.nn.functional.cross_entropy(head, token_labels[:, i], weight=weight, ignore_index=-100)
     if on_object.any():
         for i, head in enumerate(heads[2:], start=2):
             loss = loss + POSITION_WEIGHT * torch.nn.functional.cross_entropy(
                 head[on_object], token_labels[on_object, i]
             )
+    scored = [on_object, token_labels[:, 1] > 0, on_object, on_object]  # shape: at object centres
     hits = {
-        name: head[on_object].argmax(-1) == token_labels[on_object, i]
-        for i, (name, head) in enumerate(zip(PROBE_TARGETS, heads))
+        name: head[where].argmax(-1) == token_labels[where, i]
+        for i, (name, head, where) in enumerate(zip(PROBE_TARGETS, heads, scored))
     }
     return loss, hits
 
 
-def _batch(backbone: Backbone, config: TrainConfig, step: int, letters: dict[str, int], end_id: int):
-    """Inputs of step `step` with each answer appended, the labels of the last K positions, each row's
-    form (see _example) and the probe's labels of the image tokens (see _token_labels).
-
-    Rows are left padded as a whole (prompt + answer), so every answer ends at the last position;
-    labels (B, K) hold row i's answer in its last len(answer_i) columns and -100 elsewhere.
-    """
+def _batch(backbone: Backbone, config: TrainConfig, step: int):
+    """Step `step`: the conversations' inputs, their labels (B, L; see _answer_labels), the category
+    of each answer in row order, each answer's (row, first, last) label position, and the probe's
+    labels of the image tokens (see _token_labels)."""
     tokenizer = backbone.tokenizer
     first = step * config.batch_size
     scenes = [demo_scene("train", first + i, image_size=config.image_size) for i in range(config.batch_size)]
-    if step < config.pointer_steps:
-        phase = "match2" if step < config.pointer_steps * config.two_option_share else "match4"
-    else:
-        phase = "mixed"
-    mixed_step = step - config.pointer_steps
-    examples = [
-        _example(scene, tokenizer, letters, end_id, phase, _choice_options(scene.index, mixed_step, config))
-        for scene in scenes
-    ]
-    inputs = build_inputs(tokenizer, backbone.image_processor, [sample for sample, _, _ in examples])
-    answers = [answer for _, answer, _ in examples]
-    width = max(len(a) for a in answers)
-    mask = inputs["attention_mask"].bool()
-    rows = {key: [] for key in ("input_ids", "attention_mask", "mm_token_type_ids")}
-    for i, answer in enumerate(answers):
-        ids = inputs["input_ids"][i][mask[i]].tolist() + answer
-        types = inputs["mm_token_type_ids"][i][mask[i]].tolist() + [0] * len(answer)
-        rows["input_ids"].append(ids)
-        rows["mm_token_type_ids"].append(types)
-        rows["attention_mask"].append([1] * len(ids))
-    length = max(len(r) for r in rows["input_ids"])
-    pad = {"input_ids": tokenizer.pad_token_id, "attention_mask": 0, "mm_token_type_ids": 0}
-    for key, values in rows.items():
-        inputs[key] = torch.tensor([[pad[key]] * (length - len(r)) + r for r in values])  # (B, L)
-    labels = torch.tensor([[-100] * (width - len(a)) + a for a in answers])  # (B, K)
-    kinds = [kind for _, _, kind in examples]
-    with_image = [scene for scene, (sample, _, _) in zip(scenes, examples) if sample.images]
-    token_labels = [_token_labels(scene) for scene in with_image]
-    return inputs, labels, kinds, torch.cat(token_labels) if token_labels else torch.zeros(0, 4, dtype=torch.long)
+    conversations = [_conversation(scene, config.turns) for scene in scenes]
+    samples = [Sample(_conversation_text(items), list(items[0].images)) for items in conversations]
+    inputs = build_inputs(tokenizer, backbone.image_processor, samples, chat=False)
+    header = tokenizer.encode("<|im_start|>assistant\n", add_special_tokens=False)
+    end_id = tokenizer.convert_tokens_to_ids(END_OF_TURN)
+    labels, answers = [], []
+    for row, (ids, items) in enumerate(zip(inputs["input_ids"], conversations, strict=True)):
+        row_labels, spans = _answer_labels(ids, header, end_id)
+        if len(spans) != len(items):
+            raise RuntimeError(f"found {len(spans)} answers in a conversation of {len(items)} turns")
+        labels.append(row_labels)
+        answers += [(item.category, row, first_pos, last) for item, (first_pos, last) in zip(items, spans)]
+    token_labels = torch.cat([_token_labels(scene) for scene in scenes])
+    return inputs, torch.stack(labels), answers, token_labels
 
 
-def _batches(backbone: Backbone, config: TrainConfig, steps: range, letters, end_id: int, workers: int):
+def _batches(backbone: Backbone, config: TrainConfig, steps: range, workers: int):
     """The batches of `steps` in order; with `workers` > 0 prepared ahead in that many processes (for a
     GPU, where drawing and preprocessing would otherwise starve it; on 2 CPU cores they only compete)."""
     if workers <= 0:
-        yield from (_batch(backbone, config, step, letters, end_id) for step in steps)
+        yield from (_batch(backbone, config, step) for step in steps)
         return
     import multiprocessing
     from functools import partial
 
     with multiprocessing.get_context("spawn").Pool(workers) as pool:
-        yield from pool.imap(partial(_batch_for_worker, config, letters, end_id), steps, chunksize=1)
+        yield from pool.imap(partial(_batch_for_worker, config), steps, chunksize=1)
 
 
-def _batch_for_worker(config: TrainConfig, letters, end_id: int, step: int):
+def _batch_for_worker(config: TrainConfig, step: int):
     torch.set_num_threads(1)
-    return _batch(_worker_backbone(), config, step, letters, end_id)
+    return _batch(_worker_backbone(), config, step)
 
 
 @functools.lru_cache(maxsize=1)
@@ -316,6 +343,7 @@ def train(config: TrainConfig, out: Path, *, resume: bool = False, save_every_s:
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
     backbone = build_untrained("demo", seed=config.seed)
+    backbone.model.config.mcq_answer = "text"  # saved in config.json: score it by option text (profiler.accuracy)
     model = backbone.model.to(device).train()
     # A linear probe on the image tokens the encoder hands the LLM, trained to name the colour and
     # shape under each token and where the token is: dense supervision that teaches the encoder to see
@@ -346,8 +374,6 @@ def train(config: TrainConfig, out: Path, *, resume: bool = False, save_every_s:
         optimizer.load_state_dict(state["optimizer"])
         start, elapsed_before = state["step"], state["elapsed_s"]
         log(f"resuming at step {start}/{config.steps}")
-    letters = _letter_ids(backbone.tokenizer)
-    end_id = backbone.tokenizer.convert_tokens_to_ids("<|im_end|>")
     val_items = demo_split("val", config.eval_items, image_size=config.image_size)
     params = sum(p.numel() for p in model.parameters())
     log(f"training demo: {params:,} parameters, {config.steps} steps of {config.batch_size}, "
@@ -355,35 +381,40 @@ def train(config: TrainConfig, out: Path, *, resume: bool = False, save_every_s:
 
     t0, last_save = time.perf_counter(), time.perf_counter()
     window_loss, window_n, window_t, window_hits = 0.0, 0, time.perf_counter(), {}
-    option_ids = torch.tensor([letters[k] for k in "ABCD"], device=device)
-    for step, (inputs, labels, kinds, token_labels) in zip(
-        range(start, config.steps), _batches(backbone, config, range(start, config.steps), letters, end_id, workers)
+    for step, (inputs, labels, answers, token_labels) in zip(
+        range(start, config.steps), _batches(backbone, config, range(start, config.steps), workers)
     ):
         for group in optimizer.param_groups:
             group["lr"] = config.lr_at(step)
         inputs, labels = inputs.to(device), labels.to(device)
-        width = labels.shape[1]
         captured.clear()  # evaluation runs the encoder too
-        logits = model(**inputs, logits_to_keep=width + 1, use_cache=False).logits[:, :width].float()  # (B, K, V)
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
-        probe_hits = {}
-        if len(token_labels):  # the pointing curriculum has no images
-            features = captured.pop().pooler_output  # per image, or all images concatenated
-            features = torch.cat(features) if isinstance(features, list | tuple) else features
-            probe_loss, probe_hits = _probe_loss_and_hits(probe(features), token_labels.to(device), config.image_size)
-            loss = loss + config.probe_weight * probe_loss
+        seeing_only = step < config.encoder_steps
+        if seeing_only:  # the encoder and the probe alone: three times cheaper a step than the whole model
+            model.model.visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"])
+            loss, answers = torch.zeros((), device=device), []
+        else:
+            # Position t predicts token t + 1; the LM head runs only where an answer token comes next.
+            hidden = model.model(**inputs, use_cache=False).last_hidden_state[:, :-1]  # (B, L-1, H)
+            predicts = labels[:, 1:] != -100  # (B, L-1)
+            targets = labels[:, 1:][predicts]  # (T,)
+            logits = model.lm_head(hidden[predicts]).float()  # (T, V)
+            loss = torch.nn.functional.cross_entropy(logits, targets)
+        features = captured.pop().pooler_output  # per image, or all images concatenated
+        features = torch.cat(features) if isinstance(features, list | tuple) else features
+        probe_loss, probe_hits = _probe_loss_and_hits(probe(features), token_labels.to(device), config.image_size)
+        loss = loss + config.probe_weight * probe_loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
         optimizer.step()
 
-        with torch.no_grad():  # training accuracy of the letter answers, by form, and of the probe
-            letter_rows = torch.tensor([kind in ("match", "choice") for kind in kinds], device=device)
-            # the letter is second to last
-            picked = option_ids[logits[letter_rows, width - 2][:, option_ids].argmax(-1)]
-            right = (picked == labels[letter_rows, width - 2]).tolist()
-            for kind, hit in zip([k for k in kinds if k in ("match", "choice")], right):
-                window_hits.setdefault(kind, []).append(hit)
+        with torch.no_grad():  # training accuracy: an answer is right when all its tokens are
+            if not seeing_only:
+                right = torch.zeros_like(predicts)
+                right[predicts] = logits.argmax(-1) == targets
+            for category, row, first_pos, last in answers:
+                hit = bool(right[row, first_pos - 1 : last].all())
+                window_hits.setdefault(category, []).append(hit)
             for name, hit in probe_hits.items():
                 window_hits.setdefault(f"probe_{name}", []).extend(hit.tolist())
         window_loss += float(loss.detach()) * len(labels)
@@ -398,7 +429,7 @@ def train(config: TrainConfig, out: Path, *, resume: bool = False, save_every_s:
                 f"lr {config.lr_at(step):.2e} {rate:.1f} samples/s elapsed {elapsed_before + now - t0:.0f}s "
                 f"eta {eta / 60:.1f} min")  # fmt: skip
             window_loss, window_n, window_t, window_hits = 0.0, 0, time.perf_counter(), {}
-        if done % config.eval_every == 0 and done < config.steps:
+        if done % config.eval_every == 0 and config.encoder_steps < done < config.steps:
             log(f"step {done} val {_format(_evaluate(backbone, val_items, 32))}")
             window_t = time.perf_counter()  # evaluation time is not training throughput
         if time.perf_counter() - last_save >= save_every_s:

@@ -45,6 +45,9 @@ from illava.inputs import IMAGE_MARKER, VIDEO_MARKER, Sample
 LETTERS = "ABCDEFGH"
 SUFFIXES = (".tsv", ".jsonl", ".parquet")
 ANSWER_INSTRUCTION = "Answer with the option's letter from the given choices directly."
+#: The instruction for models scored by the likelihood of each option's text (``answer="text"``).
+TEXT_ANSWER_INSTRUCTION = "Answer with the option's text."
+ANSWER_STYLES = ("letter", "text")
 _MISSING_TEXTS = ("", "nan")
 
 
@@ -73,21 +76,24 @@ class MCQItem:
         if reason:
             raise ValueError(f"item {self.index!r}: {reason}")
 
-    def prompt(self) -> str:
+    def prompt(self, answer: str = "letter") -> str:
         """The lmms-eval / VLMEvalKit prompt: images first, then hint, question, lettered options, instruction.
 
-        Literal ``<image>``/``<video>`` in the dataset's text would be taken for input markers, so they
+        `answer` picks the instruction: ``letter`` (answer with the option's letter, the default) or
+        ``text`` (answer with the option's text, for models scored by option likelihood). Literal ``<image>``/``<video>`` in the dataset's text would be taken for input markers, so they
         are written as ``[image]``/``[video]``.
         """
         lines = [_escape(self.hint)] if self.hint else []
         lines.append(_escape(self.question))
         lines += [f"{letter}. {_escape(text)}" for letter, text in self.options.items()]
-        lines.append(ANSWER_INSTRUCTION)
+        if answer not in ANSWER_STYLES:
+            raise ValueError(f"answer must be one of {', '.join(ANSWER_STYLES)}, got {answer!r}")
+        lines.append(ANSWER_INSTRUCTION if answer == "letter" else TEXT_ANSWER_INSTRUCTION)
         return f"{IMAGE_MARKER}\n" * len(self.images) + "\n".join(lines)
 
-    def to_sample(self) -> Sample:
-        """What `illava.inputs.build_inputs` takes."""
-        return Sample(text=self.prompt(), images=list(self.images))
+    def to_sample(self, answer: str = "letter") -> Sample:
+        """What `illava.inputs.build_inputs` takes (`answer` as in `prompt`)."""
+        return Sample(text=self.prompt(answer), images=list(self.images))
 
 
 def _escape(text: str) -> str:

@@ -220,18 +220,20 @@ def _position_question(rng, size):
     return objects, f"Where is the {target.name} relative to the {reference.name}?", options, answer
 
 
+def absent_lookalikes(objects: Sequence[SceneObject]) -> list[str]:
+    """Names of objects not in the scene that share a colour or a shape with one that is."""
+    present = {(o.shape, o.colour) for o in objects}
+    shapes, colours = {o.shape for o in objects}, {o.colour for o in objects}
+    return [f"{c} {s}" for s in SHAPES for c in COLOURS if (s, c) not in present and (s in shapes or c in colours)]
+
+
 def _presence_question(rng, size):
     objects: list[SceneObject] = []
     _fill(rng, objects, size, _n_objects(rng), lambda s, c: True)
     if not objects:
         raise _Retry
     target = rng.choice(objects)
-    present = {(o.shape, o.colour) for o in objects}
-    shapes, colours = {o.shape for o in objects}, {o.colour for o in objects}
-    # Absent look-alikes: a colour or a shape that is in the scene, in a combination that is not.
-    lookalikes = [
-        f"{c} {s}" for s in SHAPES for c in COLOURS if (s, c) not in present and (s in shapes or c in colours)
-    ]
+    lookalikes = absent_lookalikes(objects)
     if len(lookalikes) < 3:
         raise _Retry
     texts = [target.name, *rng.sample(lookalikes, 3)]
@@ -331,6 +333,7 @@ __all__ = [
     "SPLIT_SIZES",
     "DemoScene",
     "SceneObject",
+    "absent_lookalikes",
     "demo_item",
     "demo_scene",
     "demo_split",

@@ -8,7 +8,10 @@ and inputs. Inputs are built before any timed region.
 Accuracy on a labelled multiple-choice dataset is scored by comparing the logits of the option
 letters at the answer position (the first generated token): one forward per sample, no parsing,
 deterministic. `score="generate"` instead generates `output_tokens` greedily and parses the
-letter with `profiler.datasets.parse_choice`.
+letter with `profiler.datasets.parse_choice`. `score="options"` asks for the option's text and picks
+the option whose text is most likely after the prompt (one sequence per option; see
+`profiler.accuracy`): models that answer in words, such as `demo`, whose config says
+``mcq_answer = "text"``, are scored this way by default.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from illava import Schedule
 from illava.backbones import Backbone, load_backbone
 from illava.inputs import Sample, build_inputs
 
+from .accuracy import answer_logprob, answer_style, letter_ids, option_inputs, pick_options
 from .datasets import MCQItem, parse_choice, read_dataset
 from .hardware import HardwareProfile, detect_hardware
 from .memory import MemorySampler
@@ -198,6 +202,9 @@ def _versions() -> dict[str, str]:
     return {"illava-tune": own, "torch": torch.__version__, "transformers": transformers.__version__}
 
 
+SCORES = ("logits", "generate", "options")
+
+
 class Profiler:
     """Loads a backbone once and measures schedules on workloads.
 
@@ -214,13 +221,13 @@ class Profiler:
         attn_implementation: str = "sdpa",
         repeats: int = 5,
         warmup: int = 2,
-        score: str = "logits",
+        score: str | None = None,
         progress: Callable[[Iterable], Iterable] | None = None,
     ):
         if repeats < 1 or warmup < 0:
             raise ValueError(f"repeats must be >= 1 and warmup >= 0, got {repeats} and {warmup}")
-        if score not in ("logits", "generate"):
-            raise ValueError(f"score must be 'logits' or 'generate', got {score!r}")
+        if score not in (None, *SCORES):
+            raise ValueError(f"score must be one of {', '.join(SCORES)}, got {score!r}")
         self.device = torch.device(device)
         self.backbone = (
             backbone
@@ -228,7 +235,11 @@ class Profiler:
             else load_backbone(backbone, attn_implementation=attn_implementation, dtype=dtype)
         )
         self.backbone.model.to(self.device).eval()
-        self.repeats, self.warmup, self.score = repeats, warmup, score
+        answers = answer_style(self.backbone.model)
+        # Default: the model's own way of answering (letters: their logits; option text: its likelihood).
+        self.score = score or ("options" if answers == "text" else "logits")
+        self.answer = "text" if self.score == "options" else answers  # the instruction the prompt gives
+        self.repeats, self.warmup = repeats, warmup
         self.progress = progress or (lambda items: items)
         self.hardware: HardwareProfile = detect_hardware(self.device)
         self._references: dict[str, tuple[Measurement, _Outputs]] = {}
@@ -242,7 +253,7 @@ class Profiler:
         if workload.dataset is None:
             return synthetic_samples(workload), None
         items = read_dataset(workload.dataset, limit=workload.samples)
-        return [Sample(item.prompt(), list(item.images)) for item in items], items
+        return [item.to_sample(self.answer) for item in items], items
 
     def _batches(self, samples: list[Sample], batch_size: int) -> list[Any]:
         tokenizer, processor = self.backbone.tokenizer, self.backbone.image_processor
@@ -343,7 +354,7 @@ class Profiler:
 
     def _outputs(self, inputs, items: list[MCQItem] | None, output_tokens: int) -> _Outputs:
         logits, greedy, predictions, correct = [], [], [], []
-        letters = _letter_ids(self.backbone.tokenizer) if items else {}
+        letters = letter_ids(self.backbone.tokenizer) if items and self.score == "logits" else {}
         for batch in self.progress(inputs):
             # One generate gives both: the first step's logits are the answer position's (no second prefill).
             out = self.model.generate(**batch, max_new_tokens=output_tokens, do_sample=False, output_logits=True,
@@ -352,6 +363,17 @@ class Profiler:
             new = out.sequences[:, batch["input_ids"].shape[1] :]
             logits.append(last.cpu())
             greedy.extend(row.cpu() for row in new)
+            if items is not None and self.score == "options":
+                chunk = items[len(predictions) : len(predictions) + last.shape[0]]
+                option_batch, labels, counts = option_inputs(self.backbone, chunk)
+                width = labels.shape[1]
+                option_logits = self.model(**option_batch.to(self.device), logits_to_keep=width + 1,
+                                           use_cache=False).logits[:, :width]  # fmt: skip
+                scores = answer_logprob(option_logits, labels.to(self.device)).cpu()
+                for item, choice in zip(chunk, pick_options(scores, chunk, counts), strict=True):
+                    predictions.append(choice)
+                    correct.append(choice == item.answer)
+                continue
             for row in range(last.shape[0]):
                 if items is None:
                     continue
@@ -380,20 +402,6 @@ class Profiler:
         image = float(stats.llm_image_tokens[0].float().mean())
         layers = float(torch.stack(stats.llm_sequence).float().mean())
         return image, layers
-
-
-def _letter_ids(tokenizer) -> dict[str, int]:
-    """Token id of each option letter as the first token of an answer ("A", not " A": the chat
-    template ends with a newline). A letter that is not one token is an error: logits scoring
-    needs a single token per option."""
-    ids = {}
-    for letter in "ABCDEFGH":
-        encoded = tokenizer.encode(letter, add_special_tokens=False)
-        if len(encoded) == 1:
-            ids[letter] = encoded[0]
-    if not {"A", "B", "C", "D"} <= set(ids):
-        raise ValueError("this tokenizer does not encode option letters A-D as single tokens; use score='generate'")
-    return ids
 
 
 def _fidelity(reference: _Outputs, outputs: _Outputs) -> Fidelity:

@@ -6,10 +6,9 @@ import torch
 from illava.backbones import load_backbone
 from illava_tune.cli import main as cli_main
 from illava_tune.train_demo import STATE_FILE, TrainConfig, train
+from profiler.accuracy import answer_style
 
-# Steps 1-2 are the pointing curriculum (text only; step 1 with two options), 3-4 mixed with images.
-CONFIG = TrainConfig(steps=4, batch_size=2, warmup_steps=2, eval_every=1000, eval_items=5, pointer_steps=2,
-                     two_option_share=0.5)  # fmt: skip
+CONFIG = TrainConfig(steps=4, batch_size=2, warmup_steps=2, eval_every=1000, eval_items=5)
 
 
 class _Crash(Exception):
@@ -30,6 +29,7 @@ def test_training_writes_a_loadable_checkpoint_and_its_record(tmp_path):
     assert set(record["test_accuracy"]) >= {"all", "colour", "shape", "count", "position", "presence"}
     assert not (tmp_path / STATE_FILE).exists()  # the resumable state goes once the checkpoint is written
     backbone = load_backbone(str(tmp_path))
+    assert answer_style(backbone.model) == "text"  # the checkpoint says it is scored by option text
     start = load_backbone("tiny")  # a different architecture: the checkpoint's config is what loads
     assert backbone.model.config.vision_config.depth == 8 != start.model.config.vision_config.depth
 
@@ -72,50 +72,82 @@ def test_cli_passes_options_through_and_rejects_bad_ones(tmp_path, capsys):
     assert "unrecognized arguments: --steps 3" in capsys.readouterr().err
 
 
-def test_training_starts_with_text_only_pointing_then_adds_images():
+def _true_answer(scene, item) -> str:
+    """The answer to a training question, worked out from the scene's objects (not from the item)."""
+    from illava_tune.train_demo import _direction
+
+    objects, words = scene.objects, item.question.rstrip("?").split()
+    if item.category == "colour":
+        return next(o.colour for o in objects if o.shape == words[-1])
+    if item.category == "shape":
+        return next(o.shape for o in objects if o.colour == words[-2])
+    if item.category == "count":
+        return str(sum(words[2] in (o.colour, o.shape + "s") for o in objects))
+    if item.category == "position":
+        names = {o.name: o for o in objects}
+        target, reference = item.question[len("Where is the ") : -1].split(" relative to the ")
+        return _direction(names[target], names[reference], scene.image_size)
+    present = [text for text in item.options.values() if text in {o.name for o in objects}]
+    assert len(present) == 1  # one option is in the scene, the three look-alikes are not
+    return present[0]
+
+
+def test_a_conversation_asks_the_benchmark_question_first_then_one_of_each_other_type():
+    from illava_tune.train_demo import _conversation
+    from profiler.demo_vqa import CATEGORIES, demo_scene
+
+    seen = set()
+    for index in range(40):
+        scene = demo_scene("train", index)
+        items = _conversation(scene, 5)
+        first = scene.item()
+        assert (items[0].question, items[0].options, items[0].answer) == (first.question, first.options, first.answer)
+        assert len(items[0].images) == 1 and all(not item.images for item in items[1:])
+        others = [item.category for item in items[1:]]
+        assert scene.category not in others and len(set(others)) == len(others)
+        for item in items[1:]:
+            assert item.options[item.answer] == _true_answer(scene, item), item.question
+            assert len(item.options) == 4
+        seen.update(others)
+        assert len(_conversation(scene, 2)) <= 2
+    assert seen == set(CATEGORIES)
+
+
+def test_the_labels_are_exactly_the_answers_and_their_end_of_turn():
     from illava.backbones import build_untrained
-    from illava_tune.train_demo import _batch
-    from profiler.measure import _letter_ids
+    from illava_tune.train_demo import _batch, _conversation
+    from profiler.demo_vqa import demo_scene
 
     backbone = build_untrained("demo")
-    tokenizer = backbone.tokenizer
-    letters, end_id = _letter_ids(tokenizer), tokenizer.convert_tokens_to_ids("<|im_end|>")
-    prompts = []
-    for step in range(3):
-        inputs, labels, kinds, token_labels = _batch(backbone, CONFIG, step, letters, end_id)
-        prompts.append(tokenizer.decode(inputs["input_ids"][0], skip_special_tokens=True))
-        if step < 2:
-            assert "pixel_values" not in inputs and len(token_labels) == 0 and set(kinds) == {"match"}
-            assert prompts[-1].startswith("user\nWhich option says ")
-        else:
-            assert inputs["pixel_values"].shape[0] > 0 and len(token_labels) > 0
-    assert "\nB. " in prompts[0] and "\nC. " not in prompts[0]  # two options first
-    assert "\nD. " in prompts[1]
-
-
-def test_benchmark_form_questions_go_from_two_options_to_four():
-    from illava_tune.train_demo import _choice_options
-
-    config = TrainConfig(two_option_choice_steps=100)
-    assert all(_choice_options(i, 0, config) == 2 for i in range(200))
-    halfway = [_choice_options(i, 50, config) for i in range(400)]
-    assert 0.4 < halfway.count(2) / len(halfway) < 0.6
-    assert all(_choice_options(i, 100, config) == 4 for i in range(200))
-    assert all(_choice_options(i, 0, TrainConfig(two_option_choice_steps=0)) == 4 for i in range(20))
+    config = TrainConfig(batch_size=3)
+    inputs, labels, answers, token_labels = _batch(backbone, config, 2)
+    assert inputs["pixel_values"].shape[0] > 0 and token_labels.shape == (3 * 64, 4)
+    expected = [item for i in range(6, 9) for item in _conversation(demo_scene("train", i), config.turns)]
+    assert [category for category, *_ in answers] == [item.category for item in expected]
+    decoded = [backbone.tokenizer.decode(labels[row, first : last + 1]) for _, row, first, last in answers]
+    assert decoded == [item.options[item.answer] + "<|im_end|>" for item in expected]
+    assert int((labels != -100).sum()) == sum(last - first + 1 for _, _, first, last in answers)
 
 
 def test_probe_labels_name_each_tokens_object_and_cell():
     from illava_tune.train_demo import TOKEN_PIXELS, _token_labels
     from profiler.demo_vqa import COLOURS, SHAPES, demo_scene
 
-    scene = demo_scene("train", 7)
-    labels = _token_labels(scene)
-    cells = scene.image_size // TOKEN_PIXELS
-    assert labels.shape == (cells * cells, 4)
-    for obj in scene.objects:  # the cell under an object's centre is labelled with it
-        x, y = obj.centre
-        row, col = int(y) // TOKEN_PIXELS, int(x) // TOKEN_PIXELS
-        token = labels[row * cells + col]
-        if obj.size != "small":  # a small object may not cover most of any cell
-            assert token[0] == list(COLOURS).index(obj.colour) + 1 and token[1] == SHAPES.index(obj.shape) + 1
-        assert token[2] == row and token[3] == col
+    for index in range(7, 12):
+        scene = demo_scene("train", index)
+        labels = _token_labels(scene)
+        cells = scene.image_size // TOKEN_PIXELS
+        assert labels.shape == (cells * cells, 4)
+        centres = {}
+        for obj in scene.objects:
+            x, y = obj.centre
+            centres.setdefault(int(y) // TOKEN_PIXELS * cells + int(x) // TOKEN_PIXELS, []).append(obj)
+        for cell, objects in centres.items():
+            token = labels[cell]
+            if len(objects) == 1:  # the cell under an object's centre names its shape
+                assert token[1] == SHAPES.index(objects[0].shape) + 1
+                if objects[0].size != "small":  # a small object may not cover most of any cell
+                    assert token[0] == list(COLOURS).index(objects[0].colour) + 1
+            assert token[2] == cell // cells and token[3] == cell % cells
+        # shape is scored only at object centres
+        assert all(int(labels[i, 1]) == -100 for i in range(cells * cells) if i not in centres)

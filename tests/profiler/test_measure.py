@@ -69,5 +69,5 @@ def test_measurement_json_round_trip(profiler):
 def test_bad_profiler_arguments_are_clear():
     with pytest.raises(ValueError, match="repeats must be >= 1"):
         Profiler("tiny", repeats=0)
-    with pytest.raises(ValueError, match="score must be 'logits' or 'generate'"):
+    with pytest.raises(ValueError, match="score must be one of logits, generate, options"):
         Profiler("tiny", score="vibes")
