@@ -18,8 +18,8 @@ of its seed and settings). Two phases:
 The checkpoint's config says ``mcq_answer = "text"``, so the profiler scores it by the likelihood of
 each option's text (`profiler.accuracy`). Answering with the option letter instead asks this small
 LLM to find the answer and then point at the letter of the option that says it; three sessions of
-runs with letters stayed at chance for 25,000-77,000 questions (docs/benchmarks.md, "How the demo
-backbone was trained").
+runs with letters stayed at chance for up to 44,800 questions (docs/benchmarks.md, "Status of the
+demo backbone").
 
 The run prints a progress line every `--log-every` steps (loss, training accuracy, samples/s, ETA) and
 the validation accuracy per question type every `--eval-every` steps. It saves a resumable state
@@ -182,7 +182,7 @@ def _answer_labels(ids: torch.Tensor, header: list[int], end_id: int) -> tuple[t
     after it (-100 elsewhere), and each answer's (first, last) label position."""
     labels = torch.full_like(ids, -100)
     spans, values, n = [], ids.tolist(), len(header)
-    for start in range(len(values) - n):
+    for start in range(len(values) - n + 1):
         if values[start : start + n] == header:
             first = start + n
             last = values.index(end_id, first)

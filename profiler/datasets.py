@@ -80,7 +80,9 @@ class MCQItem:
         """The lmms-eval / VLMEvalKit prompt: images first, then hint, question, lettered options, instruction.
 
         `answer` picks the instruction: ``letter`` (answer with the option's letter, the default) or
-        ``text`` (answer with the option's text, for models scored by option likelihood). Literal ``<image>``/``<video>`` in the dataset's text would be taken for input markers, so they
+        ``text`` (answer with the option's text, for models scored by option likelihood).
+
+        Literal ``<image>``/``<video>`` in the dataset's text would be taken for input markers, so they
         are written as ``[image]``/``[video]``.
         """
         lines = [_escape(self.hint)] if self.hint else []
