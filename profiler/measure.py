@@ -99,6 +99,9 @@ class Measurement:
     retention: float | None  # accuracy / vanilla accuracy, same session
     fidelity: Fidelity
     n_samples: int
+    # How `accuracy` was read (see SCORES): accuracies read differently do not compare. None without labels
+    # (and in measurements stored before this field existed).
+    accuracy_score: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -323,6 +326,7 @@ class Profiler:
             retention=retention,
             fidelity=fidelity,
             n_samples=len(outputs.correct),
+            accuracy_score=self.score if items else None,
         )
         return measurement, outputs
 

@@ -79,5 +79,6 @@ def test_the_profiler_scores_options_like_choose(tmp_path, items):
     measurement = profiler.reference(workload)
     expected = choose(backbone, items, answer="text")
     assert measurement.accuracy == sum(c == item.answer for c, item in zip(expected, items)) / len(items)
+    assert measurement.accuracy_score == "options"
     with pytest.raises(ValueError, match="score must be one of logits, generate, options"):
         Profiler(backbone, score="letters")

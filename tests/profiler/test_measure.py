@@ -36,7 +36,7 @@ def test_a_full_measurement_fills_every_field(profiler, labelled):
     assert result.image_tokens_to_llm == schedule(7 / 9).plan(64).after_encoder  # demo images: 224x224 -> 64 tokens
     assert 0 < result.tokens_per_llm_layer < result.image_tokens_to_llm + 100
     assert result.peak_memory["samples"] >= 1 and result.peak_memory["source"] == "rss"
-    assert 0.0 <= result.accuracy <= 1.0 and result.retention is not None
+    assert 0.0 <= result.accuracy <= 1.0 and result.retention is not None and result.accuracy_score == "logits"
     assert 0.0 <= result.fidelity.first_token_agreement <= 1.0 and result.fidelity.mean_kl >= 0
     assert result.hardware["kind"] == "cpu" and result.versions["transformers"].startswith("5.")
     assert result.schedule["reduction"] == pytest.approx(7 / 9) and result.workload["dataset"].endswith(".tsv")
@@ -57,6 +57,7 @@ def test_more_reduction_sends_fewer_tokens_to_the_llm(profiler):
     assert heavy.image_tokens_to_llm < light.image_tokens_to_llm < profiler.reference(workload).image_tokens_to_llm
     assert heavy.tokens_per_llm_layer < light.tokens_per_llm_layer
     assert light.accuracy is None and light.retention is None  # synthetic: no labels, fidelity only
+    assert light.accuracy_score is None
 
 
 def test_measurement_json_round_trip(profiler):
@@ -64,6 +65,8 @@ def test_measurement_json_round_trip(profiler):
     result = profiler.measure(schedule(2 / 3), workload)
     again = Measurement.from_dict(json.loads(result.to_json()))
     assert again == result
+    older = {k: v for k, v in result.to_dict().items() if k != "accuracy_score"}  # stored before the field existed
+    assert Measurement.from_dict(older).accuracy_score is None
 
 
 def test_bad_profiler_arguments_are_clear():
