@@ -24,7 +24,8 @@ demo backbone").
 The run prints a progress line every `--log-every` steps (loss, training accuracy, samples/s, ETA) and
 the validation accuracy per question type every `--eval-every` steps. It saves a resumable state
 (`train_state.pt`: weights, optimizer, step) every `--save-every-s` seconds, written atomically; `--resume`
-continues from it. At the end it writes the checkpoint (safetensors, config, tokenizer, image
+continues from it, with the same settings or a larger `--steps` while the learning rate has not begun
+to decay (the learning rate holds its peak until the last `decay_fraction` of the whole-model phase). At the end it writes the checkpoint (safetensors, config, tokenizer, image
 processor, generation config) and ``training.json`` with the settings, time taken and accuracy on the
 validation split, the test split and the test split's first 100 questions (the figure
 `tests/illava/test_demo_backbone.py` checks the committed checkpoint against).
@@ -42,14 +43,16 @@ import math
 import os
 import platform
 import random
+import re
 import sys
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 import transformers
+from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb
 
 from illava.backbones import DEMO_CHECKPOINT, DEMO_SPEC, Backbone, build_untrained, save_backbone
 from illava.inputs import Sample, _chat, build_inputs
@@ -60,10 +63,10 @@ from profiler.demo_vqa import (
     DEFAULT_IMAGE_SIZE,
     DIRECTIONS,
     SHAPES,
-    _options,
     absent_lookalikes,
     demo_scene,
     demo_split,
+    four_options,
 )
 
 STATE_FILE = "train_state.pt"
@@ -72,7 +75,7 @@ SLICE = 100  # test questions the committed checkpoint's test re-scores
 
 @dataclass(frozen=True)
 class TrainConfig:
-    steps: int = 1400
+    steps: int = 2300
     batch_size: int = 32
     lr: float = 1e-3
     min_lr_ratio: float = 0.05
@@ -85,18 +88,24 @@ class TrainConfig:
     eval_items: int = 250
     probe_weight: float = 1.0
     encoder_steps: int = 450  # the first steps train the encoder and the probe alone (see train)
-    turns: int = 5  # questions per image in one training conversation (the benchmark's first, see _conversation)  # of those, the first share with two options instead of four
+    turns: int = 5  # questions per image in one training conversation (the benchmark's first, see _conversation)
+    decay_fraction: float = 0.35  # the share of the whole-model phase, at its end, over which the LR decays
+    ground_weight: float = 0.0  # weight of the grounding loss (see _grounding_loss); 0 leaves it out
+    ground_layer: int = 3  # the LLM layer whose first attention head the grounding loss supervises
 
     def lr_at(self, step: int) -> float:
-        """Each phase warms up linearly over `warmup_steps`; the encoder phase then stays at the peak,
-        the whole-model phase decays to `min_lr_ratio` of it on a cosine."""
+        """Each phase warms up linearly over `warmup_steps` and then holds the peak; the whole-model phase
+        decays to `min_lr_ratio` of it on a cosine over its last `decay_fraction`. The hold matters: the
+        LLM starts binding an attribute to the object a question names only after ~550 steps of that
+        phase (docs/benchmarks.md, run 9), and a schedule already decaying by then slows that down."""
         phase_start = 0 if step < self.encoder_steps else self.encoder_steps
         if step - phase_start < self.warmup_steps:
             return self.lr * (step - phase_start + 1) / self.warmup_steps
-        if step < self.encoder_steps:
+        span = max(1, round((self.steps - self.encoder_steps) * self.decay_fraction))
+        decay_start = self.steps - span
+        if step < self.encoder_steps or step < decay_start:
             return self.lr
-        span = max(1, self.steps - self.encoder_steps - self.warmup_steps)
-        progress = (step - self.encoder_steps - self.warmup_steps) / span
+        progress = (step - decay_start) / span
         return self.lr * (self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
@@ -132,11 +141,11 @@ def _more_questions(scene, rng: random.Random) -> list[MCQItem]:
     out = []
     if unique := [o for o in objects if shapes[o.shape] == 1]:
         target = rng.choice(unique)
-        options, answer = _options(rng, target.colour, list(COLOURS))
+        options, answer = four_options(rng, target.colour, list(COLOURS))
         out.append(_item(scene, "colour", f"What colour is the {target.shape}?", options, answer))
     if unique := [o for o in objects if colours[o.colour] == 1]:
         target = rng.choice(unique)
-        options, answer = _options(rng, target.shape, SHAPES)
+        options, answer = four_options(rng, target.shape, SHAPES)
         out.append(_item(scene, "shape", f"What shape is the {target.colour} object?", options, answer))
     if rng.random() < 0.5:
         shape = rng.choice(SHAPES)
@@ -145,20 +154,20 @@ def _more_questions(scene, rng: random.Random) -> list[MCQItem]:
         colour = rng.choice(list(COLOURS))
         count, question = colours[colour], f"How many {colour} objects are there?"
     if count <= 3:
-        options, answer = _options(rng, str(count), ("0", "1", "2", "3"))
+        options, answer = four_options(rng, str(count), ("0", "1", "2", "3"))
         out.append(_item(scene, "count", question, options, answer))
     pairs = [(a, b) for a in objects for b in objects if a is not b]
     rng.shuffle(pairs)
     for a, b in pairs:
         if direction := _direction(a, b, size):
-            options, answer = _options(rng, direction, DIRECTIONS)
+            options, answer = four_options(rng, direction, DIRECTIONS)
             question = f"Where is the {a.name} relative to the {b.name}?"
             out.append(_item(scene, "position", question, options, answer))
             break
     lookalikes = absent_lookalikes(objects)
     if objects and len(lookalikes) >= 3:
         texts = [rng.choice(objects).name, *rng.sample(lookalikes, 3)]
-        options, answer = _options(rng, texts[0], texts)
+        options, answer = four_options(rng, texts[0], texts)
         out.append(_item(scene, "presence", "Which of these objects is in the image?", options, answer))
     out = [item for item in out if item.category != scene.category]
     rng.shuffle(out)
@@ -205,23 +214,58 @@ def _token_labels(scene) -> torch.Tensor:
     labels[:, 2] = torch.arange(cells * cells) // cells
     labels[:, 3] = torch.arange(cells * cells) % cells
     colour_class = {colour: i + 1 for i, colour in enumerate(COLOURS)}
+    for cell, owner in enumerate(_cell_owners(scene)):
+        if owner >= 0:
+            labels[cell, 0] = colour_class[scene.objects[owner].colour]
+    labels[:, 1] = -100
+    for obj in scene.objects:
+        labels[_centre_cell(obj, cells), 1] = SHAPES.index(obj.shape) + 1
+    return labels
+
+
+def _cell_owners(scene) -> list[int]:
+    """Per token cell in raster order: the index of the object covering most of it, -1 for background."""
+    cells = scene.image_size // TOKEN_PIXELS
+    owners = []
     for row in range(cells):
         for col in range(cells):
             x0, y0 = col * TOKEN_PIXELS, row * TOKEN_PIXELS
-            best, best_area = None, 0
-            for obj in scene.objects:
+            best, best_area = -1, 0
+            for index, obj in enumerate(scene.objects):
                 bx0, by0, bx1, by1 = obj.box
                 w = min(bx1, x0 + TOKEN_PIXELS - 1) - max(bx0, x0) + 1
                 h = min(by1, y0 + TOKEN_PIXELS - 1) - max(by0, y0) + 1
                 if w > 0 and h > 0 and w * h > best_area:
-                    best, best_area = obj, w * h
-            if best is not None:
-                labels[row * cells + col, 0] = colour_class[best.colour]
-    labels[:, 1] = -100
-    for obj in scene.objects:
-        x, y = obj.centre
-        labels[int(y) // TOKEN_PIXELS * cells + int(x) // TOKEN_PIXELS, 1] = SHAPES.index(obj.shape) + 1
-    return labels
+                    best, best_area = index, w * h
+            owners.append(best)
+    return owners
+
+
+def _centre_cell(obj, cells: int) -> int:
+    x, y = obj.centre
+    return int(y) // TOKEN_PIXELS * cells + int(x) // TOKEN_PIXELS
+
+
+_NAMING = (  # the question templates of the benchmark and of _more_questions, and what they name
+    (re.compile(r"What colour is the (\w+)\?"), lambda o, m: o.shape == m[1]),
+    (re.compile(r"What shape is the (\w+) object\?"), lambda o, m: o.colour == m[1]),
+    (re.compile(r"How many (\w+) objects are there\?"), lambda o, m: o.colour == m[1]),
+    (re.compile(r"How many (\w+)s are there\?"), lambda o, m: o.shape == m[1]),
+    (re.compile(r"Where is the (\w+ \w+) relative to the (\w+ \w+)\?"), lambda o, m: o.name in (m[1], m[2])),
+)
+
+
+def _named_cells(scene, question: str) -> list[int]:
+    """The token cells of the objects `question` names (each object's cells and its centre cell),
+    sorted; empty when it names none in the scene (a count of 0, a presence question)."""
+    found = next(((names, m) for pattern, names in _NAMING if (m := pattern.fullmatch(question))), None)
+    if found is None:
+        return []
+    names, match = found
+    cells = scene.image_size // TOKEN_PIXELS
+    named = {i for i, obj in enumerate(scene.objects) if names(obj, match)}
+    found = {cell for cell, owner in enumerate(_cell_owners(scene)) if owner in named}
+    return sorted(found | {_centre_cell(scene.objects[i], cells) for i in named})
 
 
 PROBE_TARGETS = ("colour", "shape", "row", "column")
@@ -264,8 +308,9 @@ def _probe_loss_and_hits(probe_logits: torch.Tensor, token_labels: torch.Tensor,
 
 def _batch(backbone: Backbone, config: TrainConfig, step: int):
     """Step `step`: the conversations' inputs, their labels (B, L; see _answer_labels), the category
-    of each answer in row order, each answer's (row, first, last) label position, and the probe's
-    labels of the image tokens (see _token_labels)."""
+    of each answer in row order, each answer's (row, first, last) label position, the probe's
+    labels of the image tokens (see _token_labels), and per answer that names objects, (row, the
+    position that predicts its first token, the named objects' token cells) for `_grounding_loss`."""
     tokenizer = backbone.tokenizer
     first = step * config.batch_size
     scenes = [demo_scene("train", first + i, image_size=config.image_size) for i in range(config.batch_size)]
@@ -274,15 +319,49 @@ def _batch(backbone: Backbone, config: TrainConfig, step: int):
     inputs = build_inputs(tokenizer, backbone.image_processor, samples, chat=False)
     header = tokenizer.encode("<|im_start|>assistant\n", add_special_tokens=False)
     end_id = tokenizer.convert_tokens_to_ids(END_OF_TURN)
-    labels, answers = [], []
-    for row, (ids, items) in enumerate(zip(inputs["input_ids"], conversations, strict=True)):
+    labels, answers, grounds = [], [], []
+    for row, (ids, items, scene) in enumerate(zip(inputs["input_ids"], conversations, scenes, strict=True)):
         row_labels, spans = _answer_labels(ids, header, end_id)
         if len(spans) != len(items):
             raise RuntimeError(f"found {len(spans)} answers in a conversation of {len(items)} turns")
         labels.append(row_labels)
         answers += [(item.category, row, first_pos, last) for item, (first_pos, last) in zip(items, spans)]
+        for item, (first_pos, _) in zip(items, spans):
+            if cells := _named_cells(scene, item.question):
+                grounds.append((row, first_pos - 1, cells))
     token_labels = torch.cat([_token_labels(scene) for scene in scenes])
-    return inputs, torch.stack(labels), answers, token_labels
+    return inputs, torch.stack(labels), answers, token_labels, grounds
+
+
+def _grounding_loss(attention, captured: dict, inputs, grounds, image_token_id: int):
+    """Training only: from the position that predicts an answer's first token, the supervised head
+    (the first of `ground_layer`) should attend to the image tokens of the objects the question names.
+    Loss: minus the log of that head's attention mass on those tokens (however it splits it among
+    them), averaged over the answers. Also returns, per answer, whether its most attended key is one of
+    them.
+
+    Finding the object a question names and reading its other attribute is what this small LLM
+    otherwise learns only after hundreds of steps, and for some questions not at all (docs/benchmarks.md);
+    this gives the match between the question and those tokens a gradient from the first step."""
+    hidden, (cos, sin) = captured["hidden_states"], captured["position_embeddings"]
+    batch, length, _ = hidden.shape
+    dim = attention.head_dim
+    query = attention.q_proj(hidden).view(batch, length, -1, dim)[:, :, :1].transpose(1, 2)  # (B, 1, L, D)
+    key = attention.k_proj(hidden).view(batch, length, -1, dim)[:, :, :1].transpose(1, 2)  # its KV head
+    query, key = apply_rotary_pos_emb(query, key, cos, sin)
+    rows = torch.tensor([row for row, _, _ in grounds], device=hidden.device)
+    at = torch.tensor([position for _, position, _ in grounds], device=hidden.device)
+    scores = torch.einsum("gd,gld->gl", query[rows, 0, at], key[rows, 0]).float() * attention.scaling  # (G, L)
+    keys = torch.arange(length, device=hidden.device)
+    allowed = (keys[None] <= at[:, None]) & inputs["attention_mask"][rows].bool()
+    target = torch.zeros_like(allowed)
+    for g, (row, _, cells) in enumerate(grounds):
+        image_positions = (inputs["input_ids"][row] == image_token_id).nonzero().squeeze(1)  # raster order
+        target[g, image_positions[cells]] = True
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    loss = (scores.logsumexp(-1) - scores.masked_fill(~target, float("-inf")).logsumexp(-1)).mean()
+    hits = target.gather(1, scores.argmax(-1, keepdim=True)).squeeze(1)
+    return loss, hits
 
 
 def _batches(backbone: Backbone, config: TrainConfig, steps: range, workers: int):
@@ -333,6 +412,26 @@ def _save_state(path: Path, model, probe, optimizer, step: int, config: TrainCon
     os.replace(tmp, path)
 
 
+def _check_resumable(state: dict, config: TrainConfig, path: Path) -> None:
+    """A state continues only under its own settings, except that `steps` may change while the learning
+    rate has not yet begun to decay under either length: every step taken so far then had the same
+    learning rate (and the same batch, which depends on the seed and the step alone), so the run is
+    the one a straight run of the new length would have been."""
+    saved = TrainConfig(**state["config"])
+    if asdict(saved) == asdict(config):
+        return
+    if asdict(replace(saved, steps=config.steps)) != asdict(config):
+        raise ValueError(f"--resume: {path} was written with other settings: {state['config']}")
+    done = state["step"]
+    if config.steps <= done:
+        raise ValueError(f"--resume: {path} has already taken {done} steps; --steps {config.steps} is not more")
+    if any(saved.lr_at(step) != config.lr_at(step) for step in range(done)):
+        raise ValueError(
+            f"--resume: {path} has taken {done} steps and its learning rate already differs from that of a "
+            f"{config.steps}-step run; --steps can change only before the decay starts"
+        )
+
+
 def train(config: TrainConfig, out: Path, *, resume: bool = False, save_every_s: float = 300.0,
           log_every: int = 25, log=print, final_items: int | None = None, device: str = "cpu",
           workers: int = 0) -> dict:  # fmt: skip
@@ -354,6 +453,14 @@ def train(config: TrainConfig, out: Path, *, resume: bool = False, save_every_s:
         probe = torch.nn.Linear(DEMO_SPEC.text_hidden, sum(_probe_sizes(config.image_size))).to(device)
     captured: list = []
     hook = model.model.visual.register_forward_hook(lambda module, args, output: captured.append(output))
+    attention = model.model.language_model.layers[config.ground_layer].self_attn
+    attention_inputs: dict = {}
+    hooks = [hook]
+    if config.ground_weight:  # what the supervised attention layer sees, for _grounding_loss
+        hooks.append(attention.register_forward_pre_hook(
+            lambda module, args, kwargs: attention_inputs.update(kwargs), with_kwargs=True
+        ))  # fmt: skip
+    image_token_id = model.config.image_token_id
     named = [*model.named_parameters(), *(("probe." + n, p) for n, p in probe.named_parameters())]
     decay = [p for n, p in named if p.ndim >= 2 and "embed" not in n]
     no_decay = [p for n, p in named if p.ndim < 2 or "embed" in n]
@@ -367,8 +474,7 @@ def train(config: TrainConfig, out: Path, *, resume: bool = False, save_every_s:
         if not state_path.is_file():
             raise FileNotFoundError(f"--resume: no {STATE_FILE} in {out}")
         state = torch.load(state_path, weights_only=True, map_location="cpu")
-        if state["config"] != asdict(config):
-            raise ValueError(f"--resume: {state_path} was written with other settings: {state['config']}")
+        _check_resumable(state, config, state_path)
         model.load_state_dict(state["model"])
         probe.load_state_dict(state["probe"])
         optimizer.load_state_dict(state["optimizer"])
@@ -381,7 +487,7 @@ def train(config: TrainConfig, out: Path, *, resume: bool = False, save_every_s:
 
     t0, last_save = time.perf_counter(), time.perf_counter()
     window_loss, window_n, window_t, window_hits = 0.0, 0, time.perf_counter(), {}
-    for step, (inputs, labels, answers, token_labels) in zip(
+    for step, (inputs, labels, answers, token_labels, grounds) in zip(
         range(start, config.steps), _batches(backbone, config, range(start, config.steps), workers)
     ):
         for group in optimizer.param_groups:
@@ -399,6 +505,11 @@ def train(config: TrainConfig, out: Path, *, resume: bool = False, save_every_s:
             targets = labels[:, 1:][predicts]  # (T,)
             logits = model.lm_head(hidden[predicts]).float()  # (T, V)
             loss = torch.nn.functional.cross_entropy(logits, targets)
+            if config.ground_weight and grounds:
+                ground_loss, ground_hits = _grounding_loss(attention, attention_inputs, inputs, grounds, image_token_id)
+                loss = loss + config.ground_weight * ground_loss
+                window_hits.setdefault("ground", []).extend(ground_hits.tolist())
+            attention_inputs.clear()
         features = captured.pop().pooler_output  # per image, or all images concatenated
         features = torch.cat(features) if isinstance(features, list | tuple) else features
         probe_loss, probe_hits = _probe_loss_and_hits(probe(features), token_labels.to(device), config.image_size)
@@ -436,7 +547,8 @@ def train(config: TrainConfig, out: Path, *, resume: bool = False, save_every_s:
             _save_state(state_path, model, probe, optimizer, done, config, elapsed_before + time.perf_counter() - t0)
             last_save = time.perf_counter()
     train_s = elapsed_before + time.perf_counter() - t0
-    hook.remove()
+    for hook in hooks:
+        hook.remove()
 
     model.eval()
     save_backbone(backbone, out)
@@ -484,6 +596,8 @@ def main(argv: list[str] | None = None) -> int:
     config = TrainConfig(**{field: getattr(args, field) for field in asdict(defaults)})
     if config.steps < 1 or config.batch_size < 1:
         parser.error("--steps and --batch-size must be >= 1")
+    if not 0 <= config.ground_layer < DEMO_SPEC.text_layers:
+        parser.error(f"--ground-layer must be in 0..{DEMO_SPEC.text_layers - 1}")
     train(config, args.out, resume=args.resume, save_every_s=args.save_every_s, log_every=args.log_every, device=args.device, workers=args.workers,
           log=lambda line: print(line, flush=True))  # fmt: skip
     return 0

@@ -156,7 +156,7 @@ def draw_scene(objects: Sequence[SceneObject], background: tuple[int, int, int],
 # ---------------------------------------------------------------------------------------------
 
 
-def _options(rng: random.Random, correct: str, pool: Sequence[str]) -> tuple[dict[str, str], str]:
+def four_options(rng: random.Random, correct: str, pool: Sequence[str]) -> tuple[dict[str, str], str]:
     """Four options: `correct` and three others from `pool`, in a seeded order."""
     texts = [correct, *rng.sample([p for p in pool if p != correct], 3)]
     rng.shuffle(texts)
@@ -171,7 +171,7 @@ def _colour_question(rng, size):
     objects: list[SceneObject] = []
     target = _place(rng, objects, rng.choice(SHAPES), rng.choice(list(COLOURS)), size)
     _fill(rng, objects, size, _n_objects(rng), lambda s, c: s != target.shape)
-    options, answer = _options(rng, target.colour, list(COLOURS))
+    options, answer = four_options(rng, target.colour, list(COLOURS))
     return objects, f"What colour is the {target.shape}?", options, answer
 
 
@@ -179,7 +179,7 @@ def _shape_question(rng, size):
     objects: list[SceneObject] = []
     target = _place(rng, objects, rng.choice(SHAPES), rng.choice(list(COLOURS)), size)
     _fill(rng, objects, size, _n_objects(rng), lambda s, c: c != target.colour)
-    options, answer = _options(rng, target.shape, SHAPES)
+    options, answer = four_options(rng, target.shape, SHAPES)
     return objects, f"What shape is the {target.colour} object?", options, answer
 
 
@@ -198,7 +198,7 @@ def _count_question(rng, size):
             _place(rng, objects, shape, colour, size)
         _fill(rng, objects, size, max(count + 1, _n_objects(rng)), lambda s, c: c != colour)
         question = f"How many {colour} objects are there?"
-    options, answer = _options(rng, str(count), ("0", "1", "2", "3"))
+    options, answer = four_options(rng, str(count), ("0", "1", "2", "3"))
     return objects, question, options, answer
 
 
@@ -216,7 +216,7 @@ def _position_question(rng, size):
     )
     target = _place(rng, objects, *pairs[0], size, centre=centre)
     _fill(rng, objects, size, _n_objects(rng), lambda s, c: True)
-    options, answer = _options(rng, direction, DIRECTIONS)
+    options, answer = four_options(rng, direction, DIRECTIONS)
     return objects, f"Where is the {target.name} relative to the {reference.name}?", options, answer
 
 
@@ -338,5 +338,6 @@ __all__ = [
     "demo_scene",
     "demo_split",
     "draw_scene",
+    "four_options",
     "fingerprint",
 ]

@@ -1,11 +1,13 @@
 import json
+from dataclasses import asdict, replace
+from pathlib import Path
 
 import pytest
 import torch
 
 from illava.backbones import load_backbone
 from illava_tune.cli import main as cli_main
-from illava_tune.train_demo import STATE_FILE, TrainConfig, train
+from illava_tune.train_demo import STATE_FILE, TrainConfig, _check_resumable, train
 from profiler.accuracy import answer_style
 
 CONFIG = TrainConfig(steps=4, batch_size=2, warmup_steps=2, eval_every=1000, eval_items=5)
@@ -13,6 +15,16 @@ CONFIG = TrainConfig(steps=4, batch_size=2, warmup_steps=2, eval_every=1000, eva
 
 class _Crash(Exception):
     pass
+
+
+def _crash_at(prefix: str):
+    """A `log` that raises when the progress line starting with `prefix` arrives."""
+
+    def log(line: str) -> None:
+        if line.startswith(prefix):
+            raise _Crash
+
+    return log
 
 
 def _weights(path):
@@ -37,14 +49,9 @@ def test_training_writes_a_loadable_checkpoint_and_its_record(tmp_path):
 def test_a_crashed_run_resumes_to_the_same_weights(tmp_path):
     straight = tmp_path / "straight"
     train(CONFIG, straight, log_every=1, log=lambda line: None, final_items=5)
-
-    def crash_at_step_3(line: str) -> None:
-        if line.startswith("step 3/4"):
-            raise _Crash
-
     crashed = tmp_path / "crashed"
     with pytest.raises(_Crash):
-        train(CONFIG, crashed, save_every_s=0.0, log_every=1, log=crash_at_step_3, final_items=5)
+        train(CONFIG, crashed, save_every_s=0.0, log_every=1, log=_crash_at("step 3/4"), final_items=5)
     assert torch.load(crashed / STATE_FILE, weights_only=True)["step"] == 2
     lines = []
     train(CONFIG, crashed, resume=True, log_every=1, log=lines.append, final_items=5)
@@ -57,10 +64,36 @@ def test_resume_refuses_other_settings_and_a_missing_state(tmp_path):
     with pytest.raises(FileNotFoundError, match="no train_state.pt"):
         train(CONFIG, tmp_path, resume=True, final_items=5)
     with pytest.raises(_Crash):
-        train(CONFIG, tmp_path, save_every_s=0.0, log_every=1, final_items=5,
-              log=lambda line: (_ for _ in ()).throw(_Crash) if line.startswith("step 2/") else None)  # fmt: skip
+        train(CONFIG, tmp_path, save_every_s=0.0, log_every=1, final_items=5, log=_crash_at("step 2/"))
     with pytest.raises(ValueError, match="other settings"):
         train(TrainConfig(steps=5, batch_size=2), tmp_path, resume=True, final_items=5)
+
+
+def test_a_run_can_be_lengthened_before_its_learning_rate_decays(tmp_path):
+    short = TrainConfig(steps=6, batch_size=2, warmup_steps=1, encoder_steps=1, decay_fraction=0.4, eval_every=1000)
+    long = replace(short, steps=8)
+    straight = tmp_path / "straight"
+    train(long, straight, log_every=1, log=lambda line: None, final_items=5)
+    lengthened = tmp_path / "lengthened"
+    with pytest.raises(_Crash):
+        train(short, lengthened, save_every_s=0.0, log_every=1, log=_crash_at("step 4/6"), final_items=5)
+    lines = []
+    train(long, lengthened, resume=True, log_every=1, log=lines.append, final_items=5)
+    assert lines[0] == "resuming at step 3/8"
+    a, b = _weights(straight), _weights(lengthened)
+    assert all(torch.equal(a[name], b[name]) for name in a)
+
+
+def test_steps_change_on_resume_only_before_the_decay():
+    short = TrainConfig(steps=100, encoder_steps=10, warmup_steps=5, decay_fraction=0.5)  # decays from step 55
+    state = {"config": asdict(short), "step": 50}
+    _check_resumable(state, replace(short, steps=200), Path("s"))  # 50 steps at the peak or warming up: fine
+    with pytest.raises(ValueError, match="before the decay starts"):
+        _check_resumable({**state, "step": 60}, replace(short, steps=200), Path("s"))
+    with pytest.raises(ValueError, match="already taken 60 steps"):
+        _check_resumable({**state, "step": 60}, replace(short, steps=60), Path("s"))
+    with pytest.raises(ValueError, match="other settings"):
+        _check_resumable(state, replace(short, steps=200, lr=2e-3), Path("s"))
 
 
 def test_cli_passes_options_through_and_rejects_bad_ones(tmp_path, capsys):
@@ -120,13 +153,83 @@ def test_the_labels_are_exactly_the_answers_and_their_end_of_turn():
 
     backbone = build_untrained("demo")
     config = TrainConfig(batch_size=3)
-    inputs, labels, answers, token_labels = _batch(backbone, config, 2)
+    inputs, labels, answers, token_labels, grounds = _batch(backbone, config, 2)
     assert inputs["pixel_values"].shape[0] > 0 and token_labels.shape == (3 * 64, 4)
     expected = [item for i in range(6, 9) for item in _conversation(demo_scene("train", i), config.turns)]
     assert [category for category, *_ in answers] == [item.category for item in expected]
     decoded = [backbone.tokenizer.decode(labels[row, first : last + 1]) for _, row, first, last in answers]
     assert decoded == [item.options[item.answer] + "<|im_end|>" for item in expected]
     assert int((labels != -100).sum()) == sum(last - first + 1 for _, _, first, last in answers)
+    # every answer that names objects is grounded from the position that predicts its first token
+    named = [(row, first - 1) for (category, row, first, _), item in zip(answers, expected) if category != "presence"]
+    assert {(row, at) for row, at, _ in grounds} <= set(named) and len(grounds) >= len(named) - 3  # counts of 0
+
+
+def test_training_with_the_grounding_loss_reports_where_the_head_looks(tmp_path):
+    config = TrainConfig(steps=3, batch_size=2, warmup_steps=1, encoder_steps=1, ground_weight=0.5, eval_every=1000)
+    lines = []
+    train(config, tmp_path, log_every=1, log=lines.append, final_items=5)
+    steps = [line for line in lines if line.startswith("step ")]
+    assert "ground=" not in steps[0] and all(" ground=" in line for line in steps[1:])  # LLM steps only
+
+
+def test_grounding_cells_are_those_of_the_objects_a_question_names():
+    from illava_tune.train_demo import TOKEN_PIXELS, _conversation, _named_cells
+    from profiler.demo_vqa import demo_scene
+
+    def overlaps(cell, obj, cells):
+        x0, y0 = cell % cells * TOKEN_PIXELS, cell // cells * TOKEN_PIXELS
+        bx0, by0, bx1, by1 = obj.box
+        return bx0 < x0 + TOKEN_PIXELS and x0 <= bx1 and by0 < y0 + TOKEN_PIXELS and y0 <= by1
+
+    for index in range(30):
+        scene = demo_scene("train", index)
+        cells = scene.image_size // TOKEN_PIXELS
+        for item in _conversation(scene, 5):
+            words = item.question.rstrip("?").split()
+            if item.category == "colour":
+                named = [o for o in scene.objects if o.shape == words[-1]]
+            elif item.category == "shape":
+                named = [o for o in scene.objects if o.colour == words[-2]]
+            elif item.category == "count":
+                named = [o for o in scene.objects if words[2] in (o.colour, o.shape + "s")]
+            elif item.category == "position":
+                named = [o for o in scene.objects if o.name in item.question]
+            else:
+                named = []
+            found = _named_cells(scene, item.question)
+            assert bool(found) == bool(named), item.question
+            for obj in named:  # each named object's centre cell, and only cells of named objects
+                x, y = obj.centre
+                assert int(y) // TOKEN_PIXELS * cells + int(x) // TOKEN_PIXELS in found
+            assert all(any(overlaps(cell, obj, cells) for obj in named) for cell in found), item.question
+
+
+def test_the_grounding_loss_is_minus_the_log_of_the_attention_mass_on_the_named_tokens():
+    from illava.backbones import build_untrained
+    from illava_tune.train_demo import _batch, _grounding_loss
+
+    backbone = build_untrained("demo", seed=3)
+    model = backbone.model.eval()
+    model.set_attn_implementation("eager")  # returns the attention weights to compare with
+    config = TrainConfig(batch_size=3, ground_weight=1.0, ground_layer=2)
+    inputs, _, _, _, grounds = _batch(backbone, config, 0)
+    attention = model.model.language_model.layers[config.ground_layer].self_attn
+    seen = {}
+    hook = attention.register_forward_pre_hook(lambda m, args, kwargs: seen.update(kwargs), with_kwargs=True)
+    with torch.no_grad():
+        weights = model.model(**inputs, output_attentions=True, use_cache=False).attentions[config.ground_layer]
+        loss, hits = _grounding_loss(attention, seen, inputs, grounds, model.config.image_token_id)
+    hook.remove()
+    masses, best = [], []
+    for row, at, cells in grounds:
+        image = (inputs["input_ids"][row] == model.config.image_token_id).nonzero().squeeze(1)
+        head = weights[row, 0, at]  # the first head's attention from the answering position
+        masses.append(head[image[cells]].sum())
+        best.append(int(head.argmax()) in image[cells].tolist())
+    assert len(grounds) >= 6
+    assert float(loss) == pytest.approx(float(-torch.log(torch.stack(masses)).mean()), rel=1e-4)
+    assert hits.tolist() == best
 
 
 def test_probe_labels_name_each_tokens_object_and_cell():
