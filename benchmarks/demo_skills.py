@@ -2,6 +2,7 @@
 
     python benchmarks/demo_skills.py encoder [--steps 400] [--lr 1e-3]   # the encoder and probe alone
     python benchmarks/demo_skills.py binding [--steps 400] [--lr 1e-3]   # the LLM alone, scenes in words
+    python benchmarks/demo_skills.py lookup --checkpoint DIR [--scenes 256] [--layer 3]  # a trained model
 
 ``encoder`` trains a fresh `demo` vision encoder with `illava-tune train-demo`'s probe and labels
 (colour under each token, shape at object centres, row and column) and nothing else, and prints every
@@ -13,8 +14,14 @@ since names say nothing about positions), and prints every 25 steps how often ea
 question is answered right (all answer tokens, teacher forced). Nothing has to be seen: this is
 whether the LLM learns to bind an attribute to the object a question names.
 
-Both use the `train` stream from item 10,000,000 on (not what a train-demo run of this length
-reads), 32 scenes a step, AdamW with a 50-step warm-up to a constant `--lr`.
+``lookup`` reads a trained checkpoint: per question type, the share answered right (teacher forced),
+how often the first attention head of `--layer` (the head `--ground-weight` supervises) looks hardest
+at the objects the question names from the answering position, and the accuracy when it does and
+when it does not: a lookup that fails from a readout that fails.
+
+All use the `train` stream from item 10,000,000 on (not what a train-demo run of this length
+reads), 32 scenes a step; ``encoder`` and ``binding`` train with AdamW, a 50-step warm-up to a
+constant `--lr`.
 """
 
 from __future__ import annotations
@@ -30,11 +37,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from illava.backbones import DEMO_SPEC, build_untrained  # noqa: E402
+from illava.backbones import DEMO_SPEC, build_untrained, load_backbone  # noqa: E402
 from illava.inputs import Sample, _chat, build_inputs  # noqa: E402
 from illava_tune.train_demo import (  # noqa: E402
+    TrainConfig,
     _answer_labels,
+    _batch,
     _conversation,
+    _grounding_loss,
     _probe_loss_and_hits,
     _probe_sizes,
     _token_labels,
@@ -142,13 +152,68 @@ def binding(steps: int, lr: float) -> None:
             hits = {}
 
 
+@torch.no_grad()
+def lookup(checkpoint: str, scenes: int, layer: int) -> None:
+    """Per question type: how often the trained model answers right (teacher forced), how often the
+    first head of `layer` looks hardest at the objects the question names from the answering position
+    (and the mean attention mass it puts there), and the accuracy when it does and when it does not.
+    Tells a lookup that fails (the head does not find the object) from a readout that fails (it
+    finds it, the answer is still wrong)."""
+    backbone = load_backbone(checkpoint)
+    model = backbone.model.eval()
+    config = TrainConfig(batch_size=BATCH, ground_layer=layer)
+    attention = model.model.language_model.layers[layer].self_attn
+    seen: dict = {}
+    hook = attention.register_forward_pre_hook(lambda m, args, kwargs: seen.update(kwargs), with_kwargs=True)
+    rows: dict[str, list[tuple[bool, bool, float]]] = {}
+    start = time.perf_counter()
+    batches = -(-scenes // BATCH)
+    for step in range(batches):
+        inputs, labels, answers, _, grounds = _batch(backbone, config, FIRST_ITEM // BATCH + step)
+        hidden = model.model(**inputs, use_cache=False).last_hidden_state[:, :-1]
+        predicts = labels[:, 1:] != -100
+        right = torch.zeros_like(predicts)
+        right[predicts] = model.lm_head(hidden[predicts]).argmax(-1) == labels[:, 1:][predicts]
+        losses, hits = _grounding_loss(attention, seen, inputs, grounds, model.config.image_token_id)
+        found = {
+            (row, at): (bool(hit), float(torch.exp(-loss))) for (row, at, *_), hit, loss in zip(grounds, hits, losses)
+        }
+        for category, row, first, last in answers:
+            hit, mass = found.get((row, first - 1), (False, float("nan")))
+            rows.setdefault(category, []).append((bool(right[row, first - 1 : last].all()), hit, mass))
+    hook.remove()
+    print(f"{sum(map(len, rows.values()))} answers about {batches * BATCH} scenes, layer {layer} head 0, "
+          f"{time.perf_counter() - start:.0f}s")  # fmt: skip
+    print("| question | answers | right | head finds the object | mass on it | right when found | right when not |")
+    print("|---|---|---|---|---|---|---|")
+    for category, results in sorted(rows.items()):
+        grounded = [(r, hit, mass) for r, hit, mass in results if mass == mass]  # nan: names no object
+        right = f"{sum(r for r, _, _ in results) / len(results):.0%}"
+        if not grounded:
+            print(f"| {category} | {len(results)} | {right} | - | - | - | - |")
+            continue
+        right_when = [[r for r, hit, _ in grounded if hit == want] for want in (True, False)]
+        rates = [f"{sum(r) / len(r):.0%} of {len(r)}" if r else "-" for r in right_when]
+        finds = sum(hit for _, hit, _ in grounded) / len(grounded)
+        mass = sum(m for _, _, m in grounded) / len(grounded)
+        print(f"| {category} | {len(results)} | {right} | {finds:.0%} | {mass:.2f} | {rates[0]} | {rates[1]} |")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("experiment", choices=["encoder", "binding"])
+    parser.add_argument("experiment", choices=["encoder", "binding", "lookup"])
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--checkpoint", help="lookup: a train-demo output folder")
+    parser.add_argument("--scenes", type=int, default=256, help="lookup: scenes (5 questions each)")
+    parser.add_argument("--layer", type=int, default=TrainConfig.ground_layer, help="lookup: the LLM layer")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
+    if args.experiment == "lookup":
+        if not args.checkpoint:
+            parser.error("lookup needs --checkpoint (a train-demo output folder)")
+        lookup(args.checkpoint, args.scenes, args.layer)
+        return
     print(f"{args.experiment}: {args.steps} steps of {BATCH}, lr {args.lr}, {torch.get_num_threads()} threads")
     (encoder if args.experiment == "encoder" else binding)(args.steps, args.lr)
 

@@ -310,7 +310,8 @@ def _batch(backbone: Backbone, config: TrainConfig, step: int):
     """Step `step`: the conversations' inputs, their labels (B, L; see _answer_labels), the category
     of each answer in row order, each answer's (row, first, last) label position, the probe's
     labels of the image tokens (see _token_labels), and per answer that names objects, (row, the
-    position that predicts its first token, the named objects' token cells) for `_grounding_loss`."""
+    position that predicts its first token, the named objects' token cells, category) for
+    `_grounding_loss`."""
     tokenizer = backbone.tokenizer
     first = step * config.batch_size
     scenes = [demo_scene("train", first + i, image_size=config.image_size) for i in range(config.batch_size)]
@@ -328,7 +329,7 @@ def _batch(backbone: Backbone, config: TrainConfig, step: int):
         answers += [(item.category, row, first_pos, last) for item, (first_pos, last) in zip(items, spans)]
         for item, (first_pos, _) in zip(items, spans):
             if cells := _named_cells(scene, item.question):
-                grounds.append((row, first_pos - 1, cells))
+                grounds.append((row, first_pos - 1, cells, item.category))
     token_labels = torch.cat([_token_labels(scene) for scene in scenes])
     return inputs, torch.stack(labels), answers, token_labels, grounds
 
@@ -336,9 +337,8 @@ def _batch(backbone: Backbone, config: TrainConfig, step: int):
 def _grounding_loss(attention, captured: dict, inputs, grounds, image_token_id: int):
     """Training only: from the position that predicts an answer's first token, the supervised head
     (the first of `ground_layer`) should attend to the image tokens of the objects the question names.
-    Loss: minus the log of that head's attention mass on those tokens (however it splits it among
-    them), averaged over the answers. Also returns, per answer, whether its most attended key is one of
-    them.
+    Returns, per answer, the loss (minus the log of that head's attention mass on those tokens,
+    however it splits it among them) and whether its most attended key is one of them.
 
     Finding the object a question names and reading its other attribute is what this small LLM
     otherwise learns only after hundreds of steps, and for some questions not at all (docs/benchmarks.md);
@@ -349,17 +349,17 @@ def _grounding_loss(attention, captured: dict, inputs, grounds, image_token_id: 
     query = attention.q_proj(hidden).view(batch, length, -1, dim)[:, :, :1].transpose(1, 2)  # (B, 1, L, D)
     key = attention.k_proj(hidden).view(batch, length, -1, dim)[:, :, :1].transpose(1, 2)  # its KV head
     query, key = apply_rotary_pos_emb(query, key, cos, sin)
-    rows = torch.tensor([row for row, _, _ in grounds], device=hidden.device)
-    at = torch.tensor([position for _, position, _ in grounds], device=hidden.device)
+    rows = torch.tensor([row for row, *_ in grounds], device=hidden.device)
+    at = torch.tensor([position for _, position, *_ in grounds], device=hidden.device)
     scores = torch.einsum("gd,gld->gl", query[rows, 0, at], key[rows, 0]).float() * attention.scaling  # (G, L)
     keys = torch.arange(length, device=hidden.device)
     allowed = (keys[None] <= at[:, None]) & inputs["attention_mask"][rows].bool()
     target = torch.zeros_like(allowed)
-    for g, (row, _, cells) in enumerate(grounds):
+    for g, (row, _, cells, _) in enumerate(grounds):
         image_positions = (inputs["input_ids"][row] == image_token_id).nonzero().squeeze(1)  # raster order
         target[g, image_positions[cells]] = True
     scores = scores.masked_fill(~allowed, float("-inf"))
-    loss = (scores.logsumexp(-1) - scores.masked_fill(~target, float("-inf")).logsumexp(-1)).mean()
+    loss = scores.logsumexp(-1) - scores.masked_fill(~target, float("-inf")).logsumexp(-1)  # (G,)
     hits = target.gather(1, scores.argmax(-1, keepdim=True)).squeeze(1)
     return loss, hits
 
@@ -507,8 +507,9 @@ def train(config: TrainConfig, out: Path, *, resume: bool = False, save_every_s:
             loss = torch.nn.functional.cross_entropy(logits, targets)
             if config.ground_weight and grounds:
                 ground_loss, ground_hits = _grounding_loss(attention, attention_inputs, inputs, grounds, image_token_id)
-                loss = loss + config.ground_weight * ground_loss
-                window_hits.setdefault("ground", []).extend(ground_hits.tolist())
+                loss = loss + config.ground_weight * ground_loss.mean()
+                for (*_, category), hit in zip(grounds, ground_hits.tolist(), strict=True):
+                    window_hits.setdefault(f"ground_{category}", []).append(hit)
             attention_inputs.clear()
         features = captured.pop().pooler_output  # per image, or all images concatenated
         features = torch.cat(features) if isinstance(features, list | tuple) else features
