@@ -13,7 +13,8 @@ of its seed and settings). Two phases:
    question first, asked exactly as the profiler asks it, then one question of each other type
    about the same image (answers worked out from the scene's objects). Each question is answered
    with the option's *text*; the loss is cross-entropy on the answer tokens and the ``<|im_end|>``
-   after each. Five answers share one pass of the encoder.
+   after each, plus `ground_weight` times the grounding loss (`_grounding_loss`: one attention head
+   looks at the objects each question names). Five answers share one pass of the encoder.
 
 The checkpoint's config says ``mcq_answer = "text"``, so the profiler scores it by the likelihood of
 each option's text (`profiler.accuracy`). Answering with the option letter instead asks this small
@@ -90,7 +91,7 @@ class TrainConfig:
     encoder_steps: int = 450  # the first steps train the encoder and the probe alone (see train)
     turns: int = 5  # questions per image in one training conversation (the benchmark's first, see _conversation)
     decay_fraction: float = 0.35  # the share of the whole-model phase, at its end, over which the LR decays
-    ground_weight: float = 0.0  # weight of the grounding loss (see _grounding_loss); 0 leaves it out
+    ground_weight: float = 0.5  # weight of the grounding loss (see _grounding_loss); 0 leaves it out
     ground_layer: int = 3  # the LLM layer whose first attention head the grounding loss supervises
 
     def lr_at(self, step: int) -> float:
