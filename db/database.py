@@ -225,7 +225,13 @@ def _rollback_quietly(session: Session) -> None:
 def _sqlite_transactions(engine: Engine) -> None:
     """pysqlite begins transactions lazily and commits before DDL, which breaks SAVEPOINT and
     transactional migrations; take over BEGIN ourselves (the recipe in SQLAlchemy's SQLite docs)
-    and turn on foreign keys, which SQLite leaves off per connection."""
+    and turn on foreign keys, which SQLite leaves off per connection.
+
+    BEGIN IMMEDIATE, not a deferred BEGIN: a deferred transaction that has read and then writes must
+    upgrade its lock, and when another connection is already waiting to commit SQLite refuses that
+    upgrade at once ("database is locked") instead of waiting out the busy timeout, since neither
+    could go on. A job's driver and a CLI cancelling it hit that under load. Taking the write lock at
+    BEGIN makes every transaction wait its turn (up to the 30 s timeout); they are all short."""
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
@@ -236,4 +242,4 @@ def _sqlite_transactions(engine: Engine) -> None:
 
     @event.listens_for(engine, "begin")
     def _on_begin(connection: Any) -> None:
-        connection.exec_driver_sql("BEGIN")
+        connection.exec_driver_sql("BEGIN IMMEDIATE")

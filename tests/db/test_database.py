@@ -202,3 +202,34 @@ def _job(session) -> TuningJob:
         search_space={},
         constraints={},
     )
+
+
+def test_sqlite_writers_wait_for_each_other_instead_of_failing(tmp_path):
+    """A transaction that reads and then writes while another is waiting to commit: with a deferred
+    BEGIN, SQLite refuses the lock upgrade at once ("database is locked"); each must wait its turn."""
+    import threading
+
+    from sqlalchemy import text
+
+    database = Database(f"sqlite:///{tmp_path / 'lock.db'}")
+    with database.session() as session:
+        session.execute(text("CREATE TABLE t (x INTEGER)"))
+    errors = []
+
+    def other_writer() -> None:
+        try:
+            with database.session() as session:
+                session.execute(text("INSERT INTO t VALUES (2)"))
+        except Exception as err:  # noqa: BLE001 (reported by the assertion below)
+            errors.append(err)
+
+    with database.session() as session:
+        session.execute(text("SELECT count(*) FROM t")).scalar()
+        thread = threading.Thread(target=other_writer)
+        thread.start()
+        time.sleep(0.5)  # the other writer is now waiting for its turn
+        session.execute(text("INSERT INTO t VALUES (1)"))
+    thread.join(timeout=60)
+    assert not errors and not thread.is_alive()
+    with database.session() as session:
+        assert session.execute(text("SELECT x FROM t ORDER BY x")).scalars().all() == [1, 2]
