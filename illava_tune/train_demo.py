@@ -92,7 +92,8 @@ class TrainConfig:
     turns: int = 5  # questions per image in one training conversation (the benchmark's first, see _conversation)
     decay_fraction: float = 0.35  # the share of the whole-model phase, at its end, over which the LR decays
     ground_weight: float = 0.5  # weight of the grounding loss (see _grounding_loss); 0 leaves it out
-    ground_layer: int = 3  # the LLM layer whose first attention head the grounding loss supervises
+    ground_layer: int = 3  # the LLM layer whose attention heads the grounding loss supervises
+    ground_heads: int = 1  # 1: head 0 looks at all the named objects; 2: position questions' two on heads 0 and 1
 
     def lr_at(self, step: int) -> float:
         """Each phase warms up linearly over `warmup_steps` and then holds the peak; the whole-model phase
@@ -247,26 +248,40 @@ def _centre_cell(obj, cells: int) -> int:
     return int(y) // TOKEN_PIXELS * cells + int(x) // TOKEN_PIXELS
 
 
-_NAMING = (  # the question templates of the benchmark and of _more_questions, and what they name
-    (re.compile(r"What colour is the (\w+)\?"), lambda o, m: o.shape == m[1]),
-    (re.compile(r"What shape is the (\w+) object\?"), lambda o, m: o.colour == m[1]),
-    (re.compile(r"How many (\w+) objects are there\?"), lambda o, m: o.colour == m[1]),
-    (re.compile(r"How many (\w+)s are there\?"), lambda o, m: o.shape == m[1]),
-    (re.compile(r"Where is the (\w+ \w+) relative to the (\w+ \w+)\?"), lambda o, m: o.name in (m[1], m[2])),
+_NAMING = (  # the question templates of the benchmark and of _more_questions; which group each object is in
+    (re.compile(r"What colour is the (\w+)\?"), lambda o, m: 0 if o.shape == m[1] else None),
+    (re.compile(r"What shape is the (\w+) object\?"), lambda o, m: 0 if o.colour == m[1] else None),
+    (re.compile(r"How many (\w+) objects are there\?"), lambda o, m: 0 if o.colour == m[1] else None),
+    (re.compile(r"How many (\w+)s are there\?"), lambda o, m: 0 if o.shape == m[1] else None),
+    (  # the object asked about, then the one it is compared with
+        re.compile(r"Where is the (\w+ \w+) relative to the (\w+ \w+)\?"),
+        lambda o, m: 0 if o.name == m[1] else 1 if o.name == m[2] else None,
+    ),
 )
 
 
-def _named_cells(scene, question: str) -> list[int]:
-    """The token cells of the objects `question` names (each object's cells and its centre cell),
-    sorted; empty when it names none in the scene (a count of 0, a presence question)."""
-    found = next(((names, m) for pattern, names in _NAMING if (m := pattern.fullmatch(question))), None)
+def _named_groups(scene, question: str) -> list[list[int]]:
+    """The token cells of the objects `question` names (each object's cells and its centre cell,
+    sorted), one list per thing it names: two for a position question (the object asked about, then
+    the reference), one otherwise; none when it names no object in the scene (a count of 0, a
+    presence question)."""
+    found = next(((group_of, m) for pattern, group_of in _NAMING if (m := pattern.fullmatch(question))), None)
     if found is None:
         return []
-    names, match = found
+    group_of, match = found
     cells = scene.image_size // TOKEN_PIXELS
-    named = {i for i, obj in enumerate(scene.objects) if names(obj, match)}
-    found = {cell for cell, owner in enumerate(_cell_owners(scene)) if owner in named}
-    return sorted(found | {_centre_cell(scene.objects[i], cells) for i in named})
+    owners = _cell_owners(scene)
+    groups: dict[int, set[int]] = {}
+    for i, obj in enumerate(scene.objects):
+        if (group := group_of(obj, match)) is not None:
+            covered = {cell for cell, owner in enumerate(owners) if owner == i}
+            groups.setdefault(group, set()).update(covered | {_centre_cell(obj, cells)})
+    return [sorted(groups[group]) for group in sorted(groups)]
+
+
+def _named_cells(scene, question: str) -> list[int]:
+    """All the token cells of the objects `question` names (`_named_groups` together), sorted."""
+    return sorted({cell for group in _named_groups(scene, question) for cell in group})
 
 
 PROBE_TARGETS = ("colour", "shape", "row", "column")
@@ -311,8 +326,9 @@ def _batch(backbone: Backbone, config: TrainConfig, step: int):
     """Step `step`: the conversations' inputs, their labels (B, L; see _answer_labels), the category
     of each answer in row order, each answer's (row, first, last) label position, the probe's
     labels of the image tokens (see _token_labels), and per answer that names objects, (row, the
-    position that predicts its first token, the named objects' token cells, category) for
-    `_grounding_loss`."""
+    position that predicts its first token, the named objects' token cells, category, attention
+    head) for `_grounding_loss`: one head for all the objects, or with `ground_heads` 2 one per
+    object of a position question."""
     tokenizer = backbone.tokenizer
     first = step * config.batch_size
     scenes = [demo_scene("train", first + i, image_size=config.image_size) for i in range(config.batch_size)]
@@ -329,17 +345,20 @@ def _batch(backbone: Backbone, config: TrainConfig, step: int):
         labels.append(row_labels)
         answers += [(item.category, row, first_pos, last) for item, (first_pos, last) in zip(items, spans)]
         for item, (first_pos, _) in zip(items, spans):
-            if cells := _named_cells(scene, item.question):
-                grounds.append((row, first_pos - 1, cells, item.category))
+            groups = _named_groups(scene, item.question)
+            if config.ground_heads == 1 and groups:
+                groups = [sorted({cell for group in groups for cell in group})]
+            grounds += [(row, first_pos - 1, cells, item.category, head) for head, cells in enumerate(groups)]
     token_labels = torch.cat([_token_labels(scene) for scene in scenes])
     return inputs, torch.stack(labels), answers, token_labels, grounds
 
 
 def _grounding_loss(attention, captured: dict, inputs, grounds, image_token_id: int):
-    """Training only: from the position that predicts an answer's first token, the supervised head
-    (the first of `ground_layer`) should attend to the image tokens of the objects the question names.
-    Returns, per answer, the loss (minus the log of that head's attention mass on those tokens,
-    however it splits it among them) and whether its most attended key is one of them.
+    """Training only: from the position that predicts an answer's first token, a head of the layer
+    `attention` belongs to (`ground_layer`) should attend to the image tokens of the objects the
+    question names (`_batch`'s grounds say which head, which tokens). Returns, per ground, the loss
+    (minus the log of that head's attention mass on those tokens, however it splits it among them)
+    and whether its most attended key is one of them.
 
     Finding the object a question names and reading its other attribute is what this small LLM
     otherwise learns only after hundreds of steps, and for some questions not at all (docs/benchmarks.md);
@@ -347,16 +366,17 @@ def _grounding_loss(attention, captured: dict, inputs, grounds, image_token_id: 
     hidden, (cos, sin) = captured["hidden_states"], captured["position_embeddings"]
     batch, length, _ = hidden.shape
     dim = attention.head_dim
-    query = attention.q_proj(hidden).view(batch, length, -1, dim)[:, :, :1].transpose(1, 2)  # (B, 1, L, D)
-    key = attention.k_proj(hidden).view(batch, length, -1, dim)[:, :, :1].transpose(1, 2)  # its KV head
+    query = attention.q_proj(hidden).view(batch, length, -1, dim).transpose(1, 2)  # (B, H, L, D)
+    key = attention.k_proj(hidden).view(batch, length, -1, dim).transpose(1, 2)  # (B, H_kv, L, D)
     query, key = apply_rotary_pos_emb(query, key, cos, sin)
-    rows = torch.tensor([row for row, *_ in grounds], device=hidden.device)
-    at = torch.tensor([position for _, position, *_ in grounds], device=hidden.device)
-    scores = torch.einsum("gd,gld->gl", query[rows, 0, at], key[rows, 0]).float() * attention.scaling  # (G, L)
-    keys = torch.arange(length, device=hidden.device)
+    device = hidden.device
+    rows, at, heads = (torch.tensor([g[i] for g in grounds], device=device) for i in (0, 1, 4))
+    group = query.shape[1] // key.shape[1]  # query heads per KV head
+    scores = torch.einsum("gd,gld->gl", query[rows, heads, at], key[rows, heads // group]).float() * attention.scaling
+    keys = torch.arange(length, device=device)
     allowed = (keys[None] <= at[:, None]) & inputs["attention_mask"][rows].bool()
     target = torch.zeros_like(allowed)
-    for g, (row, _, cells, _) in enumerate(grounds):
+    for g, (row, _, cells, *_) in enumerate(grounds):
         image_positions = (inputs["input_ids"][row] == image_token_id).nonzero().squeeze(1)  # raster order
         target[g, image_positions[cells]] = True
     scores = scores.masked_fill(~allowed, float("-inf"))
@@ -509,7 +529,7 @@ def train(config: TrainConfig, out: Path, *, resume: bool = False, save_every_s:
             if config.ground_weight and grounds:
                 ground_loss, ground_hits = _grounding_loss(attention, attention_inputs, inputs, grounds, image_token_id)
                 loss = loss + config.ground_weight * ground_loss.mean()
-                for (*_, category), hit in zip(grounds, ground_hits.tolist(), strict=True):
+                for (*_, category, _), hit in zip(grounds, ground_hits.tolist(), strict=True):
                     window_hits.setdefault(f"ground_{category}", []).append(hit)
             attention_inputs.clear()
         features = captured.pop().pooler_output  # per image, or all images concatenated
@@ -600,6 +620,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--steps and --batch-size must be >= 1")
     if not 0 <= config.ground_layer < DEMO_SPEC.text_layers:
         parser.error(f"--ground-layer must be in 0..{DEMO_SPEC.text_layers - 1}")
+    if config.ground_heads not in (1, 2):
+        parser.error("--ground-heads must be 1 or 2")
     train(config, args.out, resume=args.resume, save_every_s=args.save_every_s, log_every=args.log_every, device=args.device, workers=args.workers,
           log=lambda line: print(line, flush=True))  # fmt: skip
     return 0

@@ -162,7 +162,8 @@ def test_the_labels_are_exactly_the_answers_and_their_end_of_turn():
     assert int((labels != -100).sum()) == sum(last - first + 1 for _, _, first, last in answers)
     # every answer that names objects is grounded from the position that predicts its first token
     named = [(row, first - 1, category) for category, row, first, _ in answers if category != "presence"]
-    assert {(row, at, category) for row, at, _, category in grounds} <= set(named)
+    assert {(row, at, category) for row, at, _, category, _ in grounds} <= set(named)
+    assert {head for *_, head in grounds} == {0}  # one head per answer unless ground_heads is 2
     assert len(grounds) >= len(named) - 3  # a count of 0 names no object
 
 
@@ -175,7 +176,7 @@ def test_training_with_the_grounding_loss_reports_where_the_head_looks(tmp_path)
 
 
 def test_grounding_cells_are_those_of_the_objects_a_question_names():
-    from illava_tune.train_demo import TOKEN_PIXELS, _conversation, _named_cells
+    from illava_tune.train_demo import TOKEN_PIXELS, _conversation, _named_cells, _named_groups
     from profiler.demo_vqa import demo_scene
 
     def overlaps(cell, obj, cells):
@@ -200,6 +201,14 @@ def test_grounding_cells_are_those_of_the_objects_a_question_names():
                 named = []
             found = _named_cells(scene, item.question)
             assert bool(found) == bool(named), item.question
+            if item.category == "position":  # one group per object: the one asked about, then the reference
+                names = item.question[len("Where is the ") : -1].split(" relative to the ")
+                first, second = (next(o for o in named if o.name == name) for name in names)
+                groups = _named_groups(scene, item.question)
+                assert len(groups) == 2 and set(groups[0]) | set(groups[1]) == set(found)
+                for obj, group in ((first, groups[0]), (second, groups[1])):
+                    x, y = obj.centre
+                    assert int(y) // TOKEN_PIXELS * cells + int(x) // TOKEN_PIXELS in group
             for obj in named:  # each named object's centre cell, and only cells of named objects
                 x, y = obj.centre
                 assert int(y) // TOKEN_PIXELS * cells + int(x) // TOKEN_PIXELS in found
@@ -213,7 +222,7 @@ def test_the_grounding_loss_is_minus_the_log_of_the_attention_mass_on_the_named_
     backbone = build_untrained("demo", seed=3)
     model = backbone.model.eval()
     model.set_attn_implementation("eager")  # returns the attention weights to compare with
-    config = TrainConfig(batch_size=3, ground_weight=1.0, ground_layer=2)
+    config = TrainConfig(batch_size=3, ground_weight=1.0, ground_layer=2, ground_heads=2)
     inputs, _, _, _, grounds = _batch(backbone, config, 0)
     attention = model.model.language_model.layers[config.ground_layer].self_attn
     seen = {}
@@ -223,12 +232,12 @@ def test_the_grounding_loss_is_minus_the_log_of_the_attention_mass_on_the_named_
         loss, hits = _grounding_loss(attention, seen, inputs, grounds, model.config.image_token_id)
     hook.remove()
     masses, best = [], []
-    for row, at, cells, _ in grounds:
+    for row, at, cells, _, head_index in grounds:
         image = (inputs["input_ids"][row] == model.config.image_token_id).nonzero().squeeze(1)
-        head = weights[row, 0, at]  # the first head's attention from the answering position
+        head = weights[row, head_index, at]  # that head's attention from the answering position
         masses.append(head[image[cells]].sum())
         best.append(int(head.argmax()) in image[cells].tolist())
-    assert len(grounds) >= 6
+    assert len(grounds) >= 6 and {head for *_, head in grounds} == {0, 1}  # position questions use two
     assert loss.tolist() == pytest.approx((-torch.log(torch.stack(masses))).tolist(), rel=1e-4)
     assert hits.tolist() == best
 
