@@ -26,10 +26,11 @@ The run prints a progress line every `--log-every` steps (loss, training accurac
 the validation accuracy per question type every `--eval-every` steps. It saves a resumable state
 (`train_state.pt`: weights, optimizer, step) every `--save-every-s` seconds, written atomically; `--resume`
 continues from it, with the same settings or a larger `--steps` while the learning rate has not begun
-to decay (the learning rate holds its peak until the last `decay_fraction` of the whole-model phase). At the end it writes the checkpoint (safetensors, config, tokenizer, image
-processor, generation config) and ``training.json`` with the settings, time taken and accuracy on the
-validation split, the test split and the test split's first 100 questions (the figure
-`tests/illava/test_demo_backbone.py` checks the committed checkpoint against).
+to decay (it holds its peak until the last `decay_fraction` of the whole-model phase). At the end it
+writes the checkpoint (safetensors, config, tokenizer, image processor, generation config) and
+``training.json`` with the settings, time taken and accuracy on the validation split, the test split
+and the test split's first 100 questions (the figure `tests/illava/test_demo_backbone.py` checks the
+committed checkpoint against).
 
 Same seed and settings on the same machine and thread count give the same weights; other CPUs can
 differ in the last bits of a float sum, and so in the weights after training.
