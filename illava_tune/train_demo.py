@@ -261,11 +261,11 @@ _NAMING = (  # the question templates of the benchmark and of _more_questions; w
 )
 
 
-def _named_groups(scene, question: str) -> list[list[int]]:
+def _named_groups(scene, question: str, *, split: bool = True) -> list[list[int]]:
     """The token cells of the objects `question` names (each object's cells and its centre cell,
     sorted), one list per thing it names: two for a position question (the object asked about, then
-    the reference), one otherwise; none when it names no object in the scene (a count of 0, a
-    presence question)."""
+    the reference) unless not `split`, one otherwise; none when it names no object in the scene (a
+    count of 0, a presence question)."""
     found = next(((group_of, m) for pattern, group_of in _NAMING if (m := pattern.fullmatch(question))), None)
     if found is None:
         return []
@@ -276,13 +276,8 @@ def _named_groups(scene, question: str) -> list[list[int]]:
     for i, obj in enumerate(scene.objects):
         if (group := group_of(obj, match)) is not None:
             covered = {cell for cell, owner in enumerate(owners) if owner == i}
-            groups.setdefault(group, set()).update(covered | {_centre_cell(obj, cells)})
+            groups.setdefault(group if split else 0, set()).update(covered | {_centre_cell(obj, cells)})
     return [sorted(groups[group]) for group in sorted(groups)]
-
-
-def _named_cells(scene, question: str) -> list[int]:
-    """All the token cells of the objects `question` names (`_named_groups` together), sorted."""
-    return sorted({cell for group in _named_groups(scene, question) for cell in group})
 
 
 PROBE_TARGETS = ("colour", "shape", "row", "column")
@@ -346,9 +341,7 @@ def _batch(backbone: Backbone, config: TrainConfig, step: int):
         labels.append(row_labels)
         answers += [(item.category, row, first_pos, last) for item, (first_pos, last) in zip(items, spans)]
         for item, (first_pos, _) in zip(items, spans):
-            groups = _named_groups(scene, item.question)
-            if config.ground_heads == 1 and groups:
-                groups = [sorted({cell for group in groups for cell in group})]
+            groups = _named_groups(scene, item.question, split=config.ground_heads == 2)
             grounds += [(row, first_pos - 1, cells, item.category, head) for head, cells in enumerate(groups)]
     token_labels = torch.cat([_token_labels(scene) for scene in scenes])
     return inputs, torch.stack(labels), answers, token_labels, grounds

@@ -88,6 +88,15 @@ def option_inputs(backbone: Backbone, items: Sequence[MCQItem]) -> tuple[BatchFe
     return inputs, labels, counts
 
 
+def choose_by_text(backbone: Backbone, items: Sequence[MCQItem], device: torch.device | str) -> list[str]:
+    """The letter of each item's option whose text is most likely after the ``text`` prompt: every
+    (item, option) sequence in one forward (see `option_inputs`)."""
+    inputs, labels, counts = option_inputs(backbone, items)
+    width = labels.shape[1]
+    logits = backbone.model(**inputs.to(device), logits_to_keep=width + 1, use_cache=False).logits[:, :width]
+    return pick_options(answer_logprob(logits, labels.to(device)).cpu(), items, counts)
+
+
 def pick_options(scores: torch.Tensor, items: Sequence[MCQItem], counts: Sequence[int]) -> list[str]:
     """The letter of each item's best-scoring option; `scores` holds the items' options in order."""
     choices, start = [], 0
@@ -130,17 +139,14 @@ def choose(
     if answer not in ANSWER_STYLES:
         raise ValueError(f"answer must be one of {', '.join(ANSWER_STYLES)}, got {answer!r}")
     device = next(model.parameters()).device
+    letters = letter_ids(backbone.tokenizer) if answer == "letter" else {}
     starts = range(0, len(items), batch_size)
     choices: list[str] = []
     for start in progress(starts) if progress else starts:
         chunk = items[start : start + batch_size]
         if answer == "text":
-            inputs, labels, counts = option_inputs(backbone, chunk)
-            width = labels.shape[1]
-            logits = model(**inputs.to(device), logits_to_keep=width + 1, use_cache=False).logits[:, :width]
-            choices += pick_options(answer_logprob(logits, labels.to(device)).cpu(), chunk, counts)
+            choices += choose_by_text(backbone, chunk, device)
             continue
-        letters = letter_ids(backbone.tokenizer)
         inputs = build_inputs(backbone.tokenizer, backbone.image_processor, [item.to_sample() for item in chunk])
         logits = model(**inputs.to(device), logits_to_keep=1, use_cache=False).logits[:, -1].float()  # (B, V)
         for row, item in enumerate(chunk):
@@ -165,6 +171,7 @@ __all__ = [
     "answer_logprob",
     "answer_style",
     "choose",
+    "choose_by_text",
     "letter_ids",
     "option_inputs",
     "pick_options",

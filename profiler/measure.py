@@ -34,7 +34,7 @@ from illava import Schedule
 from illava.backbones import Backbone, load_backbone
 from illava.inputs import Sample, build_inputs
 
-from .accuracy import answer_logprob, answer_style, letter_ids, option_inputs, pick_options
+from .accuracy import answer_style, choose_by_text, letter_ids
 from .datasets import MCQItem, parse_choice, read_dataset
 from .hardware import HardwareProfile, detect_hardware
 from .memory import MemorySampler
@@ -369,12 +369,7 @@ class Profiler:
             greedy.extend(row.cpu() for row in new)
             if items is not None and self.score == "options":
                 chunk = items[len(predictions) : len(predictions) + last.shape[0]]
-                option_batch, labels, counts = option_inputs(self.backbone, chunk)
-                width = labels.shape[1]
-                option_logits = self.model(**option_batch.to(self.device), logits_to_keep=width + 1,
-                                           use_cache=False).logits[:, :width]  # fmt: skip
-                scores = answer_logprob(option_logits, labels.to(self.device)).cpu()
-                for item, choice in zip(chunk, pick_options(scores, chunk, counts), strict=True):
+                for item, choice in zip(chunk, choose_by_text(self.backbone, chunk, self.device), strict=True):
                     predictions.append(choice)
                     correct.append(choice == item.answer)
                 continue

@@ -176,7 +176,7 @@ def test_training_with_the_grounding_loss_reports_where_the_head_looks(tmp_path)
 
 
 def test_grounding_cells_are_those_of_the_objects_a_question_names():
-    from illava_tune.train_demo import TOKEN_PIXELS, _conversation, _named_cells, _named_groups
+    from illava_tune.train_demo import TOKEN_PIXELS, _conversation, _named_groups
     from profiler.demo_vqa import demo_scene
 
     def overlaps(cell, obj, cells):
@@ -199,7 +199,7 @@ def test_grounding_cells_are_those_of_the_objects_a_question_names():
                 named = [o for o in scene.objects if o.name in item.question]
             else:
                 named = []
-            found = _named_cells(scene, item.question)
+            found = [cell for group in _named_groups(scene, item.question, split=False) for cell in group]
             assert bool(found) == bool(named), item.question
             if item.category == "position":  # one group per object: the one asked about, then the reference
                 names = item.question[len("Where is the ") : -1].split(" relative to the ")
