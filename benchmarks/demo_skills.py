@@ -15,9 +15,11 @@ question is answered right (all answer tokens, teacher forced). Nothing has to b
 whether the LLM learns to bind an attribute to the object a question names.
 
 ``lookup`` reads a trained checkpoint: per question type, the share answered right (teacher forced),
-how often the first attention head of `--layer` (the head `--ground-weight` supervises) looks hardest
-at the objects the question names from the answering position, and the accuracy when it does and
-when it does not: a lookup that fails from a readout that fails.
+how often the attention heads of `--layer` that `--ground-weight` supervises look hardest at the
+objects the question names from the answering position, and the accuracy when they do and when they
+do not: a lookup that fails from a readout that fails. A checkpoint trained with `--ground-heads 2`
+(read from its training.json) is read that way: a position question's object on head 0, the
+reference on head 1, and "finds" means both heads do.
 
 All use the `train` stream from item 10,000,000 on (not what a train-demo run of this length
 reads), 32 scenes a step; ``encoder`` and ``binding`` train with AdamW, a 50-step warm-up to a
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import random
 import sys
 import time
@@ -155,13 +158,15 @@ def binding(steps: int, lr: float) -> None:
 @torch.no_grad()
 def lookup(checkpoint: str, scenes: int, layer: int) -> None:
     """Per question type: how often the trained model answers right (teacher forced), how often the
-    first head of `layer` looks hardest at the objects the question names from the answering position
-    (and the mean attention mass it puts there), and the accuracy when it does and when it does not.
-    Tells a lookup that fails (the head does not find the object) from a readout that fails (it
-    finds it, the answer is still wrong)."""
+    supervised heads of `layer` look hardest at the objects the question names from the answering
+    position (and the mean attention mass they put there), and the accuracy when they do and when
+    they do not. Tells a lookup that fails (the head does not find the object) from a readout that
+    fails (it finds it, the answer is still wrong)."""
     backbone = load_backbone(checkpoint)
     model = backbone.model.eval()
-    config = TrainConfig(batch_size=BATCH, ground_layer=layer)
+    summary = Path(checkpoint) / "training.json"
+    heads = json.loads(summary.read_text())["config"].get("ground_heads", 1) if summary.is_file() else 1
+    config = TrainConfig(batch_size=BATCH, ground_layer=layer, ground_heads=heads)
     attention = model.model.language_model.layers[layer].self_attn
     seen: dict = {}
     hook = attention.register_forward_pre_hook(lambda m, args, kwargs: seen.update(kwargs), with_kwargs=True)
@@ -175,14 +180,15 @@ def lookup(checkpoint: str, scenes: int, layer: int) -> None:
         right = torch.zeros_like(predicts)
         right[predicts] = model.lm_head(hidden[predicts]).argmax(-1) == labels[:, 1:][predicts]
         losses, hits = _grounding_loss(attention, seen, inputs, grounds, model.config.image_token_id)
-        found = {
-            (row, at): (bool(hit), float(torch.exp(-loss))) for (row, at, *_), hit, loss in zip(grounds, hits, losses)
-        }
+        found: dict[tuple[int, int], list[tuple[bool, float]]] = {}  # per answer, one entry per head
+        for (row, at, *_), hit, loss in zip(grounds, hits, losses):
+            found.setdefault((row, at), []).append((bool(hit), float(torch.exp(-loss))))
         for category, row, first, last in answers:
-            hit, mass = found.get((row, first - 1), (False, float("nan")))
+            per_head = found.get((row, first - 1), [(False, float("nan"))])
+            hit, mass = all(h for h, _ in per_head), sum(m for _, m in per_head) / len(per_head)
             rows.setdefault(category, []).append((bool(right[row, first - 1 : last].all()), hit, mass))
     hook.remove()
-    print(f"{sum(map(len, rows.values()))} answers about {batches * BATCH} scenes, layer {layer} head 0, "
+    print(f"{sum(map(len, rows.values()))} answers about {batches * BATCH} scenes, layer {layer}, {heads} head(s), "
           f"{time.perf_counter() - start:.0f}s")  # fmt: skip
     print("| question | answers | right | head finds the object | mass on it | right when found | right when not |")
     print("|---|---|---|---|---|---|---|")

@@ -94,7 +94,7 @@ class TrainConfig:
     decay_fraction: float = 0.35  # the share of the whole-model phase, at its end, over which the LR decays
     ground_weight: float = 0.5  # weight of the grounding loss (see _grounding_loss); 0 leaves it out
     ground_layer: int = 3  # the LLM layer whose attention heads the grounding loss supervises
-    ground_heads: int = 1  # 1: head 0 looks at all the named objects; 2: position questions' two on heads 0 and 1
+    ground_heads: int = 2  # 1: head 0 for all named objects; 2: a position question's two on heads 0 and 1
 
     def lr_at(self, step: int) -> float:
         """Each phase warms up linearly over `warmup_steps` and then holds the peak; the whole-model phase

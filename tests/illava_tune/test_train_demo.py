@@ -152,7 +152,7 @@ def test_the_labels_are_exactly_the_answers_and_their_end_of_turn():
     from profiler.demo_vqa import demo_scene
 
     backbone = build_untrained("demo")
-    config = TrainConfig(batch_size=3)
+    config = TrainConfig(batch_size=3, ground_heads=1)
     inputs, labels, answers, token_labels, grounds = _batch(backbone, config, 2)
     assert inputs["pixel_values"].shape[0] > 0 and token_labels.shape == (3 * 64, 4)
     expected = [item for i in range(6, 9) for item in _conversation(demo_scene("train", i), config.turns)]
