@@ -13,8 +13,8 @@ of its seed and settings). Two phases:
    question first, asked exactly as the profiler asks it, then one question of each other type
    about the same image (answers worked out from the scene's objects). Each question is answered
    with the option's *text*; the loss is cross-entropy on the answer tokens and the ``<|im_end|>``
-   after each, plus `ground_weight` times the grounding loss (`_grounding_loss`: one attention head
-   looks at the objects each question names). Five answers share one pass of the encoder.
+   after each, plus `ground_weight` times the grounding loss (`_grounding_loss`: an attention head
+   looks at the objects each question names; a position question's two objects on two heads). Five answers share one pass of the encoder.
 
 The checkpoint's config says ``mcq_answer = "text"``, so the profiler scores it by the likelihood of
 each option's text (`profiler.accuracy`). Answering with the option letter instead asks this small
