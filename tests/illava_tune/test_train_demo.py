@@ -27,8 +27,16 @@ def _crash_at(prefix: str):
     return log
 
 
-def _weights(path):
-    return load_backbone(str(path)).model.state_dict()
+def _assert_same_weights(straight, resumed):
+    """A resumed run ends where the straight run does, up to float rounding. Not bit for bit: CPU
+    matrix kernels may sum in an order that depends on thread count and memory alignment, and tensors
+    reloaded from a state sit elsewhere (CI once failed an exact comparison of the 8-step run below).
+    Measured on that run: training it on 1 thread instead of 2 moves weights by at most 1e-5, while
+    a resume that forgets the optimizer's moments moves every tensor by 3.7e-3 or more."""
+    a, b = (load_backbone(str(path)).model.state_dict() for path in (straight, resumed))
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_training_writes_a_loadable_checkpoint_and_its_record(tmp_path):
@@ -56,8 +64,7 @@ def test_a_crashed_run_resumes_to_the_same_weights(tmp_path):
     lines = []
     train(CONFIG, crashed, resume=True, log_every=1, log=lines.append, final_items=5)
     assert lines[0] == "resuming at step 2/4"
-    a, b = _weights(straight), _weights(crashed)
-    assert all(torch.equal(a[name], b[name]) for name in a)
+    _assert_same_weights(straight, crashed)
 
 
 def test_resume_refuses_other_settings_and_a_missing_state(tmp_path):
@@ -80,8 +87,7 @@ def test_a_run_can_be_lengthened_before_its_learning_rate_decays(tmp_path):
     lines = []
     train(long, lengthened, resume=True, log_every=1, log=lines.append, final_items=5)
     assert lines[0] == "resuming at step 3/8"
-    a, b = _weights(straight), _weights(lengthened)
-    assert all(torch.equal(a[name], b[name]) for name in a)
+    _assert_same_weights(straight, lengthened)
 
 
 def test_steps_change_on_resume_only_before_the_decay():
