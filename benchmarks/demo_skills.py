@@ -17,9 +17,10 @@ whether the LLM learns to bind an attribute to the object a question names.
 ``lookup`` reads a trained checkpoint: per question type, the share answered right (teacher forced),
 how often the attention heads of `--layer` that `--ground-weight` supervises look hardest at the
 objects the question names from the answering position, and the accuracy when they do and when they
-do not: a lookup that fails from a readout that fails. A checkpoint trained with `--ground-heads 2`
-(read from its training.json) is read that way: a position question's object on head 0, the
-reference on head 1, and "finds" means both heads do.
+do not: a lookup that fails from a readout that fails. The heads are those the checkpoint was trained
+with (`--ground-heads`, read from its training.json): with 2 or 3, a position question's object on
+head 0 and its reference on head 1, and "finds" means both heads do; with 3, the other questions'
+objects on head 2.
 
 All use the `train` stream from item 10,000,000 on (not what a train-demo run of this length
 reads), 32 scenes a step; ``encoder`` and ``binding`` train with AdamW, a 50-step warm-up to a

@@ -94,7 +94,8 @@ class TrainConfig:
     decay_fraction: float = 0.35  # the share of the whole-model phase, at its end, over which the LR decays
     ground_weight: float = 0.5  # weight of the grounding loss (see _grounding_loss); 0 leaves it out
     ground_layer: int = 3  # the LLM layer whose attention heads the grounding loss supervises
-    ground_heads: int = 2  # 1: head 0 for all named objects; 2: a position question's two on heads 0 and 1
+    ground_heads: int = 2  # 1: head 0 for all named objects; 2: a position question's two on heads 0 and 1;
+    # 3: as 2, and the objects other questions name on head 2 (with 4 query heads on 2 KV heads, its own keys)
 
     def lr_at(self, step: int) -> float:
         """Each phase warms up linearly over `warmup_steps` and then holds the peak; the whole-model phase
@@ -323,8 +324,8 @@ def _batch(backbone: Backbone, config: TrainConfig, step: int):
     of each answer in row order, each answer's (row, first, last) label position, the probe's
     labels of the image tokens (see _token_labels), and per answer that names objects, (row, the
     position that predicts its first token, the named objects' token cells, category, attention
-    head) for `_grounding_loss`: one head for all the objects, or with `ground_heads` 2 one per
-    object of a position question."""
+    head) for `_grounding_loss`: one head for all the objects; with `ground_heads` 2, heads 0 and 1
+    for the two objects of a position question; with 3, as 2 and head 2 for every other question."""
     tokenizer = backbone.tokenizer
     first = step * config.batch_size
     scenes = [demo_scene("train", first + i, image_size=config.image_size) for i in range(config.batch_size)]
@@ -341,8 +342,9 @@ def _batch(backbone: Backbone, config: TrainConfig, step: int):
         labels.append(row_labels)
         answers += [(item.category, row, first_pos, last) for item, (first_pos, last) in zip(items, spans)]
         for item, (first_pos, _) in zip(items, spans):
-            groups = _named_groups(scene, item.question, split=config.ground_heads == 2)
-            grounds += [(row, first_pos - 1, cells, item.category, head) for head, cells in enumerate(groups)]
+            groups = _named_groups(scene, item.question, split=config.ground_heads >= 2)
+            base = 2 if config.ground_heads == 3 and item.category != "position" else 0
+            grounds += [(row, first_pos - 1, cells, item.category, base + i) for i, cells in enumerate(groups)]
     token_labels = torch.cat([_token_labels(scene) for scene in scenes])
     return inputs, torch.stack(labels), answers, token_labels, grounds
 
@@ -614,8 +616,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--steps and --batch-size must be >= 1")
     if not 0 <= config.ground_layer < DEMO_SPEC.text_layers:
         parser.error(f"--ground-layer must be in 0..{DEMO_SPEC.text_layers - 1}")
-    if config.ground_heads not in (1, 2):
-        parser.error("--ground-heads must be 1 or 2")
+    if config.ground_heads not in (1, 2, 3):
+        parser.error("--ground-heads must be 1, 2 or 3")
     train(config, args.out, resume=args.resume, save_every_s=args.save_every_s, log_every=args.log_every, device=args.device, workers=args.workers,
           log=lambda line: print(line, flush=True))  # fmt: skip
     return 0

@@ -107,6 +107,9 @@ def test_cli_passes_options_through_and_rejects_bad_ones(tmp_path, capsys):
         cli_main(["train-demo", "--out", str(tmp_path), "--steps", "0"])
     assert exit_info.value.code == 2 and "--steps and --batch-size must be >= 1" in capsys.readouterr().err
     with pytest.raises(SystemExit):
+        cli_main(["train-demo", "--out", str(tmp_path), "--ground-heads", "4"])
+    assert "--ground-heads must be 1, 2 or 3" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
         cli_main(["jobs", "--steps", "3"])
     assert "unrecognized arguments: --steps 3" in capsys.readouterr().err
 
@@ -171,6 +174,24 @@ def test_the_labels_are_exactly_the_answers_and_their_end_of_turn():
     assert {(row, at, category) for row, at, _, category, _ in grounds} <= set(named)
     assert {head for *_, head in grounds} == {0}  # one head per answer unless ground_heads is 2
     assert len(grounds) >= len(named) - 3  # a count of 0 names no object
+
+
+@pytest.mark.parametrize(("heads", "position", "others"), [(1, {0}, {0}), (2, {0, 1}, {0}), (3, {0, 1}, {2})])
+def test_ground_heads_choose_the_head_of_each_named_object(heads, position, others):
+    from illava.backbones import build_untrained
+    from illava_tune.train_demo import _batch
+
+    backbone = build_untrained("demo")
+    _, _, answers, _, grounds = _batch(backbone, TrainConfig(batch_size=4, ground_heads=heads), 1)
+    by_category = {}
+    for _, _, _, category, head in grounds:
+        by_category.setdefault(category, set()).add(head)
+    assert by_category.pop("position") == position
+    assert by_category and all(used == others for used in by_category.values()), by_category
+    per_answer = {}
+    for row, at, _, category, head in grounds:  # a position question's objects, one per head when split
+        per_answer.setdefault((row, at, category), []).append(head)
+    assert all(sorted(h) == sorted(position) for (_, _, c), h in per_answer.items() if c == "position")
 
 
 def test_training_with_the_grounding_loss_reports_where_the_head_looks(tmp_path):
