@@ -42,7 +42,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from illava.backbones import DEMO_SPEC, build_untrained, load_backbone  # noqa: E402
-from illava.inputs import Sample, _chat, build_inputs  # noqa: E402
+from illava.inputs import Sample, build_inputs, chat_turn  # noqa: E402
 from illava_tune.train_demo import (  # noqa: E402
     TrainConfig,
     _answer_labels,
@@ -114,7 +114,8 @@ def _described(scene, index: int) -> tuple[str, list[str]]:
     random.Random(index).shuffle(objects)
     described = "In the image: " + ", ".join(obj.name for obj in objects) + ".\n"
     text = "".join(
-        _chat((described if turn == 0 else "") + item.prompt("text")) + f"{item.options[item.answer]}{END_OF_TURN}\n"
+        chat_turn((described if turn == 0 else "") + item.prompt("text"))
+        + f"{item.options[item.answer]}{END_OF_TURN}\n"
         for turn, item in enumerate(items)
     )
     return text, [item.category for item in items]

@@ -138,7 +138,9 @@ def _video_features(
 # ---------------------------------------------------------------------------------------------
 
 
-def _chat(text: str) -> str:
+def chat_turn(text: str) -> str:
+    """One user turn in Qwen's chat layout, ending where the assistant's answer starts (what
+    `build_inputs(chat=True)` wraps each sample's text in; training code writes conversations with it)."""
     return f"<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n"
 
 
@@ -208,7 +210,7 @@ def build_inputs(
     video_counts = _token_counts(features.get("video_grid_thw"), merge)
     ids, types = [], []
     for sample in samples:
-        text = _chat(sample.text) if chat else sample.text
+        text = chat_turn(sample.text) if chat else sample.text
         sample_ids, sample_types = _sample_ids(tokenizer, text, image_counts, video_counts)
         ids.append(sample_ids)
         types.append(sample_types)

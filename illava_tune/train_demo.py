@@ -57,7 +57,7 @@ import transformers
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb
 
 from illava.backbones import DEMO_CHECKPOINT, DEMO_SPEC, Backbone, build_untrained, save_backbone
-from illava.inputs import Sample, _chat, build_inputs
+from illava.inputs import Sample, build_inputs, chat_turn
 from profiler.accuracy import END_OF_TURN, accuracy_by_category, choose
 from profiler.datasets import MCQItem
 from profiler.demo_vqa import (
@@ -187,7 +187,7 @@ def _conversation(scene, turns: int) -> list[MCQItem]:
 
 def _conversation_text(items: list[MCQItem]) -> str:
     """The chat: each question asked for the option's text and answered with it."""
-    return "".join(_chat(item.prompt("text")) + f"{item.options[item.answer]}{END_OF_TURN}\n" for item in items)
+    return "".join(chat_turn(item.prompt("text")) + f"{item.options[item.answer]}{END_OF_TURN}\n" for item in items)
 
 
 def _answer_labels(ids: torch.Tensor, header: list[int], end_id: int) -> tuple[torch.Tensor, list[tuple[int, int]]]:
