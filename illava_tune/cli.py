@@ -17,7 +17,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 BACKBONE_HELP = (
-    "small, tiny (seeded weights), demo (once trained: illava-tune train-demo), or a local checkpoint directory"
+    "small, tiny (seeded weights), demo (trained, committed: illava/checkpoints/demo), or a local checkpoint directory"
 )
 WORKLOAD_HELP = "a preset name or a YAML/JSON file (default: demo-vqa for the demo backbone, else single-448)"
 

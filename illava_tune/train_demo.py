@@ -14,7 +14,7 @@ of its seed and settings). Two phases:
    about the same image (answers worked out from the scene's objects). Each question is answered
    with the option's *text*; the loss is cross-entropy on the answer tokens and the ``<|im_end|>``
    after each, plus `ground_weight` times the grounding loss (`_grounding_loss`: an attention head
-   looks at the objects each question names; a position question's two objects on two heads). Five answers share one pass of the encoder.
+   looks at the objects each question names: a position question's two on heads 0 and 1, the others on head 2). Five answers share one pass of the encoder.
 
 The checkpoint's config says ``mcq_answer = "text"``, so the profiler scores it by the likelihood of
 each option's text (`profiler.accuracy`). Answering with the option letter instead asks this small
@@ -94,7 +94,7 @@ class TrainConfig:
     decay_fraction: float = 0.35  # the share of the whole-model phase, at its end, over which the LR decays
     ground_weight: float = 0.5  # weight of the grounding loss (see _grounding_loss); 0 leaves it out
     ground_layer: int = 3  # the LLM layer whose attention heads the grounding loss supervises
-    ground_heads: int = 2  # 1: head 0 for all named objects; 2: a position question's two on heads 0 and 1;
+    ground_heads: int = 3  # 1: head 0 for all named objects; 2: a position question's two on heads 0 and 1;
     # 3: as 2, and the objects other questions name on head 2 (with 4 query heads on 2 KV heads, its own keys)
 
     def lr_at(self, step: int) -> float:
