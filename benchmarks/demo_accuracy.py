@@ -2,6 +2,8 @@
 
     python benchmarks/demo_accuracy.py                     # 500 test questions, 5 random-drop seeds
     python benchmarks/demo_accuracy.py --markdown docs/benchmarks.md
+    python benchmarks/demo_accuracy.py --device cuda       # fp32 on a GPU: a cross-check of the CPU table
+    python benchmarks/demo_accuracy.py --stages --seeds 2  # importance vs random, encoder-only and LLM-only
 
 At each of the paper's ratios (66.7/77.8/88.9% of image tokens removed) it scores:
 
@@ -36,7 +38,7 @@ from illava import PAPER_REDUCTIONS  # noqa: E402
 from illava.backbones import load_backbone  # noqa: E402
 from profiler.accuracy import choose  # noqa: E402
 from profiler.demo_vqa import CATEGORIES, demo_split  # noqa: E402
-from profiler.hardware import cpu_model  # noqa: E402
+from profiler.hardware import cpu_model, resolve_device  # noqa: E402
 
 
 def _right(items, choices) -> np.ndarray:
@@ -49,9 +51,11 @@ def _bootstrap(diff: np.ndarray, resamples: int = 2000, seed: int = 0) -> tuple[
     return float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
 
 
-def run(backbone_name: str, n_items: int, seeds: int, batch_size: int, log=print) -> str:
+def _scorer(backbone_name: str, n_items: int, batch_size: int, device: str):
+    """The model, the test items, and a function scoring one schedule (None: unmerged) on them:
+    one 0/1 per item."""
     backbone = load_backbone(backbone_name)
-    model = backbone.model
+    model = backbone.model.to(resolve_device(device))
     items = demo_split("test", n_items)
 
     def score(schedule) -> np.ndarray:
@@ -63,6 +67,11 @@ def run(backbone_name: str, n_items: int, seeds: int, batch_size: int, log=print
         finally:
             illava.remove(model)
 
+    return model, items, score
+
+
+def run(backbone_name: str, n_items: int, seeds: int, batch_size: int, log=print, device: str = "cpu") -> str:
+    model, items, score = _scorer(backbone_name, n_items, batch_size, device)
     start = time.perf_counter()
     base = score(None)
     log(f"unmerged: {base.mean():.3f}")
@@ -119,12 +128,48 @@ def run(backbone_name: str, n_items: int, seeds: int, batch_size: int, log=print
     return "\n".join(lines)
 
 
+def run_stages(backbone_name: str, n_items: int, seeds: int, batch_size: int, log=print, device: str = "cpu") -> str:
+    """Importance vs random selection with the whole removal in one stage: where does importance
+    help? Same ratios and layers as `run`; random over `seeds` seeds."""
+    model, items, score = _scorer(backbone_name, n_items, batch_size, device)
+    start = time.perf_counter()
+    lines = [
+        f"Importance (iLLaVA) vs random selection, the whole removal in one stage, {len(items)} test questions:",
+        "",
+        "| removed | stage | importance | random: mean, sd, min-max over "
+        f"{seeds} seeds | importance - random, 95% CI |",
+        "|---|---|---|---|---|",
+    ]
+    for ratio in PAPER_REDUCTIONS:
+        paper = illava.paper_default_for(model, ratio)
+        for stage, share in (("encoder", 1.0), ("LLM", 0.0)):
+            staged = paper.with_(encoder_share=share)
+            hits = score(staged)
+            random_hits = [score(staged.with_(method="random", seed=seed)) for seed in range(seeds)]
+            random_acc = [float(h.mean()) for h in random_hits]
+            mean = statistics.mean(random_acc)
+            sd = statistics.stdev(random_acc) if len(random_acc) > 1 else 0.0
+            low, high = _bootstrap(hits - np.mean(random_hits, axis=0))
+            log(f"{ratio:.1%} {stage}: importance={hits.mean():.3f} random={random_acc}")
+            lines.append(
+                f"| {ratio:.1%} | {stage} | {hits.mean():.1%} | {mean:.1%}, sd {sd:.1%}, "
+                f"{min(random_acc):.1%}-{max(random_acc):.1%} | {hits.mean() - mean:+.1%} [{low:+.1%}, {high:+.1%}] |"
+            )
+    lines += [
+        "",
+        f"({time.perf_counter() - start:.0f} s for all {len(PAPER_REDUCTIONS) * 2 * (1 + seeds)} evaluations)",
+    ]
+    return "\n".join(lines)
+
+
 def _mean_of(hits: np.ndarray, items, category: str) -> float:
     mask = np.array([item.category == category for item in items])
     return float(hits[mask].mean())
 
 
-def machine() -> str:
+def machine(device: str = "cpu") -> str:
+    if torch.device(device).type == "cuda":
+        return f"{torch.cuda.get_device_name(resolve_device(device))}, torch {torch.__version__}, fp32"
     return f"{cpu_model()}, {torch.get_num_threads()} threads, torch {torch.__version__} CPU, fp32"
 
 
@@ -134,14 +179,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--items", type=int, default=500, help="test questions (at most 500)")
     parser.add_argument("--seeds", type=int, default=5, help="random-dropping seeds")
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (fp32 either way)")
+    parser.add_argument(
+        "--stages", action="store_true", help="instead: importance vs random with the whole removal in one stage"
+    )
     parser.add_argument("--markdown", type=Path, help="append the table, command and machine to this file")
     args = parser.parse_args(argv)
-    table = run(args.backbone, args.items, args.seeds, args.batch_size, log=lambda m: print(m, file=sys.stderr))
+    log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+    table = (run_stages if args.stages else run)(
+        args.backbone, args.items, args.seeds, args.batch_size, log=log, device=args.device
+    )
     print(table)
     if args.markdown:
         command = "python benchmarks/demo_accuracy.py " + " ".join(argv if argv is not None else sys.argv[1:])
         with args.markdown.open("a") as handle:
-            handle.write(f"\n`{command.strip()}` on {machine()}:\n\n{table}\n")
+            handle.write(f"\n`{command.strip()}` on {machine(args.device)}:\n\n{table}\n")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
     python benchmarks/demo_skills.py encoder [--steps 400] [--lr 1e-3]   # the encoder and probe alone
     python benchmarks/demo_skills.py binding [--steps 400] [--lr 1e-3]   # the LLM alone, scenes in words
     python benchmarks/demo_skills.py lookup --checkpoint DIR [--scenes 256] [--layer 3]  # a trained model
+    python benchmarks/demo_skills.py kept [--checkpoint demo] [--scenes 256] [--seeds 3]  # what merging keeps
 
 ``encoder`` trains a fresh `demo` vision encoder with `illava-tune train-demo`'s probe and labels
 (colour under each token, shape at object centres, row and column) and nothing else, and prints every
@@ -22,7 +23,14 @@ with (`--ground-heads`, read from its training.json): with 2 or 3, a position qu
 head 0 and its reference on head 1, and "finds" means both heads do; with 3, the other questions'
 objects on head 2.
 
-All use the `train` stream from item 10,000,000 on (not what a train-demo run of this length
+``kept`` runs a trained checkpoint on the first `--scenes` test questions with the whole removal
+in the encoder (the paper's encoder layers, at each of the paper's ratios) and counts which LLM
+image tokens (28x28-pixel cells) survive, for importance selection and for random selection over
+`--seeds` seeds: the share of kept cells that lie on an object (most of the cell covered by one),
+and the share of objects, by size, that keep at least one of their cells. With nothing kept on it,
+an object can reach the LLM only through a recycled cluster token.
+
+``encoder``, ``binding`` and ``lookup`` use the `train` stream from item 10,000,000 on (not what a train-demo run of this length
 reads), 32 scenes a step; ``encoder`` and ``binding`` train with AdamW, a 50-step warm-up to a
 constant `--lr`.
 """
@@ -41,12 +49,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import illava  # noqa: E402
+from illava import PAPER_REDUCTIONS  # noqa: E402
 from illava.backbones import DEMO_SPEC, build_untrained, load_backbone  # noqa: E402
 from illava.inputs import Sample, build_inputs, chat_turn  # noqa: E402
 from illava_tune.train_demo import (  # noqa: E402
     TrainConfig,
     _answer_labels,
     _batch,
+    _cell_owners,
     _conversation,
     _grounding_loss,
     _probe_loss_and_hits,
@@ -54,7 +65,7 @@ from illava_tune.train_demo import (  # noqa: E402
     _token_labels,
 )
 from profiler.accuracy import END_OF_TURN  # noqa: E402
-from profiler.demo_vqa import SHAPES, demo_scene  # noqa: E402
+from profiler.demo_vqa import SHAPES, SIZES, demo_scene  # noqa: E402
 
 FIRST_ITEM = 10_000_000
 BATCH = 32
@@ -207,16 +218,57 @@ def lookup(checkpoint: str, scenes: int, layer: int) -> None:
         print(f"| {category} | {len(results)} | {right} | {finds:.0%} | {mass:.2f} | {rates[0]} | {rates[1]} |")
 
 
+@torch.inference_mode()
+def kept(checkpoint: str, scenes: int, seeds: int) -> None:
+    """Which LLM image tokens an encoder-only removal keeps, importance vs random (see the module doc)."""
+    backbone = load_backbone(checkpoint)
+    model = backbone.model.eval()
+    tests = [demo_scene("test", index) for index in range(scenes)]
+    owners = [_cell_owners(scene) for scene in tests]
+    base = sum(o >= 0 for cells in owners for o in cells) / sum(map(len, owners))
+    print(f"{scenes} test scenes; {base:.1%} of all cells lie on an object")
+    print("| removed | selection | kept cells on objects | objects keeping a cell: " + " / ".join(SIZES) + " |")
+    print("|---|---|---|---|")
+    for ratio in PAPER_REDUCTIONS:
+        staged = illava.paper_default_for(model, ratio).with_(encoder_share=1.0)
+        methods = {"importance": staged} | {f"random {s}": staged.with_(method="random", seed=s) for s in range(seeds)}
+        for name, schedule in methods.items():
+            illava.remove(model)
+            illava.apply(model, schedule)
+            on_object = total = 0
+            survived: dict[str, list[bool]] = {size: [] for size in SIZES}
+            for start in range(0, scenes, BATCH):
+                chunk = tests[start : start + BATCH]
+                batch = build_inputs(backbone.tokenizer, backbone.image_processor,
+                                     [scene.item().to_sample() for scene in chunk])  # fmt: skip
+                model(**batch, logits_to_keep=1)
+                for scene, cells, ids in zip(
+                    chunk, owners[start : start + BATCH], illava.last_stats(model).kept_units, strict=True
+                ):
+                    keep = {cells[i] for i in ids.tolist()}
+                    on_object += sum(cells[i] >= 0 for i in ids.tolist())
+                    total += ids.numel()
+                    for index, obj in enumerate(scene.objects):
+                        survived[obj.size].append(index in keep)
+            shares = " / ".join(f"{sum(v) / len(v):.0%}" if v else "-" for v in survived.values())
+            print(f"| {ratio:.1%} | {name} | {on_object / total:.1%} | {shares} |", flush=True)
+    illava.remove(model)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("experiment", choices=["encoder", "binding", "lookup"])
+    parser.add_argument("experiment", choices=["encoder", "binding", "lookup", "kept"])
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--checkpoint", help="lookup: a train-demo output folder")
+    parser.add_argument("--checkpoint", help="lookup: a train-demo output folder; kept: demo by default")
     parser.add_argument("--scenes", type=int, default=256, help="lookup: scenes (5 questions each)")
     parser.add_argument("--layer", type=int, default=TrainConfig.ground_layer, help="lookup: the LLM layer")
+    parser.add_argument("--seeds", type=int, default=3, help="kept: random-selection seeds")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
+    if args.experiment == "kept":
+        kept(args.checkpoint or "demo", args.scenes, args.seeds)
+        return
     if args.experiment == "lookup":
         if not args.checkpoint:
             parser.error("lookup needs --checkpoint (a train-demo output folder)")

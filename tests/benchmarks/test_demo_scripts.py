@@ -1,0 +1,47 @@
+"""The demo benchmark scripts behind docs/benchmarks.md's accuracy section run and print their tables.
+
+They are scripts, not a package: loaded from their files, on a handful of test questions."""
+
+import importlib.util
+import re
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _percents(line: str) -> list[float]:
+    return [float(x) for x in re.findall(r"(-?\d+\.?\d*)%", line)]
+
+
+@pytest.mark.parametrize("stages", [False, True])
+def test_demo_accuracy_prints_one_row_per_ratio(capsys, stages):
+    argv = ["--items", "5", "--seeds", "1"] + (["--stages"] if stages else [])
+    _script("demo_accuracy").main(argv)
+    rows = [line for line in capsys.readouterr().out.splitlines() if re.match(r"\| \d+\.\d%", line)]
+    # stages: one row per ratio and stage; else one per ratio in each of the two tables
+    assert len(rows) == 6
+    for row in rows:
+        assert all(-100 <= p <= 100 for p in _percents(row))
+    if stages:
+        assert [row.split("|")[2].strip() for row in rows] == ["encoder", "LLM"] * 3
+
+
+def test_kept_counts_cells_on_objects_for_importance_and_random(capsys):
+    _script("demo_skills").main(["kept", "--scenes", "4", "--seeds", "1"])
+    out = capsys.readouterr().out
+    base = float(re.search(r"(\d+\.\d)% of all cells lie on an object", out)[1])
+    assert 0 < base < 100
+    rows = [line.split("|")[1:-1] for line in out.splitlines() if re.match(r"\| \d+\.\d%", line)]
+    assert [row[1].strip() for row in rows] == ["importance", "random 0"] * 3
+    for row in rows:
+        assert 0 <= float(row[2].strip().rstrip("%")) <= 100
+        assert len(row[3].split("/")) == 3  # small / medium / large
