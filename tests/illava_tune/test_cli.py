@@ -35,6 +35,29 @@ def test_profile_prints_the_comparison_and_writes_json(capsys, tmp_path):
     assert data["result"]["image_tokens_to_llm"] < data["reference"]["image_tokens_to_llm"]
 
 
+def test_profile_defaults_to_the_trained_demo_backbone_scored_on_its_benchmark(capsys, tmp_path):
+    out_json = tmp_path / "result.json"
+    argv = ["profile", "--limit", "3", "--repeats", "1", "--warmup", "0", "--quiet", "--json", str(out_json)]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "backbone demo" in out and "workload demo-vqa" in out
+    data = json.loads(out_json.read_text())
+    # Labelled questions: accuracy is measured (a synthetic workload leaves it None); the first three
+    # test questions are answered right unmerged (test_demo_backbone pins the first 100 at 85%).
+    assert data["reference"]["accuracy"] == 1.0
+    assert data["result"]["accuracy"] is not None
+
+
+def test_submit_defaults_to_the_demo_backbone_and_its_labelled_workload():
+    from illava_tune.cli import build_parser
+    from illava_tune.tune import _workload
+
+    args = build_parser().parse_args(["submit"])
+    assert args.backbone == "demo"
+    workload = _workload(args)
+    assert workload.name == "demo-vqa" and workload.dataset == "demo"
+
+
 def test_profile_rejects_an_unknown_workload_before_loading_anything(capsys):
     assert main(["profile", "--backbone", "tiny", "--workload", "no-such-preset"]) == 2
     err = capsys.readouterr().err
