@@ -43,7 +43,11 @@ def test_accuracy_on_the_first_100_test_questions_matches_the_training_record(de
     assert abs(accuracy - RECORD["test_slice"]["accuracy"]) <= 0.02
 
 
-def test_merging_costs_accuracy_and_importance_beats_random_dropping(demo, slice_items):
+def test_merging_costs_accuracy_and_in_the_llm_importance_beats_random_dropping(demo, slice_items):
+    """What the 500-question table in docs/benchmarks.md establishes, checked on the 100-question slice:
+    merging at 88.9% costs accuracy, and with the removal in the LLM, importance selection beats random
+    selection (+16.6 points [12.7, 20.6] on 500 questions; 80% against 54% and 60% on this slice).
+    The paper's split is not asserted against random: on 500 questions the two are level at 88.9%."""
     model = demo.model
 
     def accuracy(schedule) -> float:
@@ -55,7 +59,9 @@ def test_merging_costs_accuracy_and_importance_beats_random_dropping(demo, slice
 
     base = RECORD["test_slice"]["accuracy"]
     heavy = illava.paper_default_for(model, 8 / 9)
-    merged = accuracy(heavy)
-    dropped = accuracy(heavy.with_(method="random", seed=0))
-    assert merged < base
-    assert merged > dropped
+    assert accuracy(heavy) < base
+    in_llm = heavy.with_(encoder_share=0.0)
+    importance = accuracy(in_llm)
+    dropped = [accuracy(in_llm.with_(method="random", seed=seed)) for seed in range(2)]
+    assert importance < base
+    assert importance > max(dropped) + 0.1
