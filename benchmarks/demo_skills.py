@@ -261,7 +261,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--checkpoint", help="lookup: a train-demo output folder; kept: demo by default")
-    parser.add_argument("--scenes", type=int, default=256, help="lookup: scenes (5 questions each)")
+    parser.add_argument("--scenes", type=int, default=256, help="lookup: scenes (5 questions each); kept: test scenes")
     parser.add_argument("--layer", type=int, default=TrainConfig.ground_layer, help="lookup: the LLM layer")
     parser.add_argument("--seeds", type=int, default=3, help="kept: random-selection seeds")
     args = parser.parse_args(argv)
