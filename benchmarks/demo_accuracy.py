@@ -70,11 +70,28 @@ def _scorer(backbone_name: str, n_items: int, batch_size: int, device: str):
     return model, items, score
 
 
+def _versus_random(hits: np.ndarray, random_hits: list[np.ndarray], cell=lambda acc: f"{acc:.1%}") -> tuple[str, str]:
+    """Two table cells: random dropping's accuracy over its seeds (mean, sd, min-max), and the margin
+    of `hits` over that mean with a 95% paired bootstrap interval over questions."""
+    accs = [float(h.mean()) for h in random_hits]
+    mean = statistics.mean(accs)
+    sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
+    low, high = _bootstrap(hits - np.mean(random_hits, axis=0))
+    return (
+        f"{cell(mean)}, sd {sd:.1%}, {min(accs):.1%}-{max(accs):.1%}",
+        f"{hits.mean() - mean:+.1%} [{low:+.1%}, {high:+.1%}]",
+    )
+
+
 def run(backbone_name: str, n_items: int, seeds: int, batch_size: int, log=print, device: str = "cpu") -> str:
     model, items, score = _scorer(backbone_name, n_items, batch_size, device)
     start = time.perf_counter()
     base = score(None)
     log(f"unmerged: {base.mean():.3f}")
+
+    def cell(acc: float) -> str:
+        return f"{acc:.1%} ({acc / base.mean():.1%})"
+
     rows = []
     for ratio in PAPER_REDUCTIONS:
         paper = illava.paper_default_for(model, ratio)
@@ -86,15 +103,10 @@ def run(backbone_name: str, n_items: int, seeds: int, batch_size: int, log=print
         }
         hits = {name: score(schedule) for name, schedule in methods.items()}
         random_hits = [score(paper.with_(method="random", seed=seed)) for seed in range(seeds)]
-        random_acc = [float(h.mean()) for h in random_hits]
-        low, high = _bootstrap(hits["iLLaVA"] - np.mean(random_hits, axis=0))
-        rows.append((ratio, hits, random_acc, (low, high)))
-        log(f"{ratio:.1%}: " + " ".join(f"{k}={v.mean():.3f}" for k, v in hits.items()) + f" random={random_acc}")
+        rows.append((ratio, hits, _versus_random(hits["iLLaVA"], random_hits, cell)))
+        log(f"{ratio:.1%}: " + " ".join(f"{k}={v.mean():.3f}" for k, v in hits.items())
+            + f" random={[float(h.mean()) for h in random_hits]}")  # fmt: skip
     seconds = time.perf_counter() - start
-
-    def cell(acc: float) -> str:
-        return f"{acc:.1%} ({acc / base.mean():.1%})"
-
     lines = [
         f"Unmerged `{backbone_name}`: **{base.mean():.1%}** on {len(items)} test questions "
         f"(chance 25%); by type: " + ", ".join(f"{c} {_mean_of(base, items, c):.1%}" for c in CATEGORIES) + ".",
@@ -105,22 +117,14 @@ def run(backbone_name: str, n_items: int, seeds: int, batch_size: int, log=print
         f"over {seeds} seeds | iLLaVA - random, 95% CI |",
         "|---|---|---|---|---|---|---|",
     ]
-    for ratio, hits, random_acc, (low, high) in rows:
-        mean = statistics.mean(random_acc)
-        sd = statistics.stdev(random_acc) if len(random_acc) > 1 else 0.0
-        lines.append(
-            f"| {ratio:.1%} | "
-            + " | ".join(
-                cell(float(hits[k].mean())) for k in ("iLLaVA", "encoder-only", "LLM-only", "prune (no recycling)")
-            )
-            + f" | {cell(mean)}, sd {sd:.1%}, {min(random_acc):.1%}-{max(random_acc):.1%}"
-            + f" | {hits['iLLaVA'].mean() - mean:+.1%} [{low:+.1%}, {high:+.1%}] |"
-        )
+    for ratio, hits, (random_cell, margin) in rows:
+        methods_cells = " | ".join(cell(float(h.mean())) for h in hits.values())
+        lines.append(f"| {ratio:.1%} | {methods_cells} | {random_cell} | {margin} |")
     lines += ["", "iLLaVA accuracy by question type:", ""]
     lines.append("| removed | " + " | ".join(CATEGORIES) + " |")
     lines.append("|---|" + "---|" * len(CATEGORIES))
     lines.append("| 0% | " + " | ".join(f"{_mean_of(base, items, c):.1%}" for c in CATEGORIES) + " |")
-    for ratio, hits, _, _ in rows:
+    for ratio, hits, _ in rows:
         lines.append(
             f"| {ratio:.1%} | " + " | ".join(f"{_mean_of(hits['iLLaVA'], items, c):.1%}" for c in CATEGORIES) + " |"
         )
@@ -146,15 +150,9 @@ def run_stages(backbone_name: str, n_items: int, seeds: int, batch_size: int, lo
             staged = paper.with_(encoder_share=share)
             hits = score(staged)
             random_hits = [score(staged.with_(method="random", seed=seed)) for seed in range(seeds)]
-            random_acc = [float(h.mean()) for h in random_hits]
-            mean = statistics.mean(random_acc)
-            sd = statistics.stdev(random_acc) if len(random_acc) > 1 else 0.0
-            low, high = _bootstrap(hits - np.mean(random_hits, axis=0))
-            log(f"{ratio:.1%} {stage}: importance={hits.mean():.3f} random={random_acc}")
-            lines.append(
-                f"| {ratio:.1%} | {stage} | {hits.mean():.1%} | {mean:.1%}, sd {sd:.1%}, "
-                f"{min(random_acc):.1%}-{max(random_acc):.1%} | {hits.mean() - mean:+.1%} [{low:+.1%}, {high:+.1%}] |"
-            )
+            log(f"{ratio:.1%} {stage}: importance={hits.mean():.3f} random={[float(h.mean()) for h in random_hits]}")
+            random_cell, margin = _versus_random(hits, random_hits)
+            lines.append(f"| {ratio:.1%} | {stage} | {hits.mean():.1%} | {random_cell} | {margin} |")
     lines += [
         "",
         f"({time.perf_counter() - start:.0f} s for all {len(PAPER_REDUCTIONS) * 2 * (1 + seeds)} evaluations)",

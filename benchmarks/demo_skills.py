@@ -245,9 +245,10 @@ def kept(checkpoint: str, scenes: int, seeds: int) -> None:
                 for scene, cells, ids in zip(
                     chunk, owners[start : start + BATCH], illava.last_stats(model).kept_units, strict=True
                 ):
-                    keep = {cells[i] for i in ids.tolist()}
-                    on_object += sum(cells[i] >= 0 for i in ids.tolist())
-                    total += ids.numel()
+                    kept_owners = [cells[i] for i in ids.tolist()]
+                    keep = set(kept_owners)
+                    on_object += sum(owner >= 0 for owner in kept_owners)
+                    total += len(kept_owners)
                     for index, obj in enumerate(scene.objects):
                         survived[obj.size].append(index in keep)
             shares = " / ".join(f"{sum(v) / len(v):.0%}" if v else "-" for v in survived.values())
