@@ -52,19 +52,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import illava  # noqa: E402
 from illava import PAPER_REDUCTIONS  # noqa: E402
 from illava.backbones import DEMO_SPEC, build_untrained, load_backbone  # noqa: E402
+from illava.engine.capture import capture  # noqa: E402
 from illava.inputs import Sample, build_inputs, chat_turn  # noqa: E402
 from illava_tune.train_demo import (  # noqa: E402
     TrainConfig,
-    _answer_labels,
-    _batch,
-    _cell_owners,
-    _conversation,
-    _grounding_loss,
-    _probe_loss_and_hits,
-    _probe_sizes,
-    _token_labels,
+    answer_labels,
+    cell_labels,
+    cell_owners,
+    conversation,
+    grounding_loss,
+    probe_loss_and_hits,
+    probe_sizes,
+    training_batch,
 )
-from profiler.accuracy import END_OF_TURN  # noqa: E402
+from profiler.accuracy import end_of_turn  # noqa: E402
 from profiler.demo_vqa import SHAPES, SIZES, demo_scene  # noqa: E402
 
 FIRST_ITEM = 10_000_000
@@ -84,7 +85,7 @@ def _warm(optimizer, lr: float, step: int) -> None:
 def encoder(steps: int, lr: float) -> None:
     backbone = build_untrained("demo", seed=0)
     visual = backbone.model.model.visual.train()
-    probe = torch.nn.Linear(DEMO_SPEC.text_hidden, sum(_probe_sizes(224)))
+    probe = torch.nn.Linear(DEMO_SPEC.text_hidden, sum(probe_sizes(224)))
     optimizer = torch.optim.AdamW([*visual.parameters(), *probe.parameters()], lr=lr, betas=(0.9, 0.98))
     hits: dict[str, list[bool]] = {}
     start = time.perf_counter()
@@ -92,18 +93,18 @@ def encoder(steps: int, lr: float) -> None:
         _warm(optimizer, lr, step)
         scenes = [demo_scene("train", FIRST_ITEM + step * BATCH + i) for i in range(BATCH)]
         samples = [Sample("<image>", list(scene.item().images)) for scene in scenes]
-        inputs = build_inputs(backbone.tokenizer, backbone.image_processor, samples)
+        inputs = build_inputs(backbone, samples)
         features = visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"]).pooler_output
         features = torch.cat(features) if isinstance(features, list | tuple) else features
-        labels = torch.cat([_token_labels(scene) for scene in scenes])
+        labels = torch.cat([cell_labels(scene) for scene in scenes])
         logits = probe(features)
-        loss, probe_hits = _probe_loss_and_hits(logits, labels, 224)
+        loss, probe_hits = probe_loss_and_hits(logits, labels, 224)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(visual.parameters(), 1.0)
         optimizer.step()
         with torch.no_grad():
-            shape_head = torch.split(logits, _probe_sizes(224), dim=-1)[1]
+            shape_head = torch.split(logits, probe_sizes(224), dim=-1)[1]
             cells = 224 // 28
             for i, scene in enumerate(scenes):
                 for obj in scene.objects:
@@ -118,15 +119,15 @@ def encoder(steps: int, lr: float) -> None:
             hits = {}
 
 
-def _described(scene, index: int) -> tuple[str, list[str]]:
+def _described(backbone, scene, index: int) -> tuple[str, list[str]]:
     """The conversation text with the scene in words before the first question, and its categories."""
-    items = [dataclasses.replace(item, images=()) for item in _conversation(scene, 5) if item.category != "position"]
+    items = [dataclasses.replace(item, images=()) for item in conversation(scene, 5) if item.category != "position"]
     objects = list(scene.objects)
     random.Random(index).shuffle(objects)
     described = "In the image: " + ", ".join(obj.name for obj in objects) + ".\n"
     text = "".join(
-        chat_turn((described if turn == 0 else "") + item.prompt("text"))
-        + f"{item.options[item.answer]}{END_OF_TURN}\n"
+        chat_turn(backbone, (described if turn == 0 else "") + item.prompt("text"))
+        + f"{item.options[item.answer]}{end_of_turn(backbone)}\n"
         for turn, item in enumerate(items)
     )
     return text, [item.category for item in items]
@@ -137,16 +138,16 @@ def binding(steps: int, lr: float) -> None:
     model, tokenizer = backbone.model.train(), backbone.tokenizer
     optimizer = torch.optim.AdamW(model.model.language_model.parameters(), lr=lr, betas=(0.9, 0.98))
     header = tokenizer.encode("<|im_start|>assistant\n", add_special_tokens=False)
-    end_id = tokenizer.convert_tokens_to_ids(END_OF_TURN)
+    end_id = tokenizer.convert_tokens_to_ids(end_of_turn(backbone))
     hits: dict[str, list[bool]] = {}
     start = time.perf_counter()
     for step in range(steps):
         _warm(optimizer, lr, step)
         indices = [FIRST_ITEM + step * BATCH + i for i in range(BATCH)]
-        conversations = [_described(demo_scene("train", i), i) for i in indices]
+        conversations = [_described(backbone, demo_scene("train", i), i) for i in indices]
         samples = [Sample(text) for text, _ in conversations]
-        inputs = build_inputs(tokenizer, backbone.image_processor, samples, chat=False)
-        rows = [_answer_labels(ids, header, end_id) for ids in inputs["input_ids"]]
+        inputs = build_inputs(backbone, samples, chat=False)
+        rows = [answer_labels(ids, header, end_id) for ids in inputs["input_ids"]]
         labels = torch.stack([row_labels for row_labels, _ in rows])
         hidden = model.model(**inputs, use_cache=False).last_hidden_state[:, :-1]
         predicts = labels[:, 1:] != -100
@@ -181,18 +182,19 @@ def lookup(checkpoint: str, scenes: int, layer: int) -> None:
     heads = json.loads(summary.read_text())["config"].get("ground_heads", 1) if summary.is_file() else 1
     config = TrainConfig(batch_size=BATCH, ground_layer=layer, ground_heads=heads)
     attention = model.model.language_model.layers[layer].self_attn
-    seen: dict = {}
-    hook = attention.register_forward_pre_hook(lambda m, args, kwargs: seen.update(kwargs), with_kwargs=True)
     rows: dict[str, list[tuple[bool, bool, float]]] = {}
     start = time.perf_counter()
     batches = -(-scenes // BATCH)
     for step in range(batches):
-        inputs, labels, answers, _, grounds = _batch(backbone, config, FIRST_ITEM // BATCH + step)
-        hidden = model.model(**inputs, use_cache=False).last_hidden_state[:, :-1]
+        inputs, labels, answers, _, grounds = training_batch(backbone, config, FIRST_ITEM // BATCH + step)
+        with capture(attention) as seen:
+            hidden = model.model(**inputs, use_cache=False).last_hidden_state[:, :-1]
         predicts = labels[:, 1:] != -100
         right = torch.zeros_like(predicts)
         right[predicts] = model.lm_head(hidden[predicts]).argmax(-1) == labels[:, 1:][predicts]
-        losses, hits = _grounding_loss(attention, seen, inputs, grounds, model.config.image_token_id)
+        losses, hits = grounding_loss(
+            seen.query, seen.key, attention.scaling, inputs, grounds, model.config.image_token_id
+        )
         found: dict[tuple[int, int], list[tuple[bool, float]]] = {}  # per answer, one entry per head
         for (row, at, *_), hit, loss in zip(grounds, hits, losses):
             found.setdefault((row, at), []).append((bool(hit), float(torch.exp(-loss))))
@@ -200,7 +202,6 @@ def lookup(checkpoint: str, scenes: int, layer: int) -> None:
             per_head = found.get((row, first - 1), [(False, float("nan"))])
             hit, mass = all(h for h, _ in per_head), sum(m for _, m in per_head) / len(per_head)
             rows.setdefault(category, []).append((bool(right[row, first - 1 : last].all()), hit, mass))
-    hook.remove()
     print(f"{sum(map(len, rows.values()))} answers about {batches * BATCH} scenes, layer {layer}, {heads} head(s), "
           f"{time.perf_counter() - start:.0f}s")  # fmt: skip
     print("| question | answers | right | head finds the object | mass on it | right when found | right when not |")
@@ -224,7 +225,7 @@ def kept(checkpoint: str, scenes: int, seeds: int) -> None:
     backbone = load_backbone(checkpoint)
     model = backbone.model.eval()
     tests = [demo_scene("test", index) for index in range(scenes)]
-    owners = [_cell_owners(scene) for scene in tests]
+    owners = [cell_owners(scene) for scene in tests]
     base = sum(o >= 0 for cells in owners for o in cells) / sum(map(len, owners))
     print(f"{scenes} test scenes; {base:.1%} of all cells lie on an object")
     print("| removed | selection | kept cells on objects | objects keeping a cell: " + " / ".join(SIZES) + " |")
@@ -239,8 +240,7 @@ def kept(checkpoint: str, scenes: int, seeds: int) -> None:
             survived: dict[str, list[bool]] = {size: [] for size in SIZES}
             for start in range(0, scenes, BATCH):
                 chunk = tests[start : start + BATCH]
-                batch = build_inputs(backbone.tokenizer, backbone.image_processor,
-                                     [scene.item().to_sample() for scene in chunk])  # fmt: skip
+                batch = build_inputs(backbone, [scene.item().to_sample() for scene in chunk])  # fmt: skip
                 model(**batch, logits_to_keep=1)
                 for scene, cells, ids in zip(
                     chunk, owners[start : start + BATCH], illava.last_stats(model).kept_units, strict=True

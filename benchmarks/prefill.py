@@ -35,7 +35,6 @@ from illava import PAPER_REDUCTIONS, Schedule  # noqa: E402
 from illava.backbones import Backbone, build_config, build_image_processor, build_tokenizer, load_backbone  # noqa: E402
 from illava.flops import predicted_speedup  # noqa: E402
 from illava.inputs import Sample, build_inputs, synthetic_image  # noqa: E402
-from illava.patch.qwen2_5_vl import state_of  # noqa: E402
 from profiler import Timing, time_call, time_once  # noqa: E402
 from profiler.hardware import cpu_model  # noqa: E402
 
@@ -106,7 +105,7 @@ def set_schedule(model, schedule: Schedule) -> None:
 @torch.inference_mode()
 def bench_size(backbone, size: int, repeats: int, warmup: int, device: torch.device) -> list[Result]:
     model = backbone.model
-    batch = build_inputs(backbone.tokenizer, backbone.image_processor, [Sample(PROMPT, [synthetic_image(size, 0)])])
+    batch = build_inputs(backbone, [Sample(PROMPT, [synthetic_image(size, 0)])])
     batch = batch.to(device)
     text_tokens = int((batch["input_ids"] != model.config.image_token_id).sum())
     image_tokens = int((batch["input_ids"] == model.config.image_token_id).sum())
@@ -134,7 +133,7 @@ def bench_size(backbone, size: int, repeats: int, warmup: int, device: torch.dev
         share = 0.0
         if not schedule.removes_nothing:
             set_schedule(model, schedule)
-            state_of(model).time_merges = True
+            illava.time_merges(model)
             shares = []
             for _ in range(repeats):
                 seconds = time_once(total, device)
@@ -160,7 +159,7 @@ def bench_size(backbone, size: int, repeats: int, warmup: int, device: torch.dev
 @torch.inference_mode()
 def text_only_floor(backbone, repeats: int, warmup: int, device: torch.device) -> Timing:
     """Prefill of the prompt's text alone: what is left when every image token is gone."""
-    batch = build_inputs(backbone.tokenizer, backbone.image_processor, [Sample(PROMPT.replace("<image> ", ""))])
+    batch = build_inputs(backbone, [Sample(PROMPT.replace("<image> ", ""))])
     batch = batch.to(device)
     return time_call(lambda: backbone.model(**batch, logits_to_keep=1), repeats=repeats, warmup=warmup, device=device)
 

@@ -1,10 +1,13 @@
 """iLLaVA: training-free two-stage token merging for vision-language models.
 
     import illava
-    illava.apply(model, illava.Schedule.paper_default(0.778, encoder_depth=32, llm_depth=28))
+    illava.apply(model, illava.paper_default_for(model, 0.778))
     ...  # model.generate(...) / model(...) now merge image tokens
     illava.remove(model)  # the original model again
 
+Three kinds of part, each extended by adding a module and registering it: the engine
+(`illava.engine`: everything that does not depend on the model family), backbone adapters
+(`illava.adapters`: one per family) and reduction methods (`illava.methods`).
 This package depends only on torch and transformers; the tuning service builds on it.
 """
 
@@ -15,47 +18,53 @@ from typing import Any
 
 import torch
 
+from .adapters import BackboneAdapter, adapter_for, adapter_for_config, register_adapter, supported_models
+from .engine import model as _engine
+from .errors import ScheduleError, UnsupportedModelError
 from .flops import Flops, predicted_speedup, prefill_flops
-from .patch import PATCHES, SUPPORTED_MODELS
-from .schedule import PAPER_REDUCTIONS, SCHEMA_VERSION, LayerStep, Plan, Schedule, ScheduleError
+from .methods import ReductionMethod, get_method, method_names, register_method
+from .schedule import PAPER_REDUCTIONS, SCHEMA_VERSION, LayerStep, Plan, Schedule
 
 __all__ = [
-    "Flops",
     "PAPER_REDUCTIONS",
     "SCHEMA_VERSION",
+    "BackboneAdapter",
+    "Flops",
     "LayerStep",
     "Plan",
+    "ReductionMethod",
     "Schedule",
     "ScheduleError",
     "UnsupportedModelError",
+    "adapter_for",
+    "adapter_for_config",
     "apply",
     "depths",
+    "get_method",
     "is_applied",
     "last_stats",
+    "method_names",
     "paper_default_for",
     "predicted_speedup",
     "prefill_flops",
+    "register_adapter",
+    "register_method",
     "remove",
+    "supported_models",
+    "time_merges",
 ]
 
 
-class UnsupportedModelError(TypeError):
-    """`apply` was given a model class no patch supports."""
-
-
-def _patch_for(model: torch.nn.Module):
-    for patch in PATCHES:
-        if patch.inner_model(model) is not None:
-            return patch
-    raise UnsupportedModelError(
-        f"illava does not support {type(model).__name__}; supported model classes: {', '.join(SUPPORTED_MODELS)}"
-    )
+def __getattr__(name: str) -> Any:
+    if name == "SUPPORTED_MODELS":  # the registered adapters' classes, read at use
+        return supported_models()
+    raise AttributeError(name)
 
 
 def depths(model_or_config: Any) -> tuple[int, int]:
-    """(vision encoder blocks, LLM decoder layers) of a Qwen2.5-VL model or its config."""
+    """(vision encoder blocks, LLM decoder layers) of a model or its config, any supported family."""
     config = getattr(model_or_config, "config", model_or_config)
-    return config.vision_config.depth, config.text_config.num_hidden_layers
+    return adapter_for_config(config).depths(config)
 
 
 def paper_default_for(model_or_config: Any, reduction: float = 7 / 9, **overrides: Any) -> Schedule:
@@ -69,26 +78,38 @@ def apply(model: torch.nn.Module, schedule: Schedule | dict[str, Any] | str | Pa
 
     `schedule` may be a `Schedule`, its dict/JSON form, a path to a JSON file, or an exported
     manifest (a dict with a ``schedule`` key). Applying twice replaces the first schedule.
-    Raises `ScheduleError` for a schedule that is invalid or does not fit the model.
+    Raises `ScheduleError` for a schedule that is invalid or does not fit the model, and
+    `UnsupportedModelError` for a model no adapter supports.
     """
-    patch = _patch_for(model)
-    patch.apply(model, Schedule.coerce(schedule))
+    adapter = adapter_for(model)
+    _engine.apply(adapter, model, Schedule.coerce(schedule))
     return model
 
 
 def remove(model: torch.nn.Module) -> torch.nn.Module:
     """Undo `apply` (a no-op on an unpatched model); outputs equal the original model's."""
-    _patch_for(model).remove(model)
+    _engine.remove(adapter_for(model), model)
     return model
 
 
 def is_applied(model: torch.nn.Module) -> bool:
-    return _patch_for(model).state_of(model) is not None
+    return _engine.state_of(adapter_for(model), model) is not None
+
+
+def _state(model: torch.nn.Module):
+    state = _engine.state_of(adapter_for(model), model)
+    if state is None:
+        raise ValueError("illava is not applied to this model")
+    return state
 
 
 def last_stats(model: torch.nn.Module):
-    """Counts of the last merged prefill (tokens per encoder block and LLM layer, kept ids)."""
-    state = _patch_for(model).state_of(model)
-    if state is None:
-        raise ValueError("illava is not applied to this model")
-    return state.stats
+    """Counts of the last merged prefill (units per encoder block and segment, image tokens and
+    sequence length per LLM layer, kept placeholder ids per image/video, their positions)."""
+    return _state(model).stats
+
+
+def time_merges(model: torch.nn.Module, enabled: bool = True) -> None:
+    """Time the merge work of every prefill into ``last_stats(model).merge_seconds`` (it
+    synchronises around each merge on CUDA: for benchmarks, not for serving)."""
+    _state(model).time_merges = enabled

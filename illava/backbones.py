@@ -1,25 +1,31 @@
-"""Offline Qwen2.5-VL backbones: two built-in seeded models and a loader for local checkpoints.
+"""Offline backbones: seeded built-ins of every supported family, and a loader for local checkpoints.
 
-No model hub is reachable where this project is developed and tested, yet the merging code must run
-on the real architecture (windowed vision attention, 2x2 patch merger, GQA, 3-D mRoPE). So the
-built-ins are real `Qwen2_5_VLForConditionalGeneration` models built from a config with seeded random
-weights, a deterministic byte-level BPE tokenizer (2670 tokens) trained in-process on a corpus in this
-module, and transformers' PIL (torchvision-free) Qwen2-VL image processor.
+No model hub is reachable where this project is developed and tested, yet the engine must run on the
+real architectures. So the built-ins are real transformers models built from a config with seeded
+random weights, a deterministic byte-level BPE tokenizer (2670 tokens) trained in-process on a corpus
+in this module, and the family's PIL (torchvision-free) image processor. Each family's adapter
+(`illava.adapters`) declares its built-ins and builds their configs; this module trains the
+tokenizer, seeds the weights and loads checkpoints.
 
-- ``tiny``: for unit tests. 1,995,456 parameters (vision 424,000, LLM 1,571,456); a prefill forward
-  on one 112x112 image takes ~7 ms on the development CPU.
-- ``small``: for CPU benchmarks. 129,057,728 parameters (vision 8,522,944, LLM 120,534,784), shaped
-  like the 7B model where it matters for speed: the LLM costs far more per token than the encoder per
-  patch (14x more parameters per position; the 7B has ~11x), so on one 448x448 image (1024 patches, 256
-  image tokens, 275 tokens in all) the vision encoder takes 28-29% of the prefill forward (0.13 s of
-  0.46 s; three runs gave 0.283, 0.288, 0.286), and 33% on one 672x672 image. Measured on the
-  development machine (2-core Intel Xeon, torch 2.13 CPU, fp32, sdpa, default thread count, median of
-  7 runs after 2 warm-up runs, encoder and prefill timed alternately) with::
+- ``tiny`` (Qwen2.5-VL): for unit tests. 1,995,456 parameters (vision 424,000, LLM 1,571,456); a
+  prefill forward on one 112x112 image takes ~7 ms on the development CPU.
+- ``small`` (Qwen2.5-VL): for CPU benchmarks. 129,057,728 parameters (vision 8,522,944, LLM
+  120,534,784), shaped like the 7B model where it matters for speed: the LLM costs far more per token
+  than the encoder per patch (14x more parameters per position; the 7B has ~11x), so on one 448x448
+  image (1024 patches, 256 image tokens, 275 tokens in all) the vision encoder takes 28-29% of the
+  prefill forward (0.13 s of 0.46 s; three runs gave 0.283, 0.288, 0.286), and 33% on one 672x672
+  image. Measured on the development machine (2-core Intel Xeon, torch 2.13 CPU, fp32, sdpa, default
+  thread count, median of 7 runs after 2 warm-up runs, encoder and prefill timed alternately) with::
 
       python -m illava.backbones small --image-size 448 --runs 7
 
-Any other name is a local checkpoint directory (e.g. a downloaded Qwen2.5-VL-7B-Instruct), loaded
-with ``from_pretrained`` and ``local_files_only=True``: nothing is ever downloaded.
+- ``tiny-qwen2-vl``, ``tiny-qwen3-vl``, ``tiny-llava-onevision``: the other families at unit-test size.
+- ``demo`` (Qwen2.5-VL): trained on the demo VQA benchmark by ``illava-tune train-demo``; loaded from
+  the checkpoint committed in ``illava/checkpoints/demo`` through ``from_pretrained``.
+
+Any other name is a local checkpoint directory (e.g. a downloaded Qwen2.5-VL-7B-Instruct): its
+``config.json``'s ``model_type`` picks the adapter, which loads it through transformers' Auto classes
+with ``local_files_only=True``: nothing is ever downloaded.
 """
 
 from __future__ import annotations
@@ -31,18 +37,20 @@ import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
+    AutoImageProcessor,
+    AutoModelForImageTextToText,
     AutoTokenizer,
     GenerationConfig,
     PreTrainedTokenizerFast,
-    Qwen2_5_VLConfig,
-    Qwen2_5_VLForConditionalGeneration,
 )
-from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
+from .adapters import BackboneAdapter, adapter_for, adapter_for_config, adapters
+from .errors import UnsupportedModelError
 from .inputs import Sample, build_inputs, synthetic_image
 
 PAD_TOKEN = "<|endoftext|>"
@@ -52,93 +60,90 @@ VISION_START = "<|vision_start|>"
 VISION_END = "<|vision_end|>"
 IMAGE_PAD = "<|image_pad|>"
 VIDEO_PAD = "<|video_pad|>"
+#: The built-in tokenizer's special tokens (every family's placeholders are among them).
 SPECIAL_TOKENS: tuple[str, ...] = (PAD_TOKEN, IM_START, IM_END, VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD)
-
+#: Extra special tokens for families whose placeholders are not Qwen's (LLaVA-OneVision's ``<image>``).
+#: They extend a separate tokenizer, so the Qwen built-ins (and their weights) never change.
 TOKENIZER_VOCAB_SIZE = 3072
-PATCH_SIZE = 14
-MERGE_SIZE = 2
-TEMPORAL_PATCH_SIZE = 2
-# 56*56 .. 28*28*1280 pixels: the Qwen2-VL defaults. 448x448 and 672x672 are multiples of 28 inside
-# the range, so the processor keeps them as they are (32x32 and 48x48 patches).
-MIN_PIXELS = 56 * 56
-MAX_PIXELS = 28 * 28 * 1280
 
-
-@dataclass(frozen=True)
-class BackboneSpec:
-    """The size knobs of a built-in backbone; everything else follows the real Qwen2.5-VL."""
-
-    vision_depth: int
-    vision_hidden: int
-    vision_intermediate: int
-    vision_heads: int
-    fullatt_block_indexes: tuple[int, ...]
-    text_layers: int
-    text_hidden: int
-    text_intermediate: int
-    text_heads: int
-    text_kv_heads: int
-    description: str
-
-
-BUILTIN_BACKBONES: dict[str, BackboneSpec] = {
-    "tiny": BackboneSpec(
-        vision_depth=6,
-        vision_hidden=64,
-        vision_intermediate=128,
-        vision_heads=4,
-        fullatt_block_indexes=(2, 5),
-        text_layers=6,
-        text_hidden=128,
-        text_intermediate=256,
-        text_heads=4,
-        text_kv_heads=2,
-        description="unit-test size, a few M parameters",
-    ),
-    "small": BackboneSpec(
-        vision_depth=16,
-        vision_hidden=192,
-        vision_intermediate=512,
-        vision_heads=4,
-        fullatt_block_indexes=(3, 7, 11, 15),
-        text_layers=16,
-        text_hidden=768,
-        text_intermediate=2560,
-        text_heads=12,
-        text_kv_heads=2,
-        description="CPU benchmark size, ~129M parameters, 7B-like encoder/LLM cost split",
-    ),
-}
-
-# The trained `demo` backbone's architecture. It is not built with seeded weights like the two above:
-# `illava-tune train-demo` trains it from this spec and `load_backbone("demo")` loads the committed
-# checkpoint in DEMO_CHECKPOINT through `from_pretrained`, the path a downloaded checkpoint takes.
-DEMO_SPEC = BackboneSpec(
-    vision_depth=8,
-    vision_hidden=96,
-    vision_intermediate=192,
-    vision_heads=4,
-    fullatt_block_indexes=(3, 7),
-    text_layers=6,
-    text_hidden=192,
-    text_intermediate=512,
-    text_heads=4,
-    text_kv_heads=2,
-    description="trained on the demo VQA benchmark; ~4.6M parameters, committed checkpoint",
-)
 DEMO_CHECKPOINT = Path(__file__).parent / "checkpoints" / "demo"
-#: Every name `load_backbone` knows without a path.
-NAMED_BACKBONES: tuple[str, ...] = ("demo", *BUILTIN_BACKBONES)
+#: Built-ins loaded from a committed checkpoint rather than built with seeded weights.
+TRAINED_BACKBONES = {"demo": DEMO_CHECKPOINT}
 
 
 @dataclass
 class Backbone:
-    """A model with the tokenizer and image processor that belong to it."""
+    """A model with the tokenizer and image processor that belong to it. `adapter` is its family's
+    (found from the model when not given; a model-less backbone for building inputs needs one)."""
 
-    model: Qwen2_5_VLForConditionalGeneration
+    model: Any
     tokenizer: PreTrainedTokenizerFast
-    image_processor: Qwen2VLImageProcessorPil
+    image_processor: Any
     name: str
+    adapter: BackboneAdapter | None = None
+
+    def __post_init__(self) -> None:
+        if self.adapter is None and self.model is not None:
+            self.adapter = adapter_for(self.model)
+
+    @property
+    def config(self) -> Any:
+        return self.model.config
+
+
+# ---------------------------------------------------------------------------------------------
+# Built-ins
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Builtin:
+    """A built-in backbone: its name, its family's adapter and that adapter's size spec."""
+
+    name: str
+    adapter: BackboneAdapter
+    spec: Any
+
+    @property
+    def description(self) -> str:
+        return f"{self.adapter.family}: {self.spec.description}"
+
+
+def builtins() -> dict[str, Builtin]:
+    """Every built-in the registered adapters declare, by name (seeded and trained alike)."""
+    found = {}
+    for adapter in adapters():
+        for name, spec in adapter.builtins().items():
+            found[name] = Builtin(name, adapter, spec)
+    return found
+
+
+def builtin_names() -> tuple[str, ...]:
+    """Names `load_backbone` knows without a path: the trained ones first, then the seeded ones."""
+    names = list(builtins())
+    return (*(n for n in TRAINED_BACKBONES if n in names), *(n for n in names if n not in TRAINED_BACKBONES))
+
+
+def seeded_names() -> tuple[str, ...]:
+    return tuple(name for name in builtins() if name not in TRAINED_BACKBONES)
+
+
+def _builtin(name: str) -> Builtin:
+    found = builtins()
+    if name not in found:
+        raise ValueError(f"unknown built-in backbone {name!r}; built-ins are {sorted(found)}")
+    return found[name]
+
+
+def __getattr__(name: str) -> Any:
+    # Read at use, so a family registered later is included.
+    if name == "NAMED_BACKBONES":
+        return builtin_names()
+    if name == "BUILTIN_BACKBONES":
+        return {n: b.spec for n, b in builtins().items() if n not in TRAINED_BACKBONES}
+    if name == "DEMO_SPEC":
+        return _builtin("demo").spec
+    raise AttributeError(name)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -274,8 +279,8 @@ recycle importance score scores reduction ratio encoder vision visual textual mu
 """
 
 
-@functools.lru_cache(maxsize=1)
-def _tokenizer_json() -> str:
+@functools.lru_cache(maxsize=4)
+def _tokenizer_json(extra_special: tuple[str, ...] = ()) -> str:
     """Train the byte-level BPE once per process; the trainer breaks ties by pair order, so it is deterministic."""
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
@@ -284,7 +289,7 @@ def _tokenizer_json() -> str:
         vocab_size=TOKENIZER_VOCAB_SIZE,
         min_frequency=1,
         show_progress=False,
-        special_tokens=list(SPECIAL_TOKENS),
+        special_tokens=[*SPECIAL_TOKENS, *extra_special],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     lines = [line for line in (_CORPUS + _WORDS).splitlines() if line.strip()]
@@ -292,119 +297,74 @@ def _tokenizer_json() -> str:
     return tokenizer.to_str()
 
 
-def tokenizer_fingerprint() -> str:
+def tokenizer_fingerprint(extra_special: tuple[str, ...] = ()) -> str:
     """sha256 of the built-in tokenizer; the built-in models are identical wherever this is identical."""
-    return hashlib.sha256(_tokenizer_json().encode()).hexdigest()
+    return hashlib.sha256(_tokenizer_json(tuple(extra_special)).encode()).hexdigest()
 
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
-    """A fresh fast tokenizer with the Qwen special tokens, left padding (batched generation needs it)."""
+def build_tokenizer(extra_special: tuple[str, ...] = ()) -> PreTrainedTokenizerFast:
+    """A fresh fast tokenizer with the Qwen special tokens (and `extra_special`), left padding
+    (batched generation needs it)."""
+    extra_special = tuple(extra_special)
     return PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer.from_str(_tokenizer_json()),
+        tokenizer_object=Tokenizer.from_str(_tokenizer_json(extra_special)),
         pad_token=PAD_TOKEN,
         eos_token=IM_END,
         bos_token=None,
         unk_token=None,
-        additional_special_tokens=list(SPECIAL_TOKENS[1:]),
+        additional_special_tokens=[*SPECIAL_TOKENS[1:], *extra_special],
         padding_side="left",
         model_max_length=4096,
         clean_up_tokenization_spaces=False,
     )
 
 
-def _special_ids(tokenizer: PreTrainedTokenizerFast) -> dict[str, int]:
-    """Ids of the special tokens; each must be one token or the model's placeholders break."""
-    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in SPECIAL_TOKENS}
+def special_ids(tokenizer: PreTrainedTokenizerFast, tokens: tuple[str, ...] = ()) -> dict[str, int]:
+    """Ids of the special tokens (and the roles "pad", "eos"); each must be one token or the model's
+    placeholders break."""
+    wanted = (*SPECIAL_TOKENS, *tokens)
+    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in wanted}
     missing = [token for token, idx in ids.items() if idx is None or idx == tokenizer.unk_token_id]
     if missing:
         raise ValueError(f"tokenizer lacks the special tokens {missing}")
-    return ids
+    return {**ids, "pad": ids[PAD_TOKEN], "eos": ids[IM_END]}
 
 
-# ---------------------------------------------------------------------------------------------
-# Image processor and config
-# ---------------------------------------------------------------------------------------------
-
-
-def build_image_processor() -> Qwen2VLImageProcessorPil:
-    """The PIL Qwen2-VL processor (no torchvision); 448x448 and 672x672 images keep their size."""
-    return Qwen2VLImageProcessorPil(
-        patch_size=PATCH_SIZE,
-        merge_size=MERGE_SIZE,
-        temporal_patch_size=TEMPORAL_PATCH_SIZE,
-        min_pixels=MIN_PIXELS,
-        max_pixels=MAX_PIXELS,
-    )
-
-
-def _mrope_section(head_dim: int) -> list[int]:
-    """Split head_dim/2 rotary frequencies over (t, h, w) as the real model does (16, 24, 24 of 64)."""
+def mrope_section(head_dim: int) -> list[int]:
+    """Split head_dim/2 rotary frequencies over (t, h, w) as the real Qwen models do (16, 24, 24 of 64)."""
     half = head_dim // 2
     t = half // 4
     h = (half - t) // 2
     return [t, h, half - t - h]
 
 
-def _spec(name: str) -> BackboneSpec:
-    if name == "demo":
-        return DEMO_SPEC
-    try:
-        return BUILTIN_BACKBONES[name]
-    except KeyError:
-        raise ValueError(f"unknown built-in backbone {name!r}; built-ins are {sorted(BUILTIN_BACKBONES)}") from None
+# ---------------------------------------------------------------------------------------------
+# Configs, processors and generation settings of the built-ins
+# ---------------------------------------------------------------------------------------------
 
 
-def build_config(name: str) -> Qwen2_5_VLConfig:
+def build_tokenizer_for(name: str) -> PreTrainedTokenizerFast:
+    return build_tokenizer(_builtin(name).adapter.extra_special_tokens)
+
+
+def build_config(name: str):
     """Config of a built-in backbone (or of `demo`'s untrained architecture); token ids and vocabulary
-    come from `build_tokenizer`."""
-    spec = _spec(name)
-    tokenizer = build_tokenizer()
-    ids = _special_ids(tokenizer)
-    text_head_dim = spec.text_hidden // spec.text_heads
-    vision = dict(
-        depth=spec.vision_depth,
-        hidden_size=spec.vision_hidden,
-        intermediate_size=spec.vision_intermediate,
-        num_heads=spec.vision_heads,
-        hidden_act="silu",
-        in_channels=3,
-        patch_size=PATCH_SIZE,
-        spatial_merge_size=MERGE_SIZE,
-        temporal_patch_size=TEMPORAL_PATCH_SIZE,
-        window_size=112,
-        fullatt_block_indexes=list(spec.fullatt_block_indexes),
-        out_hidden_size=spec.text_hidden,
-        tokens_per_second=2,
-    )
-    text = dict(
-        vocab_size=len(tokenizer),
-        hidden_size=spec.text_hidden,
-        intermediate_size=spec.text_intermediate,
-        num_hidden_layers=spec.text_layers,
-        num_attention_heads=spec.text_heads,
-        num_key_value_heads=spec.text_kv_heads,
-        hidden_act="silu",
-        rms_norm_eps=1e-6,
-        max_position_embeddings=4096,
-        rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": _mrope_section(text_head_dim)},
-        bos_token_id=ids[PAD_TOKEN],
-        eos_token_id=ids[IM_END],
-        pad_token_id=ids[PAD_TOKEN],
-    )
-    return Qwen2_5_VLConfig(
-        vision_config=vision,
-        text_config=text,
-        image_token_id=ids[IMAGE_PAD],
-        video_token_id=ids[VIDEO_PAD],
-        vision_start_token_id=ids[VISION_START],
-        vision_end_token_id=ids[VISION_END],
-        tie_word_embeddings=False,
-    )
+    come from its tokenizer."""
+    builtin = _builtin(name)
+    tokenizer = build_tokenizer_for(name)
+    ids = special_ids(tokenizer, builtin.adapter.extra_special_tokens)
+    return builtin.adapter.build_config(builtin.spec, ids, len(tokenizer))
+
+
+def build_image_processor(name: str = "tiny"):
+    """The PIL image processor of a built-in (no torchvision)."""
+    builtin = _builtin(name)
+    return builtin.adapter.builtin_image_processor(builtin.spec)
 
 
 def _generation_config(tokenizer: PreTrainedTokenizerFast) -> GenerationConfig:
     """Greedy by default, stopping at <|im_end|> or <|endoftext|> like the Instruct checkpoints."""
-    ids = _special_ids(tokenizer)
+    ids = special_ids(tokenizer)
     return GenerationConfig(
         bos_token_id=ids[PAD_TOKEN],
         eos_token_id=[ids[IM_END], ids[PAD_TOKEN]],
@@ -425,25 +385,24 @@ def load_backbone(
     dtype: torch.dtype = torch.float32,
     seed: int = 0,
 ) -> Backbone:
-    """A built-in (`tiny`, `small`) with weights seeded by `seed`, the trained `demo` checkpoint shipped
-    in the package, or a local checkpoint directory.
+    """A seeded built-in with weights seeded by `seed`, a trained built-in shipped in the package
+    (`demo`), or a local checkpoint directory of any supported family.
 
     `attn_implementation` is handed to transformers: "sdpa", "eager", or "flash_attention_2" on CUDA
     with flash-attn installed. Built-ins are initialised in fp32 and then cast, so a bf16 built-in is
     the rounded fp32 one.
     """
     name = str(name_or_path)
-    if name in BUILTIN_BACKBONES:
-        return _build_builtin(name, attn_implementation=attn_implementation, dtype=dtype, seed=seed)
-    if name == "demo":
-        if not (DEMO_CHECKPOINT / "config.json").is_file():
-            raise ValueError(
-                f"the demo checkpoint is missing from {DEMO_CHECKPOINT}; `illava-tune train-demo` makes it"
-            )
-        backbone = _load_checkpoint(DEMO_CHECKPOINT, attn_implementation=attn_implementation, dtype=dtype)
-        backbone.name = "demo"
+    if name in TRAINED_BACKBONES:
+        checkpoint = TRAINED_BACKBONES[name]
+        if not (checkpoint / "config.json").is_file():
+            raise ValueError(f"the {name} checkpoint is missing from {checkpoint}; `illava-tune train-demo` makes it")
+        backbone = load_checkpoint(checkpoint, attn_implementation=attn_implementation, dtype=dtype)
+        backbone.name = name
         return backbone
-    return _load_checkpoint(Path(name), attn_implementation=attn_implementation, dtype=dtype)
+    if name in builtins():
+        return _build_builtin(name, attn_implementation=attn_implementation, dtype=dtype, seed=seed)
+    return load_checkpoint(Path(name), attn_implementation=attn_implementation, dtype=dtype)
 
 
 def build_untrained(name: str, *, seed: int = 0, attn_implementation: str = "sdpa") -> Backbone:
@@ -453,33 +412,70 @@ def build_untrained(name: str, *, seed: int = 0, attn_implementation: str = "sdp
 
 def _build_builtin(name: str, *, attn_implementation: str, dtype: torch.dtype, seed: int) -> Backbone:
     """Initialise in fp32 under a forked RNG, so weights depend on the seed only (not on dtype or caller state)."""
-    tokenizer = build_tokenizer()
+    builtin = _builtin(name)
+    tokenizer = build_tokenizer_for(name)
     config = build_config(name)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = Qwen2_5_VLForConditionalGeneration._from_config(
+        model = builtin.adapter.classes()[0]._from_config(
             config, attn_implementation=attn_implementation, dtype=torch.float32
         )
     model.generation_config = _generation_config(tokenizer)
     model = model.to(dtype).eval()
-    return Backbone(model=model, tokenizer=tokenizer, image_processor=build_image_processor(), name=name)
+    return Backbone(model, tokenizer, build_image_processor(name), name, builtin.adapter)
 
 
-def _load_checkpoint(path: Path, *, attn_implementation: str, dtype: torch.dtype) -> Backbone:
-    """Real checkpoint from a local directory; never touches the hub."""
+def load_checkpoint(path: Path, *, attn_implementation: str = "sdpa", dtype: torch.dtype = torch.float32) -> Backbone:
+    """A local checkpoint directory of any supported family; never touches the hub."""
     if not (path / "config.json").is_file():
         raise ValueError(
-            f"backbone {str(path)!r} is neither a built-in ({', '.join(NAMED_BACKBONES)}) nor a local "
+            f"backbone {str(path)!r} is neither a built-in ({', '.join(builtin_names())}) nor a local "
             "checkpoint directory with a config.json; other names must be local checkpoint directories "
             "(nothing is downloaded from a model hub)"
         )
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+    try:
+        adapter = adapter_for_config(path)
+    except UnsupportedModelError as error:
+        raise ValueError(f"backbone {str(path)!r}: {error}") from None
+    return adapter.load(path, attn_implementation=attn_implementation, dtype=dtype)
+
+
+def backbone_config(name_or_path: str | Path):
+    """The config of a built-in or a local checkpoint, without loading weights; a checkpoint of a
+    family no adapter supports is an error naming its ``model_type`` and the supported ones."""
+    from transformers import AutoConfig
+
+    name = str(name_or_path)
+    if name in builtins() and name not in TRAINED_BACKBONES:
+        return build_config(name)
+    path = TRAINED_BACKBONES.get(name, Path(name))
+    if not (path / "config.json").is_file():
+        raise ValueError(
+            f"unknown backbone {name!r}: built-ins are {list(builtin_names())}; "
+            "any other name must be a local checkpoint directory with a config.json"
+        )
+    try:
+        adapter_for_config(path)
+    except UnsupportedModelError as error:
+        raise ValueError(f"backbone {name!r}: {error}") from None
+    return AutoConfig.from_pretrained(path, local_files_only=True)
+
+
+def load_with_auto_classes(adapter: BackboneAdapter, path: Path, *, attn_implementation: str, dtype: torch.dtype):
+    """A checkpoint through transformers' Auto classes (model, tokenizer, image processor), checked
+    to be of the adapter's family."""
+    model = AutoModelForImageTextToText.from_pretrained(
         path, attn_implementation=attn_implementation, dtype=dtype, local_files_only=True
     ).eval()
+    if adapter.inner_model(model) is None:
+        raise ValueError(
+            f"backbone {str(path)!r} loaded as {type(model).__name__}, which the {adapter.family} adapter does not "
+            f"patch (it patches {', '.join(adapter.class_names)})"
+        )
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     tokenizer.padding_side = "left"
-    image_processor = Qwen2VLImageProcessorPil.from_pretrained(path, local_files_only=True)
-    return Backbone(model=model, tokenizer=tokenizer, image_processor=image_processor, name=str(path))
+    image_processor = AutoImageProcessor.from_pretrained(path, local_files_only=True)
+    return Backbone(model, tokenizer, image_processor, str(path), adapter)
 
 
 def save_backbone(backbone: Backbone, path: str | Path) -> Path:
@@ -494,9 +490,11 @@ def save_backbone(backbone: Backbone, path: str | Path) -> Path:
 
 def count_parameters(name: str) -> dict[str, int]:
     """Parameter counts of a built-in by part, from a model on the meta device (no memory, no init)."""
+    builtin = _builtin(name)
     with torch.device("meta"):
-        model = Qwen2_5_VLForConditionalGeneration._from_config(build_config(name))
-    vision = sum(p.numel() for p in model.model.visual.parameters())
+        model = builtin.adapter.classes()[0]._from_config(build_config(name))
+    inner = builtin.adapter.inner_model(model)
+    vision = sum(p.numel() for p in builtin.adapter.vision_tower(inner).parameters())
     total = sum(p.numel() for p in model.parameters())
     return {"vision": vision, "llm": total - vision, "total": total}
 
@@ -520,11 +518,12 @@ def measure_encoder_share(name: str, *, image_size: int = 448, runs: int = 7, wa
     """
     backbone = load_backbone(name)
     sample = Sample(text="<image>Describe the image in detail.", images=[synthetic_image(image_size, seed=0)])
-    inputs = build_inputs(backbone.tokenizer, backbone.image_processor, [sample])
+    inputs = build_inputs(backbone, [sample])
     model = backbone.model
+    inner = backbone.adapter.inner_model(model)
 
     def vision() -> None:
-        model.model.visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"])
+        backbone.adapter.encode_images(inner, inputs)
 
     def prefill() -> None:
         model(**inputs, use_cache=True, logits_to_keep=1)
@@ -542,7 +541,7 @@ def measure_encoder_share(name: str, *, image_size: int = 448, runs: int = 7, wa
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Parameter counts and encoder share of a built-in backbone.")
-    parser.add_argument("name", choices=sorted(BUILTIN_BACKBONES))
+    parser.add_argument("name", choices=sorted(seeded_names()))
     parser.add_argument("--image-size", type=int, default=448)
     parser.add_argument("--runs", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=2)

@@ -1,53 +1,38 @@
-"""A compute model of a schedule: FLOPs of a Qwen2.5-VL vision encoder and LLM prefill.
+"""A compute model of a schedule: FLOPs of a vision encoder and LLM prefill, per family.
 
 Why this exists: a measured speedup only means something next to the speedup the token counts
-*predict*. If the two disagree, either the patch does not remove what the plan says, or the
+*predict*. If the two disagree, either the engine does not remove what the plan says, or the
 hardware does not turn fewer FLOPs into less time (memory-bound kernels, launch overhead, the
-cost of scoring tokens). This module is the prediction; it reads every size off the model config
-so it follows the real module shapes (a test checks that against an instantiated model).
+cost of scoring tokens). This module is the prediction; each backbone adapter reads every size
+off its model config so it follows the real module shapes (a test checks that against an
+instantiated model), and this module holds what all families share.
 
 What is counted (a multiply-add is 2 FLOPs):
 
-* every linear layer and the patch-embedding Conv3d: ``2 * in * out`` per token (biases ignored);
+* every linear layer and the patch-embedding convolution: ``2 * in * out`` per token (biases ignored);
 * attention's quadratic part: ``QK^T`` and ``AV`` cost ``2 * 2 * d`` per (query, key) pair, where
   ``d = heads * head_dim`` counts *query* heads (GQA shares K/V but every query head still does
   its own products);
-* the vision patch merger MLP on the groups that leave the encoder, and ``lm_head`` on the last
-  prompt token only (what ``generate`` computes at prefill).
+* the projector on the tokens that leave the encoder, and ``lm_head`` on the last prompt token only
+  (what ``generate`` computes at prefill).
 
 What is not: norms, rotary embeddings, softmax, activations, residual adds, embedding lookups
 (all linear in the token count and small next to the matmuls), and the cost of the merge itself
 (importance scores, recycling), which is what a measurement adds on top of this ideal.
 
-Token bookkeeping follows `illava.schedule`: a plan counts LLM tokens, one LLM token is one
-``spatial_merge_size**2`` group of encoder patches, an encoder merge at block ``b`` sits between
-its attention and its FFN, an LLM merge after layer ``i`` shortens layers ``i+1..``. Every image
-and every video frame (one temporal patch) is a segment with its own plan.
+Token bookkeeping follows `illava.schedule`: a plan counts LLM tokens, an encoder merge at block
+``b`` sits between its attention and its FFN, an LLM merge after layer ``i`` shortens layers
+``i+1..``. Every image, video frame or tile is a segment with its own plan.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import functools
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from illava.schedule import Plan, Schedule
-
-if TYPE_CHECKING:
-    from transformers import Qwen2_5_VLConfig
-
-
-@dataclass(frozen=True)
-class Segment:
-    """One image, or one frame (temporal patch) of a video, in encoder patches."""
-
-    grid_h: int
-    grid_w: int
-
-
-#: A segment, or one row of a processor's ``image_grid_thw`` / ``video_grid_thw``: ``(t, h, w)``
-#: in patches, which stands for ``t`` segments of ``h x w`` patches.
-GridLike = Segment | Sequence[int]
 
 
 @dataclass(frozen=True)
@@ -58,11 +43,11 @@ class UnitCosts:
     module it stands for.
     """
 
-    patch_embed: float  # per patch: the Conv3d
-    vision_attn_linear: float  # per patch entering a block: qkv + proj
-    vision_ffn: float  # per patch after a block's merge: gate, up, down
+    patch_embed: float  # per patch: the patch-embedding convolution
+    vision_attn_linear: float  # per patch entering a block: q, k, v + output projection
+    vision_ffn: float  # per patch after a block's merge
     vision_pair: float  # per (query, key) pair in a vision attention segment: QK^T + AV
-    merger: float  # per group leaving the encoder: the patch merger's two linears
+    merger: float  # per LLM token leaving the encoder: the projector
     llm_linear: float  # per token per decoder layer: q, k, v, o + gate, up, down
     llm_pair: float  # per (query, key) pair in a decoder layer: QK^T + AV
     lm_head: float  # per token that gets logits
@@ -93,116 +78,72 @@ class Flops:
         return self.encoder + self.llm
 
 
-def _int_field(config: Any, name: str) -> int:
-    """A config size that must be a plain positive int here (Qwen2.5-VL's modules assume so)."""
+def int_field(config: Any, name: str) -> int:
+    """A config size that must be a plain positive int here (the modules assume so)."""
     value = getattr(config, name)
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{type(config).__name__}.{name} = {value!r}: the FLOP model needs a positive int")
     return value
 
 
-def unit_costs(config: Qwen2_5_VLConfig) -> UnitCosts:
-    """Per-unit FLOPs of a Qwen2.5-VL model, with the shapes its modules are built with."""
-    vision, text = config.vision_config, config.text_config
-    width = _int_field(vision, "hidden_size")
-    merged_width = width * _int_field(vision, "spatial_merge_size") ** 2  # the merger's input: one group
-    patch_volume = _int_field(vision, "in_channels") * _int_field(vision, "temporal_patch_size")
-    patch_volume *= _int_field(vision, "patch_size") ** 2
-    hidden = _int_field(text, "hidden_size")
-    head_dim = hidden // _int_field(text, "num_attention_heads")  # the model ignores any config.head_dim
-    q_width = text.num_attention_heads * head_dim
-    kv_width = _int_field(text, "num_key_value_heads") * head_dim
-    return UnitCosts(
-        patch_embed=2.0 * patch_volume * width,
-        vision_attn_linear=2.0 * (width * 3 * width + width * width),
-        vision_ffn=2.0 * 3 * width * _int_field(vision, "intermediate_size"),
-        vision_pair=2.0 * 2 * width,
-        merger=2.0 * (merged_width * merged_width + merged_width * _int_field(vision, "out_hidden_size")),
-        llm_linear=2.0 * (hidden * q_width + 2 * hidden * kv_width + q_width * hidden)
-        + 2.0 * 3 * hidden * _int_field(text, "intermediate_size"),
-        llm_pair=2.0 * 2 * q_width,
-        lm_head=2.0 * hidden * _int_field(text, "vocab_size"),
+@dataclass(frozen=True)
+class CostModules:
+    """The modules whose shapes set a family's per-token costs (an adapter's `cost_modules`)."""
+
+    patch_embed: Any  # the patch-embedding convolution: 2 * weight.numel() FLOPs per patch
+    vision_attention: Any  # one block's attention projections, per patch
+    vision_ffn: Any  # one block's MLP, per patch
+    vision_width: int  # heads * head_dim of vision attention
+    merger: Any  # the projector, per LLM token leaving the encoder
+    decoder_layer: Any  # one decoder layer's projections and MLP, per token
+    q_width: int  # query heads * head_dim of decoder attention
+    lm_head: Any
+    taps: dict[int, Any]  # block -> module run on the tokens leaving that block (DeepStack mergers)
+
+
+@dataclass(frozen=True)
+class ModuleCosts:
+    units: UnitCosts
+    taps: dict[int, float]  # block -> FLOPs per LLM token leaving it
+
+
+def linear_flops(module: Any) -> float:
+    """2 * in * out summed over the linear layers of `module`: its FLOPs per token (biases ignored)."""
+    import torch
+
+    return float(sum(2 * m.in_features * m.out_features for m in module.modules() if isinstance(m, torch.nn.Linear)))
+
+
+def module_costs(config: Any) -> ModuleCosts:
+    """Per-unit costs read off the modules of a model built from `config` on the meta device (no
+    memory, no initialisation), so they follow the real module shapes by construction."""
+    return _module_costs(type(config), config.to_json_string(use_diff=False))
+
+
+@functools.lru_cache(maxsize=16)
+def _module_costs(config_class: type, config_json: str) -> ModuleCosts:
+    import json
+
+    import torch
+
+    from .adapters import adapter_for_config
+
+    config = config_class.from_dict(json.loads(config_json))
+    adapter = adapter_for_config(config)
+    with torch.device("meta"):
+        model = adapter.classes()[0]._from_config(config)
+    modules = adapter.cost_modules(model)
+    units = UnitCosts(
+        patch_embed=2.0 * modules.patch_embed.weight.numel(),
+        vision_attn_linear=linear_flops(modules.vision_attention),
+        vision_ffn=linear_flops(modules.vision_ffn),
+        vision_pair=2.0 * 2 * modules.vision_width,
+        merger=linear_flops(modules.merger),
+        llm_linear=linear_flops(modules.decoder_layer),
+        llm_pair=2.0 * 2 * modules.q_width,
+        lm_head=linear_flops(modules.lm_head),
     )
-
-
-def segments_of(grids: Iterable[GridLike], spatial_merge_size: int) -> list[Segment]:
-    """Segments from `Segment`s and ``(t, h, w)`` rows (a ``grid_thw`` tensor works too).
-
-    A ``(t, h, w)`` row becomes ``t`` segments because the encoder's full attention and its
-    windows never cross a frame, and the schedule plans each frame on its own.
-    """
-    segments = []
-    for grid in grids:
-        if isinstance(grid, Segment):
-            segments.append(grid)
-            continue
-        row = [int(x) for x in grid]
-        if len(row) != 3 or row[0] < 1:
-            raise ValueError(f"grid {row} is not a (t, h, w) row with t >= 1")
-        segments.extend([Segment(row[1], row[2])] * row[0])
-    for segment in segments:
-        if (
-            min(segment.grid_h, segment.grid_w) < 1
-            or segment.grid_h % spatial_merge_size
-            or segment.grid_w % spatial_merge_size
-        ):
-            raise ValueError(f"{segment} must be positive multiples of spatial_merge_size={spatial_merge_size} patches")
-    return segments
-
-
-def window_patch_counts(config: Qwen2_5_VLConfig, segment: Segment) -> list[int]:
-    """Patches in each attention window of one segment, tiled the way transformers'
-    ``get_vision_window_index`` tiles it: squares of ``window_size // merge // patch_size`` groups
-    from the top-left corner, the last row and column of windows cut short by the frame edge."""
-    vision = config.vision_config
-    merge = vision.spatial_merge_size
-    side = vision.window_size // merge // vision.patch_size  # in groups
-    if side < 1:
-        raise ValueError(
-            f"window_size={vision.window_size} is smaller than one {merge}x{merge} group of "
-            f"{vision.patch_size}-pixel patches; Qwen2.5-VL cannot tile windows like that"
-        )
-    rows, cols = segment.grid_h // merge, segment.grid_w // merge
-    return [
-        min(side, rows - top) * min(side, cols - left) * merge * merge
-        for top in range(0, rows, side)
-        for left in range(0, cols, side)
-    ]
-
-
-def _block_pairs(attn_patches: int, full_patches: int, window_square_sum: int | None) -> float:
-    """Attention (query, key) pairs of one block on one segment.
-
-    Full attention is exact: ``n**2``. Windowed attention is approximated: the unmerged windows are
-    exact (``sum len**2``), and after merges every window is assumed to keep the same fraction of
-    its tokens, so the sum scales by ``(kept / total)**2``. Real merges keep tokens unevenly and
-    the rebuilt windows are then somewhat larger in ``sum len**2`` than this.
-    """
-    if window_square_sum is None:
-        return float(attn_patches) ** 2
-    return window_square_sum * (attn_patches / full_patches) ** 2
-
-
-def _encoder_blocks(
-    config: Qwen2_5_VLConfig, units: UnitCosts, segments: list[Segment], plans: list[Plan]
-) -> tuple[tuple[float, ...], tuple[tuple[int, int], ...]]:
-    """FLOPs and (attention, FFN) patch counts of every vision block, summed over segments."""
-    vision = config.vision_config
-    group = vision.spatial_merge_size**2
-    full_blocks = set(vision.fullatt_block_indexes)
-    square_sums = [sum(n * n for n in window_patch_counts(config, s)) for s in segments]
-    flops, tokens = [], []
-    for block in range(vision.depth):
-        block_flops, attn_total, ffn_total = 0.0, 0, 0
-        for plan, square_sum in zip(plans, square_sums, strict=True):
-            attn_groups, ffn_groups = plan.encoder_tokens_at(block)
-            attn, ffn = attn_groups * group, ffn_groups * group
-            pairs = _block_pairs(attn, plan.n_tokens * group, None if block in full_blocks else square_sum)
-            block_flops += attn * units.vision_attn_linear + pairs * units.vision_pair + ffn * units.vision_ffn
-            attn_total, ffn_total = attn_total + attn, ffn_total + ffn
-        flops.append(block_flops)
-        tokens.append((attn_total, ffn_total))
-    return tuple(flops), tuple(tokens)
+    return ModuleCosts(units, {block: linear_flops(module) for block, module in modules.taps.items()})
 
 
 def causal_pairs(n_tokens: int, window: int | None = None) -> int:
@@ -215,8 +156,8 @@ def causal_pairs(n_tokens: int, window: int | None = None) -> int:
     return window * (window + 1) // 2 + (n_tokens - window) * window
 
 
-def _llm_layers(
-    config: Qwen2_5_VLConfig, units: UnitCosts, plans: list[Plan], text_tokens: int
+def llm_layers(
+    config: Any, units: UnitCosts, plans: list[Plan], text_tokens: int
 ) -> tuple[tuple[float, ...], tuple[int, ...]]:
     """FLOPs and sequence length of every decoder layer at prefill."""
     text = config.text_config
@@ -230,44 +171,20 @@ def _llm_layers(
     return tuple(flops), tuple(tokens)
 
 
-def prefill_flops(config: Qwen2_5_VLConfig, schedule: Schedule, grids: Iterable[GridLike], text_tokens: int) -> Flops:
+def prefill_flops(config: Any, schedule: Schedule, grids: Iterable[Any], text_tokens: int) -> Flops:
     """FLOPs of encoding `grids` and prefilling them with `text_tokens` other prompt tokens.
 
-    `grids` holds `Segment`s or ``(t, h, w)`` patch grids (as the processor's ``image_grid_thw``);
-    `text_tokens` counts every prompt token that is not an image/video placeholder (chat template
-    and vision start/end markers included).
-
-    Exact for the vanilla model (a test holds it against torch's FLOP counter). Two approximations
-    under merging: windowed vision attention assumes every window loses the same fraction of its
-    tokens (see `_block_pairs`), and decoder attention counts the causal ``n(n+1)/2`` pairs (see
-    `causal_pairs`).
+    `grids` is the family's description of the visual inputs (for the Qwen families the
+    processor's ``(t, h, w)`` patch grids; see the adapter's ``flops``); `text_tokens` counts every
+    prompt token that is not an image/video placeholder. Exact for the unmerged model (a test holds
+    it against torch's FLOP counter); the approximations under merging are the adapter's to state.
     """
-    vision, text = config.vision_config, config.text_config
-    schedule.check_fits(encoder_depth=vision.depth, llm_depth=text.num_hidden_layers)
-    if text_tokens < 0:
-        raise ValueError(f"text_tokens must be >= 0, got {text_tokens}")
-    segments = segments_of(grids, vision.spatial_merge_size)
-    if not segments and text_tokens == 0:
-        raise ValueError("an empty prompt: give at least one image/frame or one text token")
-    units = unit_costs(config)
-    group = vision.spatial_merge_size**2
-    plans = [schedule.plan(s.grid_h * s.grid_w // group) for s in segments]
-    encoder_blocks, encoder_tokens = _encoder_blocks(config, units, segments, plans)
-    llm_layers, llm_tokens = _llm_layers(config, units, plans, text_tokens)
-    return Flops(
-        patch_embed=sum(s.grid_h * s.grid_w for s in segments) * units.patch_embed,
-        encoder_blocks=encoder_blocks,
-        merger=sum(plan.after_encoder for plan in plans) * units.merger,
-        llm_layers=llm_layers,
-        lm_head=units.lm_head,
-        encoder_tokens=encoder_tokens,
-        llm_tokens=llm_tokens,
-    )
+    from .adapters import adapter_for_config
+
+    return adapter_for_config(config).flops(config, schedule, grids, text_tokens)
 
 
-def predicted_speedup(
-    config: Qwen2_5_VLConfig, schedule: Schedule, grids: Iterable[GridLike], text_tokens: int
-) -> float:
+def predicted_speedup(config: Any, schedule: Schedule, grids: Iterable[Any], text_tokens: int) -> float:
     """Vanilla prefill FLOPs over `schedule`'s: the speedup a compute-bound run would show."""
     grids = list(grids)
     vanilla = prefill_flops(config, Schedule.vanilla(), grids, text_tokens)

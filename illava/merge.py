@@ -180,6 +180,66 @@ def recycle_weights(
     return members, weights
 
 
+@dataclass(frozen=True)
+class Recycle:
+    """Cluster centres among the kept units: slot ``slots[i]`` of the kept units becomes
+    ``sum_j weights[i, j] * unit[members[i, j]]`` (the centre itself is among its members)."""
+
+    slots: torch.Tensor  # (P_c,) positions in `MergeMap.keep`
+    members: torch.Tensor  # (P_c, 1 + m) unit indices, the centre first
+    weights: torch.Tensor  # (P_c, 1 + m), rows sum to one
+
+
+@dataclass(frozen=True)
+class MergeMap:
+    """What one Token_Merge does to a sequence of `n` units: which units survive (``keep``, in
+    order) and which survivors become weighted sums of others (``recycles``). It is a linear map,
+    so the engine applies the same one to hidden states and to every per-unit feature that must
+    stay consistent with them (DeepStack features, tapped hidden states); positions and window
+    ids are only gathered along ``keep``."""
+
+    keep: torch.Tensor  # (P,) unit indices
+    recycles: tuple[Recycle, ...] = ()
+
+    def apply(self, values: torch.Tensor, unit: int = 1) -> torch.Tensor:
+        """(n * unit, C) -> (P * unit, C): kept units, centres replaced by their weighted groups.
+        Units merge position by position (token t of a group with token t of each member)."""
+        channels = values.shape[-1]
+        units = values.reshape(-1, unit, channels)  # (n, unit, C)
+        kept = units[self.keep]
+        for recycle in self.recycles:
+            merged = (units[recycle.members] * recycle.weights[..., None, None].to(values.dtype)).sum(dim=1)
+            kept = kept.index_copy(0, recycle.slots, merged)  # (P, unit, C)
+        return kept.reshape(-1, channels)
+
+    def gather(self, values: torch.Tensor, unit: int = 1) -> torch.Tensor:
+        """(n * unit, ...) -> (P * unit, ...): the kept units' rows, nothing merged (positions)."""
+        if unit == 1:
+            return values[self.keep]
+        tokens = (self.keep[:, None] * unit + torch.arange(unit, device=self.keep.device)).reshape(-1)
+        return values[tokens]
+
+    @staticmethod
+    def concat(maps: list[MergeMap], unit_offsets: list[int]) -> MergeMap:
+        """One map over consecutive segments from one map per segment; `unit_offsets[i]` is where
+        segment i starts. Recycles with the same member count stay one block (same arithmetic)."""
+        if len(maps) == 1 and unit_offsets[0] == 0:
+            return maps[0]
+        keeps, blocks = [], {}
+        kept_offset = 0
+        for merge_map, offset in zip(maps, unit_offsets, strict=True):
+            keeps.append(merge_map.keep + offset)
+            for recycle in merge_map.recycles:
+                blocks.setdefault(recycle.members.shape[1], []).append(
+                    (recycle.slots + kept_offset, recycle.members + offset, recycle.weights)
+                )
+            kept_offset += merge_map.keep.shape[0]
+        recycles = tuple(
+            Recycle(*(torch.cat(parts) for parts in zip(*entries, strict=True))) for entries in blocks.values()
+        )
+        return MergeMap(keep=torch.cat(keeps), recycles=recycles)
+
+
 def merge_units(
     hidden: torch.Tensor, selection: Selection, members: torch.Tensor | None, weights: torch.Tensor | None, *, unit: int
 ) -> torch.Tensor:
@@ -187,14 +247,47 @@ def merge_units(
 
     hidden: (n_units * unit, C) -> (P * unit, C), in the order of `selection.keep`.
     """
-    channels = hidden.shape[-1]
-    units = hidden.reshape(-1, unit, channels)  # (n_units, unit, C)
-    kept = units[selection.keep]
-    if members is not None and members.numel():
-        merged = (units[members] * weights[..., None, None].to(hidden.dtype)).sum(dim=1)  # (P_c, unit, C)
-        slot = torch.searchsorted(selection.keep, selection.centres)
-        kept = kept.index_copy(0, slot, merged)
-    return kept.reshape(-1, channels)
+    return segment_map(selection, members, weights).apply(hidden, unit)
+
+
+def segment_map(selection: Selection, members: torch.Tensor | None, weights: torch.Tensor | None) -> MergeMap:
+    """The `MergeMap` of one segment's selection and (optional) recycling."""
+    if members is None or not members.numel():
+        return MergeMap(keep=selection.keep)
+    slots = torch.searchsorted(selection.keep, selection.centres)
+    return MergeMap(keep=selection.keep, recycles=(Recycle(slots, members, weights),))
+
+
+def merge_plan(
+    query: torch.Tensor | None,
+    key: torch.Tensor | None,
+    scores: torch.Tensor | None,
+    *,
+    n_units: int,
+    n_keep: int,
+    n_recycle: int,
+    group_size: int,
+    unit: int = 1,
+    generator: torch.Generator | None = None,
+    scale: float | None = None,
+    device: torch.device | None = None,
+) -> MergeMap:
+    """One Token_Merge on one segment as a `MergeMap` over its `n_units` units.
+
+    query/key: (H, n*unit, D) (may be None without recycling); scores: (n,) unit importance (None
+    with a `generator`: random selection needs none).
+    """
+    if generator is not None:
+        order = torch.randperm(n_units, generator=generator).to(device if scores is None else scores.device)
+        keep = order[:n_keep].sort().values
+        return MergeMap(keep=keep)
+    selection = select_units(scores, n_keep, n_recycle)
+    members = weights = None
+    if selection.centres.numel() and selection.discarded.numel():
+        members, weights = recycle_weights(
+            query, key, selection.centres, selection.discarded, unit=unit, group_size=group_size, scale=scale
+        )
+    return segment_map(selection, members, weights)
 
 
 def merge_segment(
@@ -214,10 +307,9 @@ def merge_segment(
 
     hidden: (n*unit, C); query/key: (H, n*unit, D); scores: (n,) unit importance.
     """
-    selection = select_units(scores, n_keep, n_recycle, generator=generator)
-    members = weights = None
-    if selection.centres.numel() and selection.discarded.numel():
-        members, weights = recycle_weights(
-            query, key, selection.centres, selection.discarded, unit=unit, group_size=group_size, scale=scale
-        )
-    return selection.keep, merge_units(hidden, selection, members, weights, unit=unit)
+    merge_map = merge_plan(
+        query, key, None if generator is not None else scores, n_units=scores.shape[0], n_keep=n_keep,
+        n_recycle=n_recycle, group_size=group_size, unit=unit, generator=generator, scale=scale,
+        device=hidden.device,
+    )  # fmt: skip
+    return merge_map.keep, merge_map.apply(hidden, unit)

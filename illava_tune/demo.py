@@ -34,9 +34,7 @@ def run_demo(
     progress(f"building backbone {backbone_name!r} ...")
     backbone = load_backbone(backbone_name)
     model = backbone.model
-    batch = build_inputs(
-        backbone.tokenizer, backbone.image_processor, [Sample(PROMPT, [synthetic_image(image_size, 0)])]
-    )
+    batch = build_inputs(backbone, [Sample(PROMPT, [synthetic_image(image_size, 0)])])
     text_tokens = int((batch["input_ids"] != model.config.image_token_id).sum())
     grids = batch["image_grid_thw"].tolist()
     rows = []

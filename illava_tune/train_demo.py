@@ -13,7 +13,7 @@ of its seed and settings). Two phases:
    question first, asked exactly as the profiler asks it, then one question of each other type
    about the same image (answers worked out from the scene's objects). Each question is answered
    with the option's *text*; the loss is cross-entropy on the answer tokens and the ``<|im_end|>``
-   after each, plus `ground_weight` times the grounding loss (`_grounding_loss`: an attention head
+   after each, plus `ground_weight` times the grounding loss (`grounding_loss`: an attention head
    looks at the objects each question names: a position question's two on heads 0 and 1, the others on head 2). Five answers share one pass of the encoder.
 
 The checkpoint's config says ``mcq_answer = "text"``, so the profiler scores it by the likelihood of
@@ -54,11 +54,11 @@ from pathlib import Path
 
 import torch
 import transformers
-from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb
 
 from illava.backbones import DEMO_CHECKPOINT, DEMO_SPEC, Backbone, build_untrained, save_backbone
+from illava.engine.capture import capture
 from illava.inputs import Sample, build_inputs, chat_turn
-from profiler.accuracy import END_OF_TURN, accuracy_by_category, choose
+from profiler.accuracy import accuracy_by_category, choose, end_of_turn
 from profiler.datasets import MCQItem
 from profiler.demo_vqa import (
     COLOURS,
@@ -90,9 +90,9 @@ class TrainConfig:
     eval_items: int = 250
     probe_weight: float = 1.0
     encoder_steps: int = 450  # the first steps train the encoder and the probe alone (see train)
-    turns: int = 5  # questions per image in one training conversation (the benchmark's first, see _conversation)
+    turns: int = 5  # questions per image in one training conversation (the benchmark's first, see conversation)
     decay_fraction: float = 0.35  # the share of the whole-model phase, at its end, over which the LR decays
-    ground_weight: float = 0.5  # weight of the grounding loss (see _grounding_loss); 0 leaves it out
+    ground_weight: float = 0.5  # weight of the grounding loss (see grounding_loss); 0 leaves it out
     ground_layer: int = 3  # the LLM layer whose attention heads the grounding loss supervises
     ground_heads: int = 3  # 1: head 0 for all named objects; 2: a position question's two on heads 0 and 1;
     # 3: as 2, and the objects other questions name on head 2 (with 4 query heads on 2 KV heads, its own keys)
@@ -178,19 +178,20 @@ def _more_questions(scene, rng: random.Random) -> list[MCQItem]:
     return out
 
 
-def _conversation(scene, turns: int) -> list[MCQItem]:
+def conversation(scene, turns: int) -> list[MCQItem]:
     """The questions of one training conversation: the benchmark's own question about the scene
     first (asked exactly as the benchmark asks it), then up to `turns` - 1 more about the same image."""
     rng = random.Random(f"illava-demo-train-turns:{scene.stream}:{scene.index}")
     return [scene.item(), *_more_questions(scene, rng)[: turns - 1]]
 
 
-def _conversation_text(items: list[MCQItem]) -> str:
+def conversation_text(backbone: Backbone, items: list[MCQItem]) -> str:
     """The chat: each question asked for the option's text and answered with it."""
-    return "".join(chat_turn(item.prompt("text")) + f"{item.options[item.answer]}{END_OF_TURN}\n" for item in items)
+    end = end_of_turn(backbone)
+    return "".join(chat_turn(backbone, item.prompt("text")) + f"{item.options[item.answer]}{end}\n" for item in items)
 
 
-def _answer_labels(ids: torch.Tensor, header: list[int], end_id: int) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+def answer_labels(ids: torch.Tensor, header: list[int], end_id: int) -> tuple[torch.Tensor, list[tuple[int, int]]]:
     """Labels (L,) of one left-padded row: the tokens of every assistant answer and the end-of-turn
     after it (-100 elsewhere), and each answer's (first, last) label position."""
     labels = torch.full_like(ids, -100)
@@ -204,10 +205,10 @@ def _answer_labels(ids: torch.Tensor, header: list[int], end_id: int) -> tuple[t
     return labels, spans
 
 
-TOKEN_PIXELS = 28  # one LLM image token is a 2x2 group of 14-pixel patches
+TOKEN_PIXELS = 28  # one LLM image token of the demo architecture covers 28x28 pixels (2x2 patches of 14)
 
 
-def _token_labels(scene) -> torch.Tensor:
+def cell_labels(scene) -> torch.Tensor:
     """(tokens, 4) in the raster order image tokens reach the LLM: the colour class of the object
     covering most of each 28x28 cell (0 = background); the shape class of the object whose centre is
     in the cell (-100, not scored, elsewhere: the corner of a large circle and of a large square look
@@ -218,7 +219,7 @@ def _token_labels(scene) -> torch.Tensor:
     labels[:, 2] = torch.arange(cells * cells) // cells
     labels[:, 3] = torch.arange(cells * cells) % cells
     colour_class = {colour: i + 1 for i, colour in enumerate(COLOURS)}
-    for cell, owner in enumerate(_cell_owners(scene)):
+    for cell, owner in enumerate(cell_owners(scene)):
         if owner >= 0:
             labels[cell, 0] = colour_class[scene.objects[owner].colour]
     labels[:, 1] = -100
@@ -227,7 +228,7 @@ def _token_labels(scene) -> torch.Tensor:
     return labels
 
 
-def _cell_owners(scene) -> list[int]:
+def cell_owners(scene) -> list[int]:
     """Per token cell in raster order: the index of the object covering most of it, -1 for background."""
     cells = scene.image_size // TOKEN_PIXELS
     owners = []
@@ -272,7 +273,7 @@ def _named_groups(scene, question: str, *, split: bool = True) -> list[list[int]
         return []
     group_of, match = found
     cells = scene.image_size // TOKEN_PIXELS
-    owners = _cell_owners(scene)
+    owners = cell_owners(scene)
     groups: dict[int, set[int]] = {}
     for i, obj in enumerate(scene.objects):
         if (group := group_of(obj, match)) is not None:
@@ -285,21 +286,21 @@ PROBE_TARGETS = ("colour", "shape", "row", "column")
 POSITION_WEIGHT = 0.5  # of each of the row and column terms, relative to colour and shape
 
 
-def _probe_sizes(image_size: int) -> tuple[int, ...]:
+def probe_sizes(image_size: int) -> tuple[int, ...]:
     """Classes of each PROBE_TARGETS head: colours and shapes with background (0), rows, columns."""
     cells = image_size // TOKEN_PIXELS
     return len(COLOURS) + 1, len(SHAPES) + 1, cells, cells
 
 
-def _probe_loss_and_hits(probe_logits: torch.Tensor, token_labels: torch.Tensor, image_size: int):
+def probe_loss_and_hits(probe_logits: torch.Tensor, token_labels: torch.Tensor, image_size: int):
     """The probe's loss and, per PROBE_TARGETS, which image tokens that hold an object it names right.
 
     Colour is over all tokens, background down-weighted (most cells are background); shape only at
-    object centres (see `_token_labels`). Row and column are only over
+    object centres (see `cell_labels`). Row and column are only over
     tokens on an object: the encoder has no absolute position embedding (its
     rotary positions are relative), so this is what makes it say where an object is, which relative
     position questions need."""
-    heads = torch.split(probe_logits, _probe_sizes(image_size), dim=-1)
+    heads = torch.split(probe_logits, probe_sizes(image_size), dim=-1)
     on_object = token_labels[:, 0] > 0
     loss = probe_logits.new_zeros(())
     for i, head in enumerate(heads[:2]):
@@ -319,24 +320,24 @@ def _probe_loss_and_hits(probe_logits: torch.Tensor, token_labels: torch.Tensor,
     return loss, hits
 
 
-def _batch(backbone: Backbone, config: TrainConfig, step: int):
-    """Step `step`: the conversations' inputs, their labels (B, L; see _answer_labels), the category
+def training_batch(backbone: Backbone, config: TrainConfig, step: int):
+    """Step `step`: the conversations' inputs, their labels (B, L; see answer_labels), the category
     of each answer in row order, each answer's (row, first, last) label position, the probe's
-    labels of the image tokens (see _token_labels), and per answer that names objects, (row, the
+    labels of the image tokens (see cell_labels), and per answer that names objects, (row, the
     position that predicts its first token, the named objects' token cells, category, attention
-    head) for `_grounding_loss`: one head for all the objects; with `ground_heads` 2, heads 0 and 1
+    head) for `grounding_loss`: one head for all the objects; with `ground_heads` 2, heads 0 and 1
     for the two objects of a position question; with 3, as 2 and head 2 for every other question."""
     tokenizer = backbone.tokenizer
     first = step * config.batch_size
     scenes = [demo_scene("train", first + i, image_size=config.image_size) for i in range(config.batch_size)]
-    conversations = [_conversation(scene, config.turns) for scene in scenes]
-    samples = [Sample(_conversation_text(items), list(items[0].images)) for items in conversations]
-    inputs = build_inputs(tokenizer, backbone.image_processor, samples, chat=False)
+    conversations = [conversation(scene, config.turns) for scene in scenes]
+    samples = [Sample(conversation_text(backbone, items), list(items[0].images)) for items in conversations]
+    inputs = build_inputs(backbone, samples, chat=False)
     header = tokenizer.encode("<|im_start|>assistant\n", add_special_tokens=False)
-    end_id = tokenizer.convert_tokens_to_ids(END_OF_TURN)
+    end_id = tokenizer.convert_tokens_to_ids(end_of_turn(backbone))
     labels, answers, grounds = [], [], []
     for row, (ids, items, scene) in enumerate(zip(inputs["input_ids"], conversations, scenes, strict=True)):
-        row_labels, spans = _answer_labels(ids, header, end_id)
+        row_labels, spans = answer_labels(ids, header, end_id)
         if len(spans) != len(items):
             raise RuntimeError(f"found {len(spans)} answers in a conversation of {len(items)} turns")
         labels.append(row_labels)
@@ -345,30 +346,26 @@ def _batch(backbone: Backbone, config: TrainConfig, step: int):
             groups = _named_groups(scene, item.question, split=config.ground_heads >= 2)
             base = 2 if config.ground_heads == 3 and item.category != "position" else 0
             grounds += [(row, first_pos - 1, cells, item.category, base + i) for i, cells in enumerate(groups)]
-    token_labels = torch.cat([_token_labels(scene) for scene in scenes])
+    token_labels = torch.cat([cell_labels(scene) for scene in scenes])
     return inputs, torch.stack(labels), answers, token_labels, grounds
 
 
-def _grounding_loss(attention, captured: dict, inputs, grounds, image_token_id: int):
-    """Training only: from the position that predicts an answer's first token, a head of the layer
-    `attention` belongs to (`ground_layer`) should attend to the image tokens of the objects the
-    question names (`_batch`'s grounds say which head, which tokens). Returns, per ground, the loss
-    (minus the log of that head's attention mass on those tokens, however it splits it among them)
+def grounding_loss(query, key, scaling: float, inputs, grounds, image_token_id: int):
+    """Training only: from the position that predicts an answer's first token, a head of the supervised
+    layer (`ground_layer`; `query` (B, H, L, D) and `key` (B, H_kv, L, D) are its post-rotary queries and
+    keys, captured from its own attention call) should attend to the image tokens of the objects the
+    question names (`training_batch`'s grounds say which head, which tokens). Returns, per ground, the
+    loss (minus the log of that head's attention mass on those tokens, however it splits it among them)
     and whether its most attended key is one of them.
 
     Finding the object a question names and reading its other attribute is what this small LLM
     otherwise learns only after hundreds of steps, and for some questions not at all (docs/benchmarks.md);
     this gives the match between the question and those tokens a gradient from the first step."""
-    hidden, (cos, sin) = captured["hidden_states"], captured["position_embeddings"]
-    batch, length, _ = hidden.shape
-    dim = attention.head_dim
-    query = attention.q_proj(hidden).view(batch, length, -1, dim).transpose(1, 2)  # (B, H, L, D)
-    key = attention.k_proj(hidden).view(batch, length, -1, dim).transpose(1, 2)  # (B, H_kv, L, D)
-    query, key = apply_rotary_pos_emb(query, key, cos, sin)
-    device = hidden.device
+    length = query.shape[2]
+    device = query.device
     rows, at, heads = (torch.tensor([g[i] for g in grounds], device=device) for i in (0, 1, 4))
     group = query.shape[1] // key.shape[1]  # query heads per KV head
-    scores = torch.einsum("gd,gld->gl", query[rows, heads, at], key[rows, heads // group]).float() * attention.scaling
+    scores = torch.einsum("gd,gld->gl", query[rows, heads, at], key[rows, heads // group]).float() * scaling
     keys = torch.arange(length, device=device)
     allowed = (keys[None] <= at[:, None]) & inputs["attention_mask"][rows].bool()
     target = torch.zeros_like(allowed)
@@ -385,7 +382,7 @@ def _batches(backbone: Backbone, config: TrainConfig, steps: range, workers: int
     """The batches of `steps` in order; with `workers` > 0 prepared ahead in that many processes (for a
     GPU, where drawing and preprocessing would otherwise starve it; on 2 CPU cores they only compete)."""
     if workers <= 0:
-        yield from (_batch(backbone, config, step) for step in steps)
+        yield from (training_batch(backbone, config, step) for step in steps)
         return
     import multiprocessing
     from functools import partial
@@ -396,15 +393,16 @@ def _batches(backbone: Backbone, config: TrainConfig, steps: range, workers: int
 
 def _batch_for_worker(config: TrainConfig, step: int):
     torch.set_num_threads(1)
-    return _batch(_worker_backbone(), config, step)
+    return training_batch(_worker_backbone(), config, step)
 
 
 @functools.lru_cache(maxsize=1)
 def _worker_backbone() -> Backbone:
     """Tokenizer and image processor for a worker process (the model stays in the trainer)."""
-    from illava.backbones import build_image_processor, build_tokenizer
+    from illava.backbones import build_image_processor, build_tokenizer_for, builtins
 
-    return Backbone(model=None, tokenizer=build_tokenizer(), image_processor=build_image_processor(), name="demo")
+    return Backbone(model=None, tokenizer=build_tokenizer_for("demo"), image_processor=build_image_processor("demo"),
+                    name="demo", adapter=builtins()["demo"].adapter)  # fmt: skip
 
 
 def _evaluate(backbone: Backbone, items, batch_size: int) -> dict[str, float]:
@@ -467,16 +465,12 @@ def train(config: TrainConfig, out: Path, *, resume: bool = False, save_every_s:
     # does not hold it.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed + 1)
-        probe = torch.nn.Linear(DEMO_SPEC.text_hidden, sum(_probe_sizes(config.image_size))).to(device)
+        probe = torch.nn.Linear(DEMO_SPEC.text_hidden, sum(probe_sizes(config.image_size))).to(device)
+    adapter = backbone.adapter
+    inner = adapter.inner_model(model)
     captured: list = []
-    hook = model.model.visual.register_forward_hook(lambda module, args, output: captured.append(output))
-    attention = model.model.language_model.layers[config.ground_layer].self_attn
-    attention_inputs: dict = {}
-    hooks = [hook]
-    if config.ground_weight:  # what the supervised attention layer sees, for _grounding_loss
-        hooks.append(attention.register_forward_pre_hook(
-            lambda module, args, kwargs: attention_inputs.update(kwargs), with_kwargs=True
-        ))  # fmt: skip
+    hook = adapter.vision_tower(inner).register_forward_hook(lambda module, args, output: captured.append(output))
+    attention = adapter.decoder_attention(adapter.language_model(inner).layers[config.ground_layer])
     image_token_id = model.config.image_token_id
     named = [*model.named_parameters(), *(("probe." + n, p) for n, p in probe.named_parameters())]
     decay = [p for n, p in named if p.ndim >= 2 and "embed" not in n]
@@ -513,24 +507,26 @@ def train(config: TrainConfig, out: Path, *, resume: bool = False, save_every_s:
         captured.clear()  # evaluation runs the encoder too
         seeing_only = step < config.encoder_steps
         if seeing_only:  # the encoder and the probe alone: three times cheaper a step than the whole model
-            model.model.visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"])
+            adapter.encode_images(inner, inputs)
             loss, answers = torch.zeros((), device=device), []
         else:
             # Position t predicts token t + 1; the LM head runs only where an answer token comes next.
-            hidden = model.model(**inputs, use_cache=False).last_hidden_state[:, :-1]  # (B, L-1, H)
+            with capture(attention, enabled=bool(config.ground_weight and grounds)) as seen:  # for grounding_loss
+                hidden = inner(**inputs, use_cache=False).last_hidden_state[:, :-1]  # (B, L-1, H)
             predicts = labels[:, 1:] != -100  # (B, L-1)
             targets = labels[:, 1:][predicts]  # (T,)
             logits = model.lm_head(hidden[predicts]).float()  # (T, V)
             loss = torch.nn.functional.cross_entropy(logits, targets)
             if config.ground_weight and grounds:
-                ground_loss, ground_hits = _grounding_loss(attention, attention_inputs, inputs, grounds, image_token_id)
+                ground_loss, ground_hits = grounding_loss(
+                    seen.query, seen.key, adapter.attention_scale(attention), inputs, grounds, image_token_id
+                )
                 loss = loss + config.ground_weight * ground_loss.mean()
                 for (*_, category, _), hit in zip(grounds, ground_hits.tolist(), strict=True):
                     window_hits.setdefault(f"ground_{category}", []).append(hit)
-            attention_inputs.clear()
         features = captured.pop().pooler_output  # per image, or all images concatenated
         features = torch.cat(features) if isinstance(features, list | tuple) else features
-        probe_loss, probe_hits = _probe_loss_and_hits(probe(features), token_labels.to(device), config.image_size)
+        probe_loss, probe_hits = probe_loss_and_hits(probe(features), token_labels.to(device), config.image_size)
         loss = loss + config.probe_weight * probe_loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -565,8 +561,7 @@ def train(config: TrainConfig, out: Path, *, resume: bool = False, save_every_s:
             _save_state(state_path, model, probe, optimizer, done, config, elapsed_before + time.perf_counter() - t0)
             last_save = time.perf_counter()
     train_s = elapsed_before + time.perf_counter() - t0
-    for hook in hooks:
-        hook.remove()
+    hook.remove()
 
     model.eval()
     save_backbone(backbone, out)

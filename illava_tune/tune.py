@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from db import Database
+from illava import Schedule
 
 #: A running job whose driver has been silent this long is probably orphaned (the driver checks
 #: in at least every few seconds, and after every trial).
@@ -39,9 +40,7 @@ def format_front(rows: list[dict[str, Any]]) -> str:
               f"{'fidelity':>8}  schedule")  # fmt: skip
     lines = [header, "-" * len(header)]
     for row in rows:
-        s = row["schedule"]
-        what = "unmerged" if s["reduction"] == 0 else (f"{s['method']} r={s['reduction']:.3f} enc={s['encoder_share']:.2f} "
-                f"E{s['encoder_layers']} L{s['llm_layers']} rec={s['recycle_share']:.2f} M={s['group_size']}")  # fmt: skip
+        what = Schedule.from_dict(row["schedule"]).describe()
         lines.append(
             f"{row['id']:>5}  {_ms(row['latency_ms']):>10}  {_ms(row['memory_mib']):>10}  "
             f"{_pct(row['accuracy']):>8}  {_pct(row['retention']):>9}  {_pct(row['fidelity']):>8}  {what}"

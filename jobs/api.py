@@ -46,22 +46,13 @@ def seed_reductions(space: SearchSpace) -> list[float]:
     return inside or [(low + high) / 2]
 
 
-def _check_backbone(backbone: str) -> tuple[int, int]:
-    """Depths of the backbone's encoder and LLM; fails like loading would, without loading weights."""
-    from illava.backbones import NAMED_BACKBONES, build_config
+def _check_backbone(backbone: str, workload) -> tuple[int, int]:
+    """Depths of the backbone's encoder and LLM, and the workload checked against it; fails like
+    loading would, without loading weights."""
+    from illava.backbones import backbone_config
 
-    if backbone in NAMED_BACKBONES:
-        config = build_config(backbone)
-    else:
-        from transformers import AutoConfig
-
-        path = Path(backbone)
-        if not (path / "config.json").is_file():
-            raise ValueError(
-                f"unknown backbone {backbone!r}: built-ins are {list(NAMED_BACKBONES)}; "
-                "any other name must be a local checkpoint directory with a config.json"
-            )
-        config = AutoConfig.from_pretrained(path, local_files_only=True)
+    config = backbone_config(backbone)
+    workload.check_fits(illava.adapter_for_config(config).size_multiple(config), backbone)
     return illava.depths(config)
 
 
@@ -87,7 +78,7 @@ def submit(
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; allowed: {', '.join(SAMPLERS)}")
     workload = resolve_workload(workload)
-    encoder_depth, llm_depth = _check_backbone(backbone)
+    encoder_depth, llm_depth = _check_backbone(backbone, workload)
     space = space or SearchSpace()
     space.check_fits(encoder_depth=encoder_depth, llm_depth=llm_depth)
     constraints = constraints or Constraints()

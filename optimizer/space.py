@@ -37,6 +37,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
 
+from illava.methods import get_method
 from illava.schedule import METHODS, Schedule, map_layers
 
 if TYPE_CHECKING:
@@ -157,17 +158,26 @@ class SearchSpace:
             encoder_share = trial.suggest_float("encoder_share", *self.bounds(self.encoder_share))
             encoder_layers = _suggest_layers(trial, "encoder", self.encoder_layer_count, encoder_depth - 1)
             llm_layers = _suggest_layers(trial, "llm", self.llm_layer_count, llm_depth - 2)
-            recycle_share = trial.suggest_float("recycle_share", *self.bounds(self.recycle_share))
-            group_size = trial.suggest_categorical("group_size", list(self.group_size))
+            params = self._suggest_params(trial, method)
         return Schedule(
             method=method,
             reduction=reduction,
             encoder_share=encoder_share,
             encoder_layers=encoder_layers,
             llm_layers=llm_layers,
-            recycle_share=recycle_share,
-            group_size=group_size,
+            params=params,
         )
+
+    def _suggest_params(self, trial: optuna.Trial, method: str) -> dict[str, Any]:
+        """The method's own parameters that this space searches (conditional on the method, the
+        Optuna way: a trial of a method without them never suggests them)."""
+        names = set(get_method(method).params_type.__dataclass_fields__)
+        params: dict[str, Any] = {}
+        if "recycle_share" in names:
+            params["recycle_share"] = trial.suggest_float("recycle_share", *self.bounds(self.recycle_share))
+        if "group_size" in names:
+            params["group_size"] = trial.suggest_categorical("group_size", list(self.group_size))
+        return params
 
     # ------------------------------------------------------------------ JSON
     def to_dict(self) -> dict[str, Any]:
@@ -207,12 +217,13 @@ def schedule_params(schedule: Schedule, space: SearchSpace) -> dict[str, Any]:
     problems = []
     if schedule.method not in space.methods:
         problems.append(f"method {schedule.method!r} is not among the space's methods {list(space.methods)}")
-    if schedule.group_size not in space.group_size:
-        problems.append(f"group_size {schedule.group_size} is not among the space's choices {list(space.group_size)}")
+    own = schedule.params.to_dict()
+    if "group_size" in own and own["group_size"] not in space.group_size:
+        problems.append(f"group_size {own['group_size']} is not among the space's choices {list(space.group_size)}")
     if not schedule.encoder_layers or not schedule.llm_layers:
         problems.append("suggest always merges in at least one encoder block and one decoder layer")
-    if schedule.seed != 0:
-        problems.append(f"seed {schedule.seed} is not searched (suggest always uses 0)")
+    if own.get("seed", 0) != 0:
+        problems.append(f"seed {own['seed']} is not searched (suggest always uses 0)")
     if problems:
         raise SearchSpaceError("this schedule cannot be reproduced by the search space: " + "; ".join(problems))
     params: dict[str, Any] = {
@@ -224,8 +235,10 @@ def schedule_params(schedule: Schedule, space: SearchSpace) -> dict[str, Any]:
     params.update({f"encoder_layer_{i}": layer for i, layer in enumerate(schedule.encoder_layers)})
     params["llm_layer_count"] = len(schedule.llm_layers)
     params.update({f"llm_layer_{i}": layer for i, layer in enumerate(schedule.llm_layers)})
-    params["recycle_share"] = float(schedule.recycle_share)
-    params["group_size"] = schedule.group_size
+    if "recycle_share" in own:
+        params["recycle_share"] = float(own["recycle_share"])
+    if "group_size" in own:
+        params["group_size"] = own["group_size"]
     return params
 
 

@@ -137,8 +137,12 @@ def seed_study(
 
 def _within_choices(schedule: Schedule, space: SearchSpace) -> Schedule:
     method = schedule.method if schedule.method in space.methods else space.methods[0]
-    group_size = min(space.group_size, key=lambda m: (abs(m - schedule.group_size), m))
-    return schedule.with_(method=method, group_size=group_size)
+    schedule = schedule.with_(method=method)
+    own = schedule.params.to_dict()
+    if "group_size" not in own:
+        return schedule
+    group_size = min(space.group_size, key=lambda m: (abs(m - own["group_size"]), m))
+    return schedule.with_(group_size=group_size)
 
 
 # ----------------------------------------------------------------------------------- telling

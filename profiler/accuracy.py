@@ -30,7 +30,10 @@ from illava.inputs import build_inputs
 
 from .datasets import ANSWER_STYLES, MCQItem
 
-END_OF_TURN = "<|im_end|>"
+
+def end_of_turn(backbone: Backbone) -> str:
+    """The token the backbone's chat template writes after an answer (its family's)."""
+    return backbone.adapter.end_of_turn
 
 
 def answer_style(model) -> str:
@@ -75,7 +78,7 @@ def option_inputs(backbone: Backbone, items: Sequence[MCQItem]) -> tuple[BatchFe
     """One sequence per (item, option): the ``text`` prompt followed by the option's text and the
     end-of-turn token; returns the inputs, the labels (see `with_answers`) and each item's option count."""
     tokenizer = backbone.tokenizer
-    end_id = tokenizer.convert_tokens_to_ids(END_OF_TURN)
+    end_id = tokenizer.convert_tokens_to_ids(end_of_turn(backbone))
     samples, answers, counts = [], [], []
     for item in items:
         sample = item.to_sample("text")
@@ -83,7 +86,7 @@ def option_inputs(backbone: Backbone, items: Sequence[MCQItem]) -> tuple[BatchFe
             samples.append(sample)
             answers.append([*tokenizer.encode(text, add_special_tokens=False), end_id])
         counts.append(len(item.options))
-    inputs = build_inputs(tokenizer, backbone.image_processor, samples)
+    inputs = build_inputs(backbone, samples)
     inputs, labels = with_answers(inputs, answers, tokenizer.pad_token_id)
     return inputs, labels, counts
 
@@ -147,7 +150,7 @@ def choose(
         if answer == "text":
             choices += choose_by_text(backbone, chunk, device)
             continue
-        inputs = build_inputs(backbone.tokenizer, backbone.image_processor, [item.to_sample() for item in chunk])
+        inputs = build_inputs(backbone, [item.to_sample() for item in chunk])
         logits = model(**inputs.to(device), logits_to_keep=1, use_cache=False).logits[:, -1].float()  # (B, V)
         for row, item in enumerate(chunk):
             options = list(item.options)
@@ -172,6 +175,7 @@ __all__ = [
     "answer_style",
     "choose",
     "choose_by_text",
+    "end_of_turn",
     "letter_ids",
     "option_inputs",
     "pick_options",

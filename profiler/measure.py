@@ -120,22 +120,23 @@ class Measurement:
 
 # ----------------------------------------------------------------------------------- clocks
 class _StageClock:
-    """Timestamps the encoder and the patch merger inside one forward, through module hooks, so
-    the breakdown comes from the same runs as the total. Works patched or not: both paths call
-    `visual.patch_embed` first and `visual.merger` last.
+    """Timestamps the encoder and its projector inside one forward, through module hooks, so
+    the breakdown comes from the same runs as the total. Works merged or not: both paths call the
+    adapter's first encoder module first and its projector last (`vision_timing_modules`).
 
     On CUDA a mark is a CUDA event recorded on the current stream (no synchronisation inside the
     forward, so the timed run keeps its asynchrony); the events are read in `take`, which is
     called after the timed run synchronised. On CPU a mark is `time.perf_counter()`.
     """
 
-    def __init__(self, visual: torch.nn.Module, device: torch.device):
+    def __init__(self, modules: tuple[torch.nn.Module, torch.nn.Module], device: torch.device):
+        first, projector = modules
         self.device = device
         self.marks: list[tuple[str, Any]] = []
         self.handles = [
-            visual.patch_embed.register_forward_pre_hook(lambda *_: self._mark("encoder")),
-            visual.merger.register_forward_pre_hook(lambda *_: self._mark("merger")),
-            visual.merger.register_forward_hook(lambda *_: self._mark("end")),
+            first.register_forward_pre_hook(lambda *_: self._mark("encoder")),
+            projector.register_forward_pre_hook(lambda *_: self._mark("merger")),
+            projector.register_forward_hook(lambda *_: self._mark("end")),
         ]
 
     def _mark(self, what: str) -> None:
@@ -253,14 +254,14 @@ class Profiler:
 
     # ------------------------------------------------------------------ inputs
     def _items(self, workload: Workload) -> tuple[list[Sample], list[MCQItem] | None]:
+        workload.check_fits(self.backbone.adapter.size_multiple(self.model.config), self.backbone.name)
         if workload.dataset is None:
             return synthetic_samples(workload), None
         items = read_dataset(workload.dataset, limit=workload.samples)
         return [item.to_sample(self.answer) for item in items], items
 
     def _batches(self, samples: list[Sample], batch_size: int) -> list[Any]:
-        tokenizer, processor = self.backbone.tokenizer, self.backbone.image_processor
-        return [build_inputs(tokenizer, processor, chunk).to(self.device) for chunk in batches(samples, batch_size)]
+        return [build_inputs(self.backbone, chunk).to(self.device) for chunk in batches(samples, batch_size)]
 
     # ------------------------------------------------------------------ public
     def measure(self, schedule: Schedule | dict | str, workload: Workload) -> Measurement:
@@ -331,7 +332,10 @@ class Profiler:
         return measurement, outputs
 
     def _time_prefill(self, batch) -> tuple[list[float], list[float], list[float]]:
-        clock = _StageClock(self.model.model.visual, self.device)
+        adapter = self.backbone.adapter
+        clock = _StageClock(
+            adapter.vision_timing_modules(adapter.vision_tower(adapter.inner_model(self.model))), self.device
+        )
         totals, encoders, mergers = [], [], []
         try:
             for run in range(self.warmup + self.repeats):
@@ -393,9 +397,10 @@ class Profiler:
         """(image tokens entering the LLM, mean tokens per LLM layer) per sample, for `batch`: from
         the stats of the last (timed) prefill when patched, from the inputs when not."""
         if not illava.is_applied(self.model):
-            config = self.model.config
+            adapter, config = self.backbone.adapter, self.model.config
             ids = batch["input_ids"]
-            visual = ((ids == config.image_token_id) | (ids == config.video_token_id)).sum(dim=1).float()
+            placeholders = [adapter.placeholder_token_id(config, modality) for modality in ("image", "video")]
+            visual = sum((ids == token).sum(dim=1) for token in placeholders).float()
             return float(visual.mean()), float(batch["attention_mask"].sum(dim=1).float().mean())
         stats = illava.last_stats(self.model)
         image = float(stats.llm_image_tokens[0].float().mean())

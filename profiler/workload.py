@@ -30,9 +30,9 @@ from illava.inputs import IMAGE_MARKER, VIDEO_MARKER, Sample, synthetic_image, s
 
 from .datasets import BUILTIN_DATASETS
 
-# Qwen2.5-VL: 14-pixel patches, 2x2 of them merged into one LLM token. A side that is a multiple of 28
-# passes through the image processor unchanged, so the token count is exactly (w/28) * (h/28).
-SIZE_MULTIPLE = 28
+# Synthetic image sides must be multiples of the backbone's `size_multiple` (its adapter's: patch size
+# times merge size, 28 for Qwen2.5-VL, 32 for Qwen3-VL), so the image processor keeps them as they are
+# and the token count is exactly what the size says; `Workload.check_fits` holds a workload to it.
 WORKLOAD_SUFFIXES = (".json", ".yaml", ".yml")
 T = TypeVar("T")
 
@@ -89,12 +89,28 @@ class Workload:
         """Accept (w, h), [w, h] (what JSON and YAML give back) or one int for a square."""
         value = getattr(self, field_name)
         pair = (value, value) if isinstance(value, int) and not isinstance(value, bool) else value
-        allowed = f"(width, height), each a positive multiple of {SIZE_MULTIPLE} (Qwen2.5-VL: patch 14 x merge 2)"
+        allowed = "(width, height), each a positive integer number of pixels"
         if not isinstance(pair, list | tuple) or len(pair) != 2:
             raise self._error(field_name, value, allowed)
-        if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 and v % SIZE_MULTIPLE == 0 for v in pair):
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in pair):
             raise self._error(field_name, value, allowed)
         return (pair[0], pair[1])
+
+    def check_fits(self, size_multiple: int, backbone: str) -> None:
+        """Raise `WorkloadError` if a synthetic size is not a multiple of the backbone's `size_multiple`
+        (the image processor would resize it, and the workload would not be what it says)."""
+        if self.dataset is not None or size_multiple <= 1:
+            return
+        checked = [("image_size", self.image_size)] if self.images_per_sample else []
+        checked += [("video_size", self.video_size)] if self.video_frames else []
+        for field_name, (width, height) in checked:
+            if width % size_multiple or height % size_multiple:
+                near = sorted({max(size_multiple, round(v / size_multiple) * size_multiple) for v in (width, height)})
+                raise self._error(
+                    field_name, (width, height),
+                    f"(width, height), each a multiple of {size_multiple} pixels on {backbone} (its patch size times "
+                    f"its merge size; nearest: {near})",
+                )  # fmt: skip
 
     def _check_dataset(self) -> None:
         if self.dataset is None:

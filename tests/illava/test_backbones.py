@@ -1,9 +1,10 @@
-"""Built-in backbones and the input builder, on the real transformers Qwen2.5-VL classes (CPU, fp32)."""
+"""Built-in backbones and the Qwen input builder, on the real transformers Qwen2.5-VL classes (CPU, fp32)."""
 
 import numpy as np
 import pytest
 import torch
 
+from illava.adapters._qwen import patchify_frames, video_pixel_values
 from illava.backbones import (
     BUILTIN_BACKBONES,
     SPECIAL_TOKENS,
@@ -15,7 +16,7 @@ from illava.backbones import (
     save_backbone,
     tokenizer_fingerprint,
 )
-from illava.inputs import Sample, build_inputs, patchify_frames, synthetic_image, synthetic_video, video_pixel_values
+from illava.inputs import Sample, build_inputs, synthetic_image, synthetic_video
 
 # sha256 of the trained tokenizer JSON. Workers on different machines must build the same built-in
 # models; if a tokenizers upgrade changes the trained vocabulary, this fails first.
@@ -34,7 +35,7 @@ def tiny_eager():
 
 def one_image_inputs(backbone, seed=0, size=112):
     sample = Sample(text="<image>Describe the image in detail.", images=[synthetic_image(size, seed)])
-    return build_inputs(backbone.tokenizer, backbone.image_processor, [sample])
+    return build_inputs(backbone, [sample])
 
 
 @torch.no_grad()
@@ -149,13 +150,13 @@ def test_batched_generate_left_padding(tiny):
             "What colour is the large square on the left of this picture? <image>", [synthetic_image((168, 112), 1)]
         ),
     ]
-    inputs = build_inputs(tiny.tokenizer, tiny.image_processor, samples)
+    inputs = build_inputs(tiny, samples)
     mask = inputs["attention_mask"]
     assert mask[:, -1].all() and not mask[:, 0].all(), "left padding"
     out = tiny.model.generate(**inputs, max_new_tokens=5, min_new_tokens=5)
     assert out.shape == (2, inputs["input_ids"].shape[1] + 5)
     for i, sample in enumerate(samples):
-        single = build_inputs(tiny.tokenizer, tiny.image_processor, [sample])
+        single = build_inputs(tiny, [sample])
         alone = tiny.model.generate(**single, max_new_tokens=5, min_new_tokens=5)
         assert torch.equal(alone[0, -5:], out[i, -5:]), "padding must not change a sample's answer"
 
@@ -167,7 +168,7 @@ def test_two_images_and_a_video_forward(tiny):
         images=[synthetic_image(112, 0), synthetic_image((140, 84), 1)],
         videos=[video],
     )
-    inputs = build_inputs(tiny.tokenizer, tiny.image_processor, [sample], video_fps=1.0)
+    inputs = build_inputs(tiny, [sample], video_fps=1.0)
     assert inputs["video_grid_thw"].tolist() == [[3, 6, 8]]  # 5 frames padded to 6; 84x112 px
     assert inputs["second_per_grid_ts"].tolist() == [2.0]
     types = inputs["mm_token_type_ids"][0]
@@ -238,21 +239,21 @@ def test_patchify_pads_odd_frame_counts_with_the_last_frame():
 
 def test_placeholders_and_chat_template(tiny):
     tok = tiny.tokenizer
-    inputs = build_inputs(tok, tiny.image_processor, [Sample("<image>Hi", [synthetic_image(56, 0)])])
+    inputs = build_inputs(tiny, [Sample("<image>Hi", [synthetic_image(56, 0)])])
     text = tok.decode(inputs["input_ids"][0])
     pads = "<|image_pad|>" * 4
     assert text == f"<|im_start|>user\n<|vision_start|>{pads}<|vision_end|>Hi<|im_end|>\n<|im_start|>assistant\n"
     expanded = tok(text, add_special_tokens=False)["input_ids"]
     assert inputs["input_ids"][0].tolist() == expanded, "segment-wise tokenising equals whole-string tokenising"
-    plain = build_inputs(tok, tiny.image_processor, [Sample("Hi there")], chat=False)
+    plain = build_inputs(tiny, [Sample("Hi there")], chat=False)
     assert tok.decode(plain["input_ids"][0]) == "Hi there" and "pixel_values" not in plain
 
 
 def test_marker_count_mismatch_is_a_clear_error(tiny):
     with pytest.raises(ValueError, match="markers"):
-        build_inputs(tiny.tokenizer, tiny.image_processor, [Sample("<image><image>", [synthetic_image(56, 0)])])
+        build_inputs(tiny, [Sample("<image><image>", [synthetic_image(56, 0)])])
     with pytest.raises(ValueError, match="reserved"):
-        build_inputs(tiny.tokenizer, tiny.image_processor, [Sample("<|image_pad|>")])
+        build_inputs(tiny, [Sample("<|image_pad|>")])
 
 
 def test_synthetic_inputs_are_deterministic_and_structured():

@@ -9,7 +9,6 @@ import illava
 from illava import PAPER_REDUCTIONS, Schedule
 from illava.backbones import load_backbone
 from illava.inputs import Sample, build_inputs, synthetic_image, synthetic_video
-from illava.patch.qwen2_5_vl import state_of
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -63,7 +62,7 @@ def _unpatched(request):
 
 
 def inputs(backbone, *samples):
-    return build_inputs(backbone.tokenizer, backbone.image_processor, list(samples)).to(CUDA)
+    return build_inputs(backbone, list(samples)).to(CUDA)
 
 
 def dtype_of(backbone):
@@ -154,9 +153,7 @@ def test_cuda_matches_cpu_fp32(tiny_fp32):
     results = []
     for backbone, device in ((cpu, torch.device("cpu")), (tiny_fp32, CUDA)):
         illava.apply(backbone.model, schedule)
-        logits = backbone.model(
-            **build_inputs(backbone.tokenizer, backbone.image_processor, [sample]).to(device)
-        ).logits
+        logits = backbone.model(**build_inputs(backbone, [sample]).to(device)).logits
         results.append((logits.cpu(), [k.cpu() for k in illava.last_stats(backbone.model).kept_units]))
         illava.remove(backbone.model)
     (cpu_logits, cpu_kept), (gpu_logits, gpu_kept) = results
@@ -177,7 +174,7 @@ def test_baseline_methods_on_cuda(tiny_fp32, method):
 def test_video_and_merge_timing_on_cuda(tiny_fp32):
     model = tiny_fp32.model
     illava.apply(model, illava.paper_default_for(model, 7 / 9))
-    state_of(model).time_merges = True
+    illava.time_merges(model)
     batch = inputs(tiny_fp32, Sample("<video> What moves?", videos=[synthetic_video(4, 112, seed=7)]))
     out = model(**batch)
     assert torch.isfinite(out.logits).all()

@@ -9,15 +9,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 from transformers.vision_utils import get_vision_window_index
 
-from illava.flops import (
-    Segment,
-    causal_pairs,
-    predicted_speedup,
-    prefill_flops,
-    segments_of,
-    unit_costs,
-    window_patch_counts,
-)
+from illava.adapters._qwen_costs import Segment, segments_of, unit_costs, window_patch_counts
+from illava.flops import causal_pairs, predicted_speedup, prefill_flops
 from illava.schedule import PAPER_REDUCTIONS, Schedule, ScheduleError
 
 IMAGE_TOKEN, VIDEO_TOKEN, VISION_START, VISION_END = 500, 501, 502, 503

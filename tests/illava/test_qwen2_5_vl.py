@@ -30,7 +30,7 @@ def _unpatched(request):
 
 
 def inputs(backbone, *samples):
-    return build_inputs(backbone.tokenizer, backbone.image_processor, list(samples))
+    return build_inputs(backbone, list(samples))
 
 
 def default(reduction, backbone):

@@ -45,7 +45,7 @@ def _unpatched(request):
 
 
 def inputs(backbone, *samples, **kwargs):
-    return build_inputs(backbone.tokenizer, backbone.image_processor, list(samples), **kwargs)
+    return build_inputs(backbone, list(samples), **kwargs)
 
 
 def default(reduction, backbone, **overrides):

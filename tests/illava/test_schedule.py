@@ -53,11 +53,37 @@ def test_llm_tokens_at_and_encoder_tokens_at():
 
 
 def test_json_round_trip():
-    schedule = Schedule(method="prune", reduction=0.5, encoder_layers=[1, 3], llm_layers=[2], group_size=3)
+    schedule = Schedule(method="illava", reduction=0.5, encoder_layers=[1, 3], llm_layers=[2], params={"group_size": 3})
     text = schedule.to_json()
-    assert json.loads(text)["schema_version"] == 1
+    data = json.loads(text)
+    assert data["schema_version"] == 2 and data["params"] == {"recycle_share": 0.1, "group_size": 3}
     assert Schedule.from_json(text) == schedule
     assert Schedule.coerce({"schedule": schedule.to_dict(), "backbone": "x"}) == schedule  # a manifest
+    assert Schedule.coerce(text) == schedule
+
+
+def test_schema_1_schedules_and_manifests_are_still_read():
+    old = {"method": "random", "reduction": 0.5, "encoder_share": 0.4, "encoder_layers": [1], "llm_layers": [2],
+           "recycle_share": 0.1, "group_size": 5, "seed": 3, "schema_version": 1}  # fmt: skip
+    schedule = Schedule.from_dict(old)
+    assert schedule.method == "random" and schedule.params.seed == 3 and schedule.schema_version == 2
+    assert Schedule.coerce({"schedule": {**old, "method": "illava", "group_size": 8}}).params.group_size == 8
+    prune = Schedule.from_dict({**old, "method": "prune"})
+    assert prune.params.to_dict() == {}  # schema 1 stored iLLaVA's fields on every schedule
+
+
+def test_each_method_has_its_own_parameters():
+    assert Schedule().params.to_dict() == {"recycle_share": 0.1, "group_size": 5}
+    assert Schedule(method="random").params.to_dict() == {"seed": 0}
+    assert Schedule(method="prune").params.to_dict() == {}
+    changed = Schedule().with_(method="random", seed=4)  # method parameters by name
+    assert changed.params.seed == 4 and changed.method == "random"
+    assert Schedule().with_(group_size=8).params.group_size == 8
+    assert Schedule(method="random").plan(100).encoder[0].recycled == 0
+    with pytest.raises(ScheduleError, match=r"unknown parameter\(s\) \['seed'\] for method 'illava'"):
+        Schedule(params={"seed": 1})
+    with pytest.raises(ScheduleError, match=r"unknown schedule field\(s\) \['sede'\]"):
+        Schedule().with_(sede=1)
 
 
 @pytest.mark.parametrize(
@@ -65,17 +91,59 @@ def test_json_round_trip():
     [
         ({"reduction": 1.0}, r"reduction 1.0 is outside \[0, 1\)"),
         ({"reduction": -0.1}, "reduction -0.1"),
+        ({"reduction": "0.5"}, r"reduction must be a number, got '0.5'"),
+        ({"reduction": None}, r"reduction must be a number, got None"),
+        ({"reduction": True}, r"reduction must be a number, got True"),
+        ({"reduction": float("nan")}, r"reduction must be a number, got nan"),
         ({"encoder_share": 1.5}, "encoder_share 1.5"),
+        ({"encoder_share": "half"}, r"encoder_share must be a number, got 'half'"),
         ({"method": "magic"}, "unknown method 'magic'; allowed: illava, prune, random"),
+        ({"method": None}, "unknown method None"),
         ({"encoder_layers": (3, 1)}, "strictly increasing"),
+        (
+            {"encoder_layers": (5.7, 9, 13)},
+            r"encoder_layers must be a list of integer layer indices, got \[5.7, 9, 13\]",
+        ),
+        ({"encoder_layers": "5,9,13"}, r"encoder_layers must be a list of integer layer indices, got '5,9,13'"),
+        ({"encoder_layers": 5}, r"encoder_layers must be a list of integer layer indices, got 5"),
+        ({"llm_layers": ["two", 8]}, r"llm_layers must be a list of integer layer indices"),
         ({"llm_layers": (-1,)}, "negative index"),
-        ({"group_size": 0}, "group_size 0"),
+        ({"params": {"group_size": 0}}, r"group_size must be an integer >= 1, got 0"),
+        ({"params": {"group_size": 2.5}}, r"group_size must be an integer >= 1, got 2.5"),
+        ({"params": {"recycle_share": "0.1"}}, r"recycle_share must be a number in \[0, 1\), got '0.1'"),
+        ({"method": "random", "params": {"seed": "0"}}, r"seed must be an integer >= 0, got '0'"),
+        ({"params": [1, 2]}, r"params of method 'illava' must be a JSON object"),
         ({"schema_version": 9}, "schema_version 9"),
     ],
 )
 def test_invalid_schedules_say_what_is_wrong(fields, message):
     with pytest.raises(ScheduleError, match=message):
         Schedule(**fields)
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("{not json", "a schedule in JSON could not be parsed"),
+        ("[1, 2]", "a schedule must be a Schedule, a dict"),
+        ({"schedule": "x"}, "the manifest's 'schedule' must be a JSON object"),
+        ({"schedule_version": 2}, r"unknown schedule field\(s\) \['schedule_version'\]"),
+        ({"schema_version": 7}, r"schema_version 7 is not supported \(this illava reads \[1, 2\]\)"),
+        (42, "a schedule must be a Schedule, a dict"),
+        ("missing.json", "schedule file 'missing.json' does not exist"),
+    ],
+)
+def test_malformed_input_of_every_kind_is_a_schedule_error(value, message, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ScheduleError, match=message):
+        Schedule.coerce(value)
+
+
+def test_a_malformed_schedule_file_is_a_schedule_error(tmp_path):
+    path = tmp_path / "bad.json"
+    path.write_text("{oops")
+    with pytest.raises(ScheduleError, match="is not valid JSON"):
+        Schedule.coerce(path)
 
 
 def test_unknown_fields_are_rejected():

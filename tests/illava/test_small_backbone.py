@@ -19,9 +19,7 @@ def small():
 
 @torch.no_grad()
 def test_small_zero_reduction_equals_unpatched_and_counts_follow_the_plan(small):
-    batch = build_inputs(
-        small.tokenizer, small.image_processor, [Sample("<image> What is here?", [synthetic_image(448, 0)])]
-    )
+    batch = build_inputs(small, [Sample("<image> What is here?", [synthetic_image(448, 0)])])
     reference = small.model(**batch).logits
     illava.apply(small.model, Schedule.vanilla())
     torch.testing.assert_close(small.model(**batch).logits, reference, rtol=0, atol=1e-5)
@@ -37,9 +35,7 @@ def test_small_zero_reduction_equals_unpatched_and_counts_follow_the_plan(small)
 
 @torch.no_grad()
 def test_small_cached_generation_equals_recompute(small):
-    batch = build_inputs(
-        small.tokenizer, small.image_processor, [Sample("<image> Describe it.", [synthetic_image(448, 1)])]
-    )
+    batch = build_inputs(small, [Sample("<image> Describe it.", [synthetic_image(448, 1)])])
     illava.apply(small.model, Schedule.paper_default(7 / 9, encoder_depth=16, llm_depth=16))
     kwargs = dict(max_new_tokens=4, do_sample=False, output_scores=True, return_dict_in_generate=True)
     cached = small.model.generate(**batch, **kwargs)

@@ -135,13 +135,13 @@ def _true_answer(scene, item) -> str:
 
 
 def test_a_conversation_asks_the_benchmark_question_first_then_one_of_each_other_type():
-    from illava_tune.train_demo import _conversation
+    from illava_tune.train_demo import conversation
     from profiler.demo_vqa import CATEGORIES, demo_scene
 
     seen = set()
     for index in range(40):
         scene = demo_scene("train", index)
-        items = _conversation(scene, 5)
+        items = conversation(scene, 5)
         first = scene.item()
         assert (items[0].question, items[0].options, items[0].answer) == (first.question, first.options, first.answer)
         assert len(items[0].images) == 1 and all(not item.images for item in items[1:])
@@ -151,20 +151,20 @@ def test_a_conversation_asks_the_benchmark_question_first_then_one_of_each_other
             assert item.options[item.answer] == _true_answer(scene, item), item.question
             assert len(item.options) == 4
         seen.update(others)
-        assert len(_conversation(scene, 2)) <= 2
+        assert len(conversation(scene, 2)) <= 2
     assert seen == set(CATEGORIES)
 
 
 def test_the_labels_are_exactly_the_answers_and_their_end_of_turn():
     from illava.backbones import build_untrained
-    from illava_tune.train_demo import _batch, _conversation
+    from illava_tune.train_demo import conversation, training_batch
     from profiler.demo_vqa import demo_scene
 
     backbone = build_untrained("demo")
     config = TrainConfig(batch_size=3, ground_heads=1)
-    inputs, labels, answers, token_labels, grounds = _batch(backbone, config, 2)
+    inputs, labels, answers, token_labels, grounds = training_batch(backbone, config, 2)
     assert inputs["pixel_values"].shape[0] > 0 and token_labels.shape == (3 * 64, 4)
-    expected = [item for i in range(6, 9) for item in _conversation(demo_scene("train", i), config.turns)]
+    expected = [item for i in range(6, 9) for item in conversation(demo_scene("train", i), config.turns)]
     assert [category for category, *_ in answers] == [item.category for item in expected]
     decoded = [backbone.tokenizer.decode(labels[row, first : last + 1]) for _, row, first, last in answers]
     assert decoded == [item.options[item.answer] + "<|im_end|>" for item in expected]
@@ -179,10 +179,10 @@ def test_the_labels_are_exactly_the_answers_and_their_end_of_turn():
 @pytest.mark.parametrize(("heads", "position", "others"), [(1, {0}, {0}), (2, {0, 1}, {0}), (3, {0, 1}, {2})])
 def test_ground_heads_choose_the_head_of_each_named_object(heads, position, others):
     from illava.backbones import build_untrained
-    from illava_tune.train_demo import _batch
+    from illava_tune.train_demo import training_batch
 
     backbone = build_untrained("demo")
-    _, _, answers, _, grounds = _batch(backbone, TrainConfig(batch_size=4, ground_heads=heads), 1)
+    _, _, answers, _, grounds = training_batch(backbone, TrainConfig(batch_size=4, ground_heads=heads), 1)
     by_category = {}
     for _, _, _, category, head in grounds:
         by_category.setdefault(category, set()).add(head)
@@ -203,7 +203,7 @@ def test_training_with_the_grounding_loss_reports_where_the_head_looks(tmp_path)
 
 
 def test_grounding_cells_are_those_of_the_objects_a_question_names():
-    from illava_tune.train_demo import TOKEN_PIXELS, _conversation, _named_groups
+    from illava_tune.train_demo import TOKEN_PIXELS, _named_groups, conversation
     from profiler.demo_vqa import demo_scene
 
     def overlaps(cell, obj, cells):
@@ -214,7 +214,7 @@ def test_grounding_cells_are_those_of_the_objects_a_question_names():
     for index in range(30):
         scene = demo_scene("train", index)
         cells = scene.image_size // TOKEN_PIXELS
-        for item in _conversation(scene, 5):
+        for item in conversation(scene, 5):
             words = item.question.rstrip("?").split()
             if item.category == "colour":
                 named = [o for o in scene.objects if o.shape == words[-1]]
@@ -244,20 +244,18 @@ def test_grounding_cells_are_those_of_the_objects_a_question_names():
 
 def test_the_grounding_loss_is_minus_the_log_of_the_attention_mass_on_the_named_tokens():
     from illava.backbones import build_untrained
-    from illava_tune.train_demo import _batch, _grounding_loss
+    from illava.engine.capture import capture
+    from illava_tune.train_demo import grounding_loss, training_batch
 
     backbone = build_untrained("demo", seed=3)
     model = backbone.model.eval()
     model.set_attn_implementation("eager")  # returns the attention weights to compare with
     config = TrainConfig(batch_size=3, ground_weight=1.0, ground_layer=2, ground_heads=2)
-    inputs, _, _, _, grounds = _batch(backbone, config, 0)
+    inputs, _, _, _, grounds = training_batch(backbone, config, 0)
     attention = model.model.language_model.layers[config.ground_layer].self_attn
-    seen = {}
-    hook = attention.register_forward_pre_hook(lambda m, args, kwargs: seen.update(kwargs), with_kwargs=True)
-    with torch.no_grad():
+    with torch.no_grad(), capture(attention) as seen:
         weights = model.model(**inputs, output_attentions=True, use_cache=False).attentions[config.ground_layer]
-        loss, hits = _grounding_loss(attention, seen, inputs, grounds, model.config.image_token_id)
-    hook.remove()
+    loss, hits = grounding_loss(seen.query, seen.key, attention.scaling, inputs, grounds, model.config.image_token_id)
     masses, best = [], []
     for row, at, cells, _, head_index in grounds:
         image = (inputs["input_ids"][row] == model.config.image_token_id).nonzero().squeeze(1)
@@ -270,12 +268,12 @@ def test_the_grounding_loss_is_minus_the_log_of_the_attention_mass_on_the_named_
 
 
 def test_probe_labels_name_each_tokens_object_and_cell():
-    from illava_tune.train_demo import TOKEN_PIXELS, _token_labels
+    from illava_tune.train_demo import TOKEN_PIXELS, cell_labels
     from profiler.demo_vqa import COLOURS, SHAPES, demo_scene
 
     for index in range(7, 12):
         scene = demo_scene("train", index)
-        labels = _token_labels(scene)
+        labels = cell_labels(scene)
         cells = scene.image_size // TOKEN_PIXELS
         assert labels.shape == (cells * cells, 4)
         centres = {}

@@ -50,9 +50,7 @@ def test_submit_to_export_round_trip(tmp_path, monkeypatch, capsys):
 
     backbone = load_backbone("tiny")
     illava.apply(backbone.model, manifest)  # a deployment applies the manifest as it is
-    batch = build_inputs(
-        backbone.tokenizer, backbone.image_processor, [Sample("<image> hi", [synthetic_image(224, 1)])]
-    )
+    batch = build_inputs(backbone, [Sample("<image> hi", [synthetic_image(224, 1)])])
     with torch.no_grad():
         backbone.model(**batch)
     expected = illava.Schedule.from_dict(manifest["schedule"]).plan(64)

@@ -112,7 +112,10 @@ def test_seed_study_adapts_to_the_spaces_choices():
     space = SearchSpace(group_size=(3, 8), methods=("prune",), reduction=(0.5, 0.7))
     study = make_study(None, "s")
     added = seed_study(study, space, **DEPTHS, reductions=[0.0, 0.85])
-    assert [(s.method, s.group_size, s.reduction) for s in added] == [("illava", 5, 0.0), ("prune", 3, 0.85)]
+    assert [(s.method, s.params.to_dict(), s.reduction) for s in added] == [
+        ("illava", {"recycle_share": 0.1, "group_size": 5}, 0.0),
+        ("prune", {}, 0.85),  # prune has no group size: the space's choices do not apply to it
+    ]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         replayed = [space.suggest(study.ask(), **DEPTHS) for _ in added]

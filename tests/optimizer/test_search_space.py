@@ -133,7 +133,7 @@ def test_schedule_params_reproduce_suggested_schedules():
         Schedule.vanilla(),
         Schedule.paper_default(7 / 9, encoder_depth=32, llm_depth=28),
         Schedule.paper_default(0.3, encoder_depth=32, llm_depth=28),  # reduction outside the space
-        Schedule(reduction=0.9, encoder_share=1.0, encoder_layers=(0, 31), llm_layers=(26,), group_size=3),
+        Schedule(reduction=0.9, encoder_share=1.0, encoder_layers=(0, 31), llm_layers=(26,), params={"group_size": 3}),
     ],
 )
 def test_schedule_params_reproduce_reference_schedules(schedule):
@@ -148,9 +148,9 @@ def test_vanilla_draws_nothing_else():
     ("schedule", "says"),
     [
         (Schedule(method="prune"), "method 'prune' is not among"),
-        (Schedule(group_size=4), "group_size 4 is not among"),
+        (Schedule(params={"group_size": 4}), "group_size 4 is not among"),
         (Schedule(encoder_share=0.0, encoder_layers=()), "at least one encoder block"),
-        (Schedule(method="random", seed=3), "seed 3 is not searched"),
+        (Schedule(method="random", params={"seed": 3}), "seed 3 is not searched"),
     ],
 )
 def test_schedule_params_refuse_what_suggest_cannot_express(schedule, says):

@@ -8,7 +8,7 @@ import torch
 from illava.backbones import load_backbone, save_backbone
 from illava.inputs import build_inputs
 from profiler import Profiler, resolve_workload
-from profiler.accuracy import END_OF_TURN, answer_logprob, answer_style, choose, option_inputs
+from profiler.accuracy import answer_logprob, answer_style, choose, end_of_turn, option_inputs
 from profiler.datasets import TEXT_ANSWER_INSTRUCTION
 from profiler.demo_vqa import demo_split
 
@@ -27,8 +27,8 @@ def items():
 def _alone(backbone, item, text) -> float:
     """Log-likelihood of `text` + end of turn after the item's prompt, one unpadded sequence."""
     tokenizer = backbone.tokenizer
-    inputs = build_inputs(tokenizer, backbone.image_processor, [item.to_sample("text")])
-    answer = [*tokenizer.encode(text, add_special_tokens=False), tokenizer.convert_tokens_to_ids(END_OF_TURN)]
+    inputs = build_inputs(backbone, [item.to_sample("text")])
+    answer = [*tokenizer.encode(text, add_special_tokens=False), tokenizer.convert_tokens_to_ids(end_of_turn(backbone))]
     n = inputs["input_ids"].shape[1]
     inputs["input_ids"] = torch.cat([inputs["input_ids"], torch.tensor([answer])], dim=1)
     inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])

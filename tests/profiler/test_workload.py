@@ -85,10 +85,10 @@ def test_file_that_is_not_a_mapping_or_not_parseable(tmp_path):
     ("changes", "message"),
     [
         (
-            {"image_size": (450, 448)},
-            r"image_size must be \(width, height\), each a positive multiple of 28.*got \(450, 448\)",
+            {"image_size": (450.0, 448)},
+            r"image_size must be \(width, height\), each a positive integer.*got \(450.0, 448\)",
         ),
-        ({"video_size": (0, 28)}, r"video_size must be .*multiple of 28.*got \(0, 28\)"),
+        ({"video_size": (0, 28)}, r"video_size must be .*positive integer.*got \(0, 28\)"),
         ({"image_size": (448,)}, r"image_size must be \(width, height\).*got \(448,\)"),
         ({"batch_size": 0}, r"batch_size must be an integer >= 1, got 0"),
         ({"batch_size": "2"}, r"batch_size must be an integer >= 1, got '2'"),
@@ -147,14 +147,37 @@ def test_batches():
         list(batches([1], 0))
 
 
+@pytest.mark.parametrize(
+    ("multiple", "workload", "message"),
+    [
+        (
+            28,
+            Workload(name="w", image_size=(450, 448)),
+            r"image_size must be .*a multiple of 28 pixels on b.*nearest: \[448\]",
+        ),
+        (32, PRESETS["video-16"], r"video_size must be .*a multiple of 32 pixels on b .*\[320\].*got \(336, 336\)"),
+    ],
+)
+def test_sizes_must_fit_the_backbone(multiple, workload, message):
+    with pytest.raises(WorkloadError, match=message):
+        workload.check_fits(multiple, "b")
+
+
+def test_fitting_sizes_and_datasets_pass():
+    PRESETS["single-448"].check_fits(28, "tiny")
+    PRESETS["single-448"].check_fits(32, "tiny-qwen3-vl")
+    PRESETS["demo-vqa"].check_fits(32, "any")  # dataset rows go through the processor as they are
+    Workload(name="w", image_size=(450, 448)).check_fits(1, "tiny-llava-onevision")  # tiles: any size
+
+
 def test_presets_give_the_documented_token_counts_through_the_real_processor():
     """Sizes that are multiples of 28 pass the image processor unchanged: (w/28)*(h/28) LLM tokens per image."""
-    from illava.backbones import build_image_processor, build_tokenizer
+    from illava.backbones import load_backbone
     from illava.inputs import IMAGE_TYPE, VIDEO_TYPE, build_inputs
 
-    tokenizer, processor = build_tokenizer(), build_image_processor()
+    backbone = load_backbone("tiny")
     expected = {"single-448": 256, "single-896": 1024, "multi-4x448": 4 * 256, "video-16": 8 * 144}
     for name, tokens in expected.items():
         sample = synthetic_samples(dataclasses.replace(PRESETS[name], samples=1))[0]
-        types = build_inputs(tokenizer, processor, [sample])["mm_token_type_ids"]
+        types = build_inputs(backbone, [sample])["mm_token_type_ids"]
         assert int(((types == IMAGE_TYPE) | (types == VIDEO_TYPE)).sum()) == tokens, name

@@ -1,0 +1,98 @@
+"""Queries and keys of one attention call, taken from the call itself.
+
+Importance needs the post-rotary queries and keys a block or decoder layer uses. Rather than
+re-project them (a second q/k projection) or copy the library's attention forwards per family,
+the engine runs the library's own module and captures what it hands its attention kernel.
+
+How: transformers looks attention kernels up by name (`ALL_ATTENTION_FUNCTIONS`, keyed by the
+config's ``_attn_implementation``). `capture(module)` gives that one attention module, for the
+duration of one call, a shallow copy of its config whose implementation is a name registered here
+(`AttentionInterface.register`); the registered function records the query and key, then calls
+the module's real kernel with the original config restored (flash kernels read the
+implementation name off ``module.config``). The capture name contains "flash" exactly when the
+real one does, so the module takes the same path (one varlen call for flash, one call per window
+otherwise) as without capture; per-window calls are concatenated back. Nothing else changes:
+other modules, other calls, and the outputs are those of the real kernel.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from transformers import AttentionInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+CAPTURE = "illava_capture"
+CAPTURE_FLASH = "illava_capture_flash"
+
+
+@dataclass
+class Captured:
+    """What the captured calls saw; per-window calls are concatenated along the sequence."""
+
+    implementation: str
+    original_config: object
+    capture_config: object
+    eager: object  # the module's own eager kernel (transformers passes it as the default)
+    queries: list[torch.Tensor] = field(default_factory=list)  # (B, H, n, D) per call
+    keys: list[torch.Tensor] = field(default_factory=list)  # (B, Hk, n, D)
+    weights: list[torch.Tensor | None] = field(default_factory=list)  # eager: (B, H, n, n) probabilities
+
+    @property
+    def query(self) -> torch.Tensor:
+        """(B, H, N, D): the calls' queries along the sequence."""
+        return self.queries[0] if len(self.queries) == 1 else torch.cat(self.queries, dim=2)
+
+    @property
+    def key(self) -> torch.Tensor:
+        return self.keys[0] if len(self.keys) == 1 else torch.cat(self.keys, dim=2)
+
+
+def _capturing_attention(module, query, key, value, attention_mask, *args, **kwargs):
+    slot: Captured = module.__dict__["_illava_capture"]
+    module.config = slot.original_config
+    try:
+        kernel = ALL_ATTENTION_FUNCTIONS.get_interface(slot.implementation, slot.eager)
+        out, weights = kernel(module, query, key, value, attention_mask, *args, **kwargs)
+    finally:
+        module.config = slot.capture_config
+    slot.queries.append(query)
+    slot.keys.append(key)
+    slot.weights.append(weights)
+    return out, weights
+
+
+AttentionInterface.register(CAPTURE, _capturing_attention)
+AttentionInterface.register(CAPTURE_FLASH, _capturing_attention)
+
+
+def _eager_kernel(module: torch.nn.Module):
+    """The eager kernel of the module's own modeling file (what it passes transformers as the default)."""
+    return getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+
+
+@contextmanager
+def capture(module: torch.nn.Module, *, enabled: bool = True) -> Iterator[Captured | None]:
+    """Capture the queries and keys `module` (an attention module with a ``config``) passes to its
+    kernel while the block runs. Yields None (and changes nothing) when not `enabled`."""
+    if not enabled:
+        yield None
+        return
+    original = module.config
+    implementation = original._attn_implementation or "eager"
+    capture_config = copy.copy(original)
+    # Set the field itself: the property setter would recurse into sub-configs shared with the original.
+    capture_config._attn_implementation_internal = CAPTURE_FLASH if "flash" in implementation else CAPTURE
+    slot = Captured(implementation, original, capture_config, _eager_kernel(module))
+    module.__dict__["_illava_capture"] = slot
+    module.config = capture_config
+    try:
+        yield slot
+    finally:
+        module.config = original
+        del module.__dict__["_illava_capture"]

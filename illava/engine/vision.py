@@ -1,0 +1,275 @@
+"""The encoder side of the engine: merges inside vision blocks, for any backbone adapter.
+
+The adapter turns pixel values into a `VisionRun` (tokens in the order its blocks process them,
+segments contiguous, with per-unit bookkeeping), runs each block (or each half of a merging
+block), and at the end projects the surviving units and places them among the item's LLM
+tokens. The engine in between owns everything that does not depend on the family:
+
+* which blocks merge and how much (the schedule's plan per segment, known on the host);
+* capturing the block's queries and keys from its own attention call (`capture`);
+* calling the reduction method and checking its map against the plan;
+* applying the map: hidden states and taps merged, per-token tensors (rotary tables) and
+  per-unit ids (placement order, window) gathered, units per segment updated on the host;
+* attention boundaries after a merge: frames from the host counts, windows from the kept
+  units' window ids (one read per merge, where the library itself reads each block's lengths);
+* the between-encoder-and-LLM stage on the projected features;
+* statistics: units per segment entering every block.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+from ..errors import ScheduleError
+from ..merge import MergeMap
+from ..methods import SegmentSpec, StageRequest
+from ..schedule import LayerStep, Plan, Schedule
+from .capture import capture
+
+
+# ----------------------------------------------------------------------------------- host layout
+@dataclass(frozen=True)
+class ItemLayout:
+    """How one image or video sits in the prompt, known on the host from its grid or size.
+
+    Placeholders are numbered 0..placeholders-1 in the order they appear in the prompt; each
+    belongs to a segment (an image, a video frame, a tile) or is structural (-1: a token the
+    family adds that is not image content, such as LLaVA-OneVision's row newlines; never merged,
+    never counted by a plan).
+    """
+
+    placeholders: int
+    segment_of: tuple[int, ...]  # per placeholder: segment index within the item, or -1
+    segment_sizes: tuple[int, ...]  # LLM tokens per segment (what a plan is made for)
+
+    @classmethod
+    def contiguous(cls, segment_sizes: list[int]) -> ItemLayout:
+        """Segments one after another, nothing structural (the Qwen families)."""
+        segment_of = tuple(s for s, size in enumerate(segment_sizes) for _ in range(size))
+        return cls(len(segment_of), segment_of, tuple(segment_sizes))
+
+
+@dataclass
+class VisualCall:
+    """One encoder call: the pixel values of one modality and what the adapter needs with them."""
+
+    modality: str  # "image" or "video"
+    pixel_values: torch.Tensor
+    meta: dict[str, Any]  # the family's own inputs (grid_thw, image_sizes, ...)
+    items: list[ItemLayout]
+
+
+@dataclass
+class VisionRun:
+    """The encoder's working sequence. The adapter builds it; the engine updates it on merges.
+
+    Tokens are in the order the family's blocks process them, segments contiguous and in item order;
+    ``unit`` consecutive tokens are kept or dropped together.
+    """
+
+    hidden: torch.Tensor  # (N, C)
+    unit: int
+    segment_units: list[int]  # host: units per encoder segment, now
+    segment_item: list[int]  # host: the item of each segment
+    segment_index_in_item: list[int]  # host: the segment's index within its item
+    order: torch.Tensor  # (U,) each unit's placement index among its item's LLM tokens
+    window: torch.Tensor | None = None  # (U,) attention window id per unit (windowed blocks)
+    gathered: dict[str, torch.Tensor] = field(default_factory=dict)  # (N, ...) per token, gathered on merges
+    taps: dict[str, list[torch.Tensor]] = field(default_factory=dict)  # (N, C) per token, merged like hidden
+    #: Unit indices the family would discard after the encoder anyway (LLaVA-OneVision's unpadding);
+    #: removed before the first merge so that what remains is what the plan counts.
+    drop_before_merge: torch.Tensor | None = None
+    drop_counts: list[int] | None = None  # host: units each segment loses to `drop_before_merge`
+    #: Why encoder merges cannot run on this input (None: they can); raised when a plan asks for them.
+    no_encoder_merge: str | None = None
+    context: dict[str, Any] = field(default_factory=dict)  # adapter-private
+    _bounds: dict[bool, tuple[torch.Tensor, list[int]]] = field(default_factory=dict)
+
+    @property
+    def device(self) -> torch.device:
+        return self.hidden.device
+
+    def attention_bounds(self, windowed: bool) -> tuple[torch.Tensor, list[int]]:
+        """cu_seqlens (int32, tokens) of the attention segments -- windows or whole segments -- on
+        the device and on the host; cached until the next merge."""
+        if windowed not in self._bounds:
+            if windowed and self.window is not None:
+                _, counts = torch.unique_consecutive(self.window, return_counts=True)
+                sizes = (counts * self.unit).tolist()  # the one read a merge costs (kept units per window)
+            else:
+                sizes = [units * self.unit for units in self.segment_units]
+            host = list(itertools.accumulate(sizes, initial=0))
+            self._bounds[windowed] = (torch.tensor(host, dtype=torch.int32).to(self.device, non_blocking=True), host)
+        return self._bounds[windowed]
+
+    def take(self, merge_map: MergeMap, hidden: torch.Tensor, units_after: list[int]) -> None:
+        """Apply a merge: hidden and taps merged, ids and per-token tensors gathered."""
+        self.hidden = merge_map.apply(hidden, self.unit)
+        self.taps = {name: [merge_map.apply(t, self.unit) for t in taps] for name, taps in self.taps.items()}
+        self.gathered = {name: merge_map.gather(t, self.unit) for name, t in self.gathered.items()}
+        self.order = self.order[merge_map.keep]
+        if self.window is not None:
+            self.window = self.window[merge_map.keep]
+        self.segment_units = units_after
+        self._bounds.clear()
+
+
+@dataclass
+class EncodedVisual(BaseModelOutputWithPooling):
+    """What the merged encoder hands the LLM for one modality. `pooler_output` is a tuple with one
+    (K_i, C) tensor of kept features per item, in placement order; `kept` says which of the item's
+    placeholders they fill. Fields default to None (a transformers `ModelOutput`)."""
+
+    kept: list[torch.Tensor] | None = None  # per item: kept placeholder indices (K_i,), ascending
+    extras: dict[str, list[torch.Tensor]] | None = None  # per name, per item: (K_i, ...) features that ride along
+    items: list[ItemLayout] | None = None
+    encoder_units: list[list[int]] | None = None  # per block: units per segment entering attention
+    merge_seconds: float | None = None
+
+    def select(self, items: list[int]) -> EncodedVisual:
+        """The same output for the items `items` (repeats allowed), as `generate` expands batches."""
+        return EncodedVisual(
+            last_hidden_state=self.last_hidden_state,
+            pooler_output=tuple(self.pooler_output[i] for i in items),
+            kept=[self.kept[i] for i in items],
+            extras={name: [values[i] for i in items] for name, values in (self.extras or {}).items()},
+            items=[self.items[i] for i in items],
+            encoder_units=self.encoder_units,
+            merge_seconds=self.merge_seconds,
+        )
+
+
+# ----------------------------------------------------------------------------------- timing
+class MergeTimer:
+    """Wall time of the merge work (importance, selection, merging, re-packing) when asked for;
+    synchronises around it on CUDA, so it is for benchmarks, not for production runs."""
+
+    def __init__(self, enabled: bool, device: torch.device):
+        self.enabled, self.device = enabled, device
+        self.seconds = 0.0
+
+    def __enter__(self) -> None:
+        if self.enabled:
+            _sync(self.device)
+            self.start = time.perf_counter()
+
+    def __exit__(self, *exc: object) -> None:
+        if self.enabled:
+            _sync(self.device)
+            self.seconds += time.perf_counter() - self.start
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ----------------------------------------------------------------------------------- the loop
+def segment_specs(steps: list[LayerStep], index_in_item: list[int]) -> list[SegmentSpec]:
+    """Stage-request segments, one after another, from their plan steps."""
+    specs, start = [], 0
+    for step, index in zip(steps, index_in_item, strict=True):
+        specs.append(SegmentSpec(start, step.tokens_in, step.kept, step.recycled, index))
+        start += step.tokens_in
+    return specs
+
+
+def check_map(merge_map: MergeMap, specs: list[SegmentSpec], where: str) -> None:
+    """A method's map must keep what the plan says; its length is host-known, so this reads nothing."""
+    expected = sum(spec.kept for spec in specs)
+    if merge_map.keep.shape[0] != expected:
+        raise RuntimeError(
+            f"illava: the method kept {merge_map.keep.shape[0]} units at {where}, the plan says {expected}"
+        )
+
+
+def encode(
+    adapter, visual: torch.nn.Module, call: VisualCall, schedule: Schedule, plans: list[Plan], *, time_merges: bool
+) -> EncodedVisual:
+    """Run the vision encoder of `call` with the merges `plans` (one per segment of the call's
+    items, in order) ask for; see the module docstring."""
+    method, params = schedule.reduction_method, schedule.params
+    run = adapter.vision_prepare(visual, call)
+    timer = MergeTimer(time_merges, run.device)
+    blocks = adapter.vision_blocks(visual)
+    if len(plans) != len(run.segment_units):
+        raise RuntimeError(
+            f"illava: the adapter made {len(run.segment_units)} encoder segments for {len(plans)} planned"
+        )
+    merging = {step.layer for plan in plans for step in plan.encoder if step.removed}
+    if merging and run.no_encoder_merge:
+        raise ScheduleError(f"illava: {run.no_encoder_merge}")
+    first = min(merging) if merging and run.drop_before_merge is not None else None  # where the drop goes
+    encoder_units: list[list[int]] = []
+    for index, block in enumerate(blocks):
+        if index == first:
+            with timer:
+                _drop(run)
+        encoder_units.append(list(run.segment_units))
+        windowed = adapter.vision_block_windowed(visual, index)
+        if index in merging:
+            steps = [plan.encoder[schedule.encoder_layers.index(index)] for plan in plans]
+            _merging_block(adapter, visual, block, index, windowed, run, steps, method, params, timer)
+        else:
+            cu, cu_host = run.attention_bounds(windowed)
+            run.hidden = adapter.vision_block(visual, block, run, cu, cu_host)
+        adapter.after_vision_block(visual, index, run)
+    features, extras = adapter.vision_project(visual, run)  # (U, C_out) per unit, in run order
+    between = [plan.between for plan in plans]
+    if any(step is not None and step.removed for step in between):
+        with timer:
+            features, extras = _between(run, features, extras, between, method, params)
+    encoded = adapter.vision_place(visual, call, run, features, extras)
+    encoded.encoder_units = encoder_units
+    encoded.merge_seconds = timer.seconds
+    return encoded
+
+
+def _drop(run: VisionRun) -> None:
+    """Remove the units the family discards after the encoder anyway, before the first merge."""
+    keep = run.drop_before_merge
+    run.take(MergeMap(keep=keep), run.hidden, [u - d for u, d in zip(run.segment_units, run.drop_counts, strict=True)])
+    run.drop_before_merge = None
+
+
+def _merging_block(adapter, visual, block, index, windowed, run, steps, method, params, timer) -> None:
+    """One vision block with Token_Merge between attention and FFN (paper eq. 1)."""
+    for segment, (units, step) in enumerate(zip(run.segment_units, steps, strict=True)):
+        if step.tokens_in != units:
+            raise RuntimeError(
+                f"illava: encoder segment {segment} has {units} units, the plan expected {step.tokens_in}"
+            )
+    cu, cu_host = run.attention_bounds(windowed)
+    attention = adapter.vision_attention(block)
+    with capture(attention, enabled=method.uses_importance) as captured:
+        hidden = adapter.vision_attention_half(visual, block, run, cu, cu_host)
+    with timer:
+        specs = segment_specs(steps, run.segment_index_in_item)
+        request = StageRequest(
+            stage="encoder", layer=index, hidden=hidden,
+            query=captured.query[0] if captured else None, key=captured.key[0] if captured else None,
+            segments=specs, unit=run.unit, scale=adapter.attention_scale(attention), attention_bounds=cu_host,
+        )  # fmt: skip
+        merge_map = method.merge(params, request)
+        check_map(merge_map, specs, f"vision block {index}")
+        run.take(merge_map, hidden, [step.kept for step in steps])
+    run.hidden = adapter.vision_ffn_half(visual, block, run)
+
+
+def _between(run, features, extras, steps, method, params):
+    """The stage between encoder and LLM, on the projected features (one unit each)."""
+    steps = [step if step is not None else LayerStep(-1, units, 0, 0) for step, units in zip(steps, run.segment_units)]
+    specs = segment_specs(steps, run.segment_index_in_item)
+    request = StageRequest(stage="between", layer=-1, hidden=features, query=None, key=None, segments=specs)
+    merge_map = method.merge(params, request)
+    check_map(merge_map, specs, "the stage between encoder and LLM")
+    run.order = run.order[merge_map.keep]
+    run.segment_units = [step.kept for step in steps]
+    extras = {name: [merge_map.apply(t) for t in values] for name, values in extras.items()}
+    return merge_map.apply(features), extras

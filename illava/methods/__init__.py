@@ -1,0 +1,66 @@
+"""Reduction methods, registered by name (the way transformers registers attention functions).
+
+A method is a `ReductionMethod` value with named stage calls (see `base` for the contract). The
+built-ins are ``illava`` (the paper), ``prune`` (its selection without recycling) and ``random``
+(seeded random dropping). Adding one is a module with a `ReductionMethod` subclass and a
+`register_method` call; schedules then name it and validate its parameters.
+"""
+
+from __future__ import annotations
+
+from ..errors import ScheduleError
+from .base import STAGES, MethodParams, ReductionMethod, SegmentSpec, StageRequest
+from .illava import Illava, IllavaParams
+from .prune import Prune
+from .random_drop import RandomDrop, RandomParams
+
+_METHODS: dict[str, ReductionMethod] = {}
+
+
+def register_method(method: ReductionMethod, *, replace: bool = False) -> ReductionMethod:
+    """Make `method` available under `method.name`; a second registration of a name needs `replace`."""
+    if not isinstance(method, ReductionMethod):
+        raise TypeError(f"register_method takes a ReductionMethod instance, got {type(method).__name__}")
+    if method.encoder_stage not in ("blocks", "between"):
+        raise ValueError(f"{method.name}: encoder_stage must be 'blocks' or 'between', got {method.encoder_stage!r}")
+    if method.name in _METHODS and not replace:
+        raise ValueError(f"a reduction method named {method.name!r} is already registered")
+    _METHODS[method.name] = method
+    return method
+
+
+def unregister_method(name: str) -> None:
+    _METHODS.pop(name, None)
+
+
+def get_method(name: str) -> ReductionMethod:
+    """The registered method `name`; a `ScheduleError` naming the registered ones otherwise."""
+    method = _METHODS.get(name) if isinstance(name, str) else None
+    if method is None:
+        raise ScheduleError(f"unknown method {name!r}; allowed: {', '.join(method_names())}")
+    return method
+
+
+def method_names() -> tuple[str, ...]:
+    return tuple(_METHODS)
+
+
+for _builtin in (Illava(), Prune(), RandomDrop()):
+    register_method(_builtin)
+
+__all__ = [
+    "STAGES",
+    "Illava",
+    "IllavaParams",
+    "MethodParams",
+    "Prune",
+    "RandomDrop",
+    "RandomParams",
+    "ReductionMethod",
+    "SegmentSpec",
+    "StageRequest",
+    "get_method",
+    "method_names",
+    "register_method",
+    "unregister_method",
+]

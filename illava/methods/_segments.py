@@ -1,0 +1,44 @@
+"""Helpers shared by the built-in methods: one stage request, one segment at a time."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from ..merge import MergeMap, attention_importance, windowed_importance
+from .base import SegmentSpec, StageRequest
+
+
+def each_segment(request: StageRequest, merge: Callable[[SegmentSpec, slice], MergeMap]) -> MergeMap:
+    """Call `merge(segment, tokens)` for every segment that removes something (`tokens` is the
+    segment's token slice in the request) and keep every unit of the others; one map for all."""
+    maps, offsets = [], []
+    device = request.hidden.device
+    for segment in request.segments:
+        offsets.append(segment.start)
+        if segment.kept == segment.units:
+            maps.append(MergeMap(keep=torch.arange(segment.units, device=device)))
+            continue
+        tokens = slice(segment.start * request.unit, (segment.start + segment.units) * request.unit)
+        maps.append(merge(segment, tokens))
+    return MergeMap.concat(maps, offsets)
+
+
+def unit_importance(request: StageRequest) -> torch.Tensor:
+    """(units,) importance of every unit of the request, never crossing an attention segment.
+
+    Encoder: the column mean of each window's (or frame's) attention, a unit scoring the mean of its
+    tokens. LLM: computed per segment in `segment_importance` instead (causal, per image/frame).
+    """
+    query, key = request.query, request.key
+    bounds = request.attention_bounds or [0, query.shape[1]]
+    return windowed_importance(query, key, bounds, scale=request.scale).view(-1, request.unit).mean(dim=1)
+
+
+def segment_importance(request: StageRequest, tokens: slice) -> torch.Tensor:
+    """Importance of one LLM segment's tokens: causal column mean, each key normalised by the
+    number of queries that can see it."""
+    return attention_importance(
+        request.query[:, tokens], request.key[:, tokens], causal=request.causal, scale=request.scale
+    )
