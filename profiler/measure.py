@@ -333,9 +333,7 @@ class Profiler:
 
     def _time_prefill(self, batch) -> tuple[list[float], list[float], list[float]]:
         adapter = self.backbone.adapter
-        clock = _StageClock(
-            adapter.vision_timing_modules(adapter.vision_tower(adapter.inner_model(self.model))), self.device
-        )
+        clock = _StageClock(adapter.vision_timing_modules(adapter.inner_model(self.model)), self.device)
         totals, encoders, mergers = [], [], []
         try:
             for run in range(self.warmup + self.repeats):

@@ -69,7 +69,7 @@ def adapter_for_config(config: Any) -> BackboneAdapter:
 
 
 #: Built-in adapter modules, in the order `adapter_for` tries them (each registers itself on import).
-BUILTIN_ADAPTERS = ("qwen2_5_vl", "qwen2_vl", "qwen3_vl")
+BUILTIN_ADAPTERS = ("qwen2_5_vl", "qwen2_vl", "qwen3_vl", "llava_onevision")
 
 
 def _register_builtins() -> None:

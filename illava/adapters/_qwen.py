@@ -56,8 +56,8 @@ class QwenAdapter(BackboneAdapter):
     def language_model(self, inner):
         return inner.language_model
 
-    def vision_blocks(self, visual) -> Sequence[torch.nn.Module]:
-        return visual.blocks
+    def vision_blocks(self, inner) -> Sequence[torch.nn.Module]:
+        return inner.visual.blocks
 
     def vision_attention(self, block):
         return block.attn
@@ -68,8 +68,8 @@ class QwenAdapter(BackboneAdapter):
     def reset(self, inner) -> None:
         inner.rope_deltas = None
 
-    def vision_timing_modules(self, visual):
-        return visual.patch_embed, visual.merger
+    def vision_timing_modules(self, inner):
+        return inner.visual.patch_embed, inner.visual.merger
 
     def size_multiple(self, config) -> int:
         return config.vision_config.patch_size * config.vision_config.spatial_merge_size
@@ -107,23 +107,23 @@ class QwenAdapter(BackboneAdapter):
     def _max_len(cu_host: list[int]) -> int:
         return max(b - a for a, b in zip(cu_host[:-1], cu_host[1:]))
 
-    def vision_block(self, visual, block, run: VisionRun, cu, cu_host):
+    def vision_block(self, inner, block, run: VisionRun, cu, cu_host):
         rope = (run.gathered["cos"], run.gathered["sin"])
         return block(run.hidden, cu_seqlens=cu, max_seqlen=self._max_len(cu_host), position_embeddings=rope)
 
-    def vision_attention_half(self, visual, block, run: VisionRun, cu, cu_host):
+    def vision_attention_half(self, inner, block, run: VisionRun, cu, cu_host):
         rope = (run.gathered["cos"], run.gathered["sin"])
         attended = block.attn(block.norm1(run.hidden), cu_seqlens=cu, max_seqlen=self._max_len(cu_host),
                               position_embeddings=rope)  # fmt: skip
         return run.hidden + attended
 
-    def vision_ffn_half(self, visual, block, run: VisionRun):
+    def vision_ffn_half(self, inner, block, run: VisionRun):
         return run.hidden + block.mlp(block.norm2(run.hidden))
 
-    def vision_project(self, visual, run: VisionRun):
-        return visual.merger(run.hidden), {}  # (U, C_out): one row per kept 2x2 group
+    def vision_project(self, inner, run: VisionRun):
+        return inner.visual.merger(run.hidden), {}  # (U, C_out): one row per kept 2x2 group
 
-    def vision_place(self, visual, call: VisualCall, run: VisionRun, features, extras) -> EncodedVisual:
+    def vision_place(self, inner, call: VisualCall, run: VisionRun, features, extras) -> EncodedVisual:
         """Kept groups back in raster order, split per item (`order` is the global raster id)."""
         permutation = torch.argsort(run.order)
         order = run.order[permutation]
@@ -239,6 +239,10 @@ class QwenAdapter(BackboneAdapter):
             vision_width=block.attn.qkv.out_features // 3, merger=visual.merger, decoder_layer=layer,
             q_width=layer.self_attn.q_proj.out_features, lm_head=model.lm_head, taps=self.cost_taps(visual),
         )  # fmt: skip
+
+    def flop_inputs(self, config, inputs) -> tuple[list, int]:
+        grids = [row for key in _GRIDS.values() if inputs.get(key) is not None for row in inputs[key].tolist()]
+        return grids, self.text_tokens(config, inputs)
 
     def cost_taps(self, visual) -> dict[int, torch.nn.Module]:
         return {}

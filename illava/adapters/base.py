@@ -25,7 +25,7 @@ An adapter MUST provide (abstract methods below, grouped):
   ``local_files_only``), `size_multiple`, `flops`.
 
 It MAY assume: the engine calls `vision_prepare` once per encoder call and then the block
-methods in order; a merging block's attention half runs with its attention module's queries and
+methods in order, each with the inner multimodal model; a merging block's attention half runs with its attention module's queries and
 keys captured; `vision_place` receives features for exactly the units `VisionRun.order` lists;
 `prefill_positions` is called once per prefill with the bound forward arguments.
 
@@ -66,9 +66,12 @@ class BackboneAdapter(ABC):
     position_rows: ClassVar[int] = 3
     #: The turn end the family's chat template writes after an answer.
     end_of_turn: ClassVar[str] = "<|im_end|>"
-    #: Per-token features that ride along the LLM sequence and merge like hidden states
-    #: (name -> trailing shape given the config); empty for most families.
+    #: Per-token features that ride along the LLM sequence and merge like hidden states; empty for
+    #: most families (their shapes: `llm_extra_shapes`).
     llm_extras: ClassVar[tuple[str, ...]] = ()
+    #: Whether videos can merge before the LLM (False: the family transforms frames after its
+    #: encoder in a way kept tokens cannot follow; only LLM merges apply to videos).
+    encoder_merges_video: ClassVar[bool] = True
 
     # ------------------------------------------------------------------ identity
     @abstractmethod
@@ -103,9 +106,9 @@ class BackboneAdapter(ABC):
         return config.text_config
 
     @abstractmethod
-    def vision_blocks(self, visual: torch.nn.Module) -> Sequence[torch.nn.Module]: ...
+    def vision_blocks(self, inner: torch.nn.Module) -> Sequence[torch.nn.Module]: ...
 
-    def vision_block_windowed(self, visual: torch.nn.Module, index: int) -> bool:
+    def vision_block_windowed(self, inner: torch.nn.Module, index: int) -> bool:
         """Whether block `index` attends within windows (else within whole segments)."""
         return False
 
@@ -117,7 +120,14 @@ class BackboneAdapter(ABC):
         return layer.self_attn
 
     def attention_scale(self, attention: torch.nn.Module) -> float:
-        return attention.scaling
+        """The softmax scale of an attention module (transformers names it ``scaling``; CLIP-style ``scale``)."""
+        scale = getattr(attention, "scaling", None)
+        return attention.scale if scale is None else scale
+
+    def vision_queries_keys(self, captured, run: VisionRun) -> tuple[torch.Tensor, torch.Tensor]:
+        """(H, N, D) queries and keys of a merging block from what its attention call captured (the
+        packed towers pass one sequence: batch row 0)."""
+        return captured.query[0], captured.key[0]
 
     # ------------------------------------------------------------------ encoder
     @abstractmethod
@@ -126,36 +136,36 @@ class BackboneAdapter(ABC):
         ``get_<modality>_features`` (None when there are no such pixels)."""
 
     @abstractmethod
-    def vision_prepare(self, visual: torch.nn.Module, call: VisualCall) -> VisionRun: ...
+    def vision_prepare(self, inner: torch.nn.Module, call: VisualCall) -> VisionRun: ...
 
     @abstractmethod
     def vision_block(
-        self, visual: torch.nn.Module, block: torch.nn.Module, run: VisionRun, cu: torch.Tensor, cu_host: list[int]
+        self, inner: torch.nn.Module, block: torch.nn.Module, run: VisionRun, cu: torch.Tensor, cu_host: list[int]
     ) -> torch.Tensor:
         """One block, unmerged, on ``run.hidden``; returns the new hidden states."""
 
     @abstractmethod
     def vision_attention_half(
-        self, visual: torch.nn.Module, block: torch.nn.Module, run: VisionRun, cu: torch.Tensor, cu_host: list[int]
+        self, inner: torch.nn.Module, block: torch.nn.Module, run: VisionRun, cu: torch.Tensor, cu_host: list[int]
     ) -> torch.Tensor:
         """hidden + attention(norm(hidden)): the block up to where the merge goes."""
 
     @abstractmethod
-    def vision_ffn_half(self, visual: torch.nn.Module, block: torch.nn.Module, run: VisionRun) -> torch.Tensor:
+    def vision_ffn_half(self, inner: torch.nn.Module, block: torch.nn.Module, run: VisionRun) -> torch.Tensor:
         """hidden + mlp(norm(hidden)): the rest of the block, on the merged ``run.hidden``."""
 
-    def after_vision_block(self, visual: torch.nn.Module, index: int, run: VisionRun) -> None:
+    def after_vision_block(self, inner: torch.nn.Module, index: int, run: VisionRun) -> None:
         """Record taps (DeepStack, selected feature layers) after block `index`; default none."""
         return None
 
     @abstractmethod
-    def vision_project(self, visual: torch.nn.Module, run: VisionRun) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def vision_project(self, inner: torch.nn.Module, run: VisionRun) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(features (U, C_out) of the surviving units in run order, extras (U, ...) by name)."""
 
     @abstractmethod
     def vision_place(
         self,
-        visual: torch.nn.Module,
+        inner: torch.nn.Module,
         call: VisualCall,
         run: VisionRun,
         features: torch.Tensor,
@@ -226,6 +236,18 @@ class BackboneAdapter(ABC):
         """Prefill FLOPs of encoding `grids` (the family's size description) under `schedule`."""
 
     @abstractmethod
+    def flop_inputs(self, config: Any, inputs: Any) -> tuple[list, int]:
+        """(the `flops` description of a `build_inputs` batch's visual inputs, its other prompt tokens)."""
+
+    def text_tokens(self, config: Any, inputs: Any) -> int:
+        """Prompt tokens of a batch that are not image or video placeholders."""
+        ids = (
+            inputs["input_ids"][inputs["attention_mask"].bool()] if "attention_mask" in inputs else inputs["input_ids"]
+        )
+        placeholders = torch.tensor([self.placeholder_token_id(config, modality) for modality in ("image", "video")])
+        return int((~torch.isin(ids, placeholders.to(ids.device))).sum())
+
+    @abstractmethod
     def cost_modules(self, model: torch.nn.Module) -> CostModules:
         """The modules whose shapes set the per-token costs (`illava.flops.module_costs` builds the
         model on the meta device and reads them)."""
@@ -245,7 +267,7 @@ class BackboneAdapter(ABC):
     def builtin_image_processor(self, spec: Any) -> Any:
         raise NotImplementedError(f"{self.family} has no built-ins")
 
-    def vision_timing_modules(self, visual: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
+    def vision_timing_modules(self, inner: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
         """(first module of the encoder, its projector): the profiler times the encoder from the
         first's forward pre-hook to the second's, and the projector until its forward hook."""
         raise NotImplementedError(f"{self.family}: no encoder timing hooks")

@@ -46,10 +46,11 @@ class Qwen2_5_VLAdapter(QwenAdapter):
     inner_class = Qwen2_5_VLModel
     timed_videos = True
 
-    def vision_block_windowed(self, visual, index: int) -> bool:
-        return index not in visual.fullatt_block_indexes
+    def vision_block_windowed(self, inner, index: int) -> bool:
+        return index not in inner.visual.fullatt_block_indexes
 
-    def vision_prepare(self, visual, call: VisualCall) -> VisionRun:
+    def vision_prepare(self, inner, call: VisualCall) -> VisionRun:
+        visual = inner.visual
         grid = call.meta["grid_thw"]
         unit = visual.spatial_merge_unit
         hidden = visual.patch_embed(call.pixel_values.type(visual.dtype))  # (N, C)

@@ -45,7 +45,8 @@ class Qwen2VLAdapter(QwenAdapter):
     outer_class = Qwen2VLForConditionalGeneration
     inner_class = Qwen2VLModel
 
-    def vision_prepare(self, visual, call: VisualCall) -> VisionRun:
+    def vision_prepare(self, inner, call: VisualCall) -> VisionRun:
+        visual = inner.visual
         unit = visual.spatial_merge_size**2
         hidden = visual.patch_embed(call.pixel_values.type(visual.dtype))  # (N, C), groups of 4 consecutive
         cos, sin = visual.rotary_pos_emb(

@@ -66,7 +66,8 @@ class Qwen3VLAdapter(QwenAdapter):
     llm_extras = (DEEPSTACK,)
 
     # ------------------------------------------------------------------ encoder
-    def vision_prepare(self, visual, call: VisualCall) -> VisionRun:
+    def vision_prepare(self, inner, call: VisualCall) -> VisionRun:
+        visual = inner.visual
         grid = call.meta["grid_thw"]
         unit = visual.spatial_merge_size**2
         indices, weights = get_vision_interpolation_indices_and_weights(
@@ -81,11 +82,12 @@ class Qwen3VLAdapter(QwenAdapter):
         run.taps[DEEPSTACK] = []
         return run
 
-    def after_vision_block(self, visual, index: int, run: VisionRun) -> None:
-        if index in visual.deepstack_visual_indexes:
+    def after_vision_block(self, inner, index: int, run: VisionRun) -> None:
+        if index in inner.visual.deepstack_visual_indexes:
             run.taps[DEEPSTACK].append(run.hidden)
 
-    def vision_project(self, visual, run: VisionRun):
+    def vision_project(self, inner, run: VisionRun):
+        visual = inner.visual
         stacked = torch.stack(
             [merger(tap) for merger, tap in zip(visual.deepstack_merger_list, run.taps[DEEPSTACK], strict=True)], dim=1
         )  # (U, k, C_out)

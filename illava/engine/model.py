@@ -36,7 +36,7 @@ def _original(cls: type) -> type:
 def _encode_call(inner, state: EngineState, call) -> EncodedVisual:
     adapter, schedule = state.adapter, state.schedule
     plans = [schedule.plan(size) for layout in call.items for size in layout.segment_sizes]
-    return encode(adapter, adapter.vision_tower(inner), call, schedule, plans, time_merges=state.time_merges)
+    return encode(adapter, inner, call, schedule, plans, time_merges=state.time_merges)
 
 
 # ----------------------------------------------------------------------------------- inner forward

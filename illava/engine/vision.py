@@ -190,21 +190,23 @@ def check_map(merge_map: MergeMap, specs: list[SegmentSpec], where: str) -> None
 
 
 def encode(
-    adapter, visual: torch.nn.Module, call: VisualCall, schedule: Schedule, plans: list[Plan], *, time_merges: bool
+    adapter, inner: torch.nn.Module, call: VisualCall, schedule: Schedule, plans: list[Plan], *, time_merges: bool
 ) -> EncodedVisual:
     """Run the vision encoder of `call` with the merges `plans` (one per segment of the call's
     items, in order) ask for; see the module docstring."""
     method, params = schedule.reduction_method, schedule.params
-    run = adapter.vision_prepare(visual, call)
+    run = adapter.vision_prepare(inner, call)
     timer = MergeTimer(time_merges, run.device)
-    blocks = adapter.vision_blocks(visual)
-    if len(plans) != len(run.segment_units):
+    blocks = adapter.vision_blocks(inner)
+    merging = {step.layer for plan in plans for step in plan.encoder if step.removed}
+    between = [plan.between for plan in plans]
+    merges_before_llm = bool(merging) or any(step is not None and step.removed for step in between)
+    if merges_before_llm and run.no_encoder_merge:
+        raise ScheduleError(f"illava: {run.no_encoder_merge}")
+    if merges_before_llm and len(plans) != len(run.segment_units):
         raise RuntimeError(
             f"illava: the adapter made {len(run.segment_units)} encoder segments for {len(plans)} planned"
         )
-    merging = {step.layer for plan in plans for step in plan.encoder if step.removed}
-    if merging and run.no_encoder_merge:
-        raise ScheduleError(f"illava: {run.no_encoder_merge}")
     first = min(merging) if merging and run.drop_before_merge is not None else None  # where the drop goes
     encoder_units: list[list[int]] = []
     for index, block in enumerate(blocks):
@@ -212,20 +214,19 @@ def encode(
             with timer:
                 _drop(run)
         encoder_units.append(list(run.segment_units))
-        windowed = adapter.vision_block_windowed(visual, index)
+        windowed = adapter.vision_block_windowed(inner, index)
         if index in merging:
             steps = [plan.encoder[schedule.encoder_layers.index(index)] for plan in plans]
-            _merging_block(adapter, visual, block, index, windowed, run, steps, method, params, timer)
+            _merging_block(adapter, inner, block, index, windowed, run, steps, method, params, timer)
         else:
             cu, cu_host = run.attention_bounds(windowed)
-            run.hidden = adapter.vision_block(visual, block, run, cu, cu_host)
-        adapter.after_vision_block(visual, index, run)
-    features, extras = adapter.vision_project(visual, run)  # (U, C_out) per unit, in run order
-    between = [plan.between for plan in plans]
+            run.hidden = adapter.vision_block(inner, block, run, cu, cu_host)
+        adapter.after_vision_block(inner, index, run)
+    features, extras = adapter.vision_project(inner, run)  # (U, C_out) per unit, in run order
     if any(step is not None and step.removed for step in between):
         with timer:
             features, extras = _between(run, features, extras, between, method, params)
-    encoded = adapter.vision_place(visual, call, run, features, extras)
+    encoded = adapter.vision_place(inner, call, run, features, extras)
     encoded.encoder_units = encoder_units
     encoded.merge_seconds = timer.seconds
     return encoded
@@ -238,7 +239,7 @@ def _drop(run: VisionRun) -> None:
     run.drop_before_merge = None
 
 
-def _merging_block(adapter, visual, block, index, windowed, run, steps, method, params, timer) -> None:
+def _merging_block(adapter, inner, block, index, windowed, run, steps, method, params, timer) -> None:
     """One vision block with Token_Merge between attention and FFN (paper eq. 1)."""
     for segment, (units, step) in enumerate(zip(run.segment_units, steps, strict=True)):
         if step.tokens_in != units:
@@ -248,18 +249,18 @@ def _merging_block(adapter, visual, block, index, windowed, run, steps, method, 
     cu, cu_host = run.attention_bounds(windowed)
     attention = adapter.vision_attention(block)
     with capture(attention, enabled=method.uses_importance) as captured:
-        hidden = adapter.vision_attention_half(visual, block, run, cu, cu_host)
+        hidden = adapter.vision_attention_half(inner, block, run, cu, cu_host)
     with timer:
         specs = segment_specs(steps, run.segment_index_in_item)
+        query, key = adapter.vision_queries_keys(captured, run) if captured else (None, None)
         request = StageRequest(
-            stage="encoder", layer=index, hidden=hidden,
-            query=captured.query[0] if captured else None, key=captured.key[0] if captured else None,
+            stage="encoder", layer=index, hidden=hidden, query=query, key=key,
             segments=specs, unit=run.unit, scale=adapter.attention_scale(attention), attention_bounds=cu_host,
         )  # fmt: skip
         merge_map = method.merge(params, request)
         check_map(merge_map, specs, f"vision block {index}")
         run.take(merge_map, hidden, [step.kept for step in steps])
-    run.hidden = adapter.vision_ffn_half(visual, block, run)
+    run.hidden = adapter.vision_ffn_half(inner, block, run)
 
 
 def _between(run, features, extras, steps, method, params):
