@@ -33,7 +33,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import illava  # noqa: E402
 from illava import PAPER_REDUCTIONS, Schedule  # noqa: E402
 from illava.backbones import Backbone, build_config, build_image_processor, build_tokenizer, load_backbone  # noqa: E402
-from illava.flops import predicted_speedup  # noqa: E402
 from illava.inputs import Sample, build_inputs, synthetic_image  # noqa: E402
 from profiler import Timing, time_call, time_once  # noqa: E402
 from profiler.hardware import cpu_model  # noqa: E402
@@ -64,7 +63,7 @@ def seven_b_shape(attn: str, dtype: torch.dtype, device: torch.device) -> Backbo
         torch.manual_seed(0)
         model = Qwen2_5_VLForConditionalGeneration._from_config(config, attn_implementation=attn, dtype=dtype)
     return Backbone(model=model.eval(), tokenizer=build_tokenizer(), image_processor=build_image_processor(),
-                    name="7b-shape")  # fmt: skip
+                    name="7b-shape", adapter=illava.adapter_for(model))  # fmt: skip
 
 
 @dataclass
@@ -149,7 +148,7 @@ def bench_size(backbone, size: int, repeats: int, warmup: int, device: torch.dev
                 encoder_t,
                 total_t,
                 share,
-                predicted_speedup(model.config, schedule, grids, text_tokens),
+                illava.predicted_speedup(model.config, schedule, grids, text_tokens),
             )
         )
     illava.remove(model)

@@ -21,7 +21,7 @@ import torch
 from .adapters import BackboneAdapter, adapter_for, adapter_for_config, register_adapter, supported_models
 from .engine import model as _engine
 from .errors import ScheduleError, UnsupportedModelError
-from .flops import Flops, predicted_speedup, prefill_flops
+from .flops import Flops
 from .methods import ReductionMethod, get_method, method_names, register_method
 from .schedule import PAPER_REDUCTIONS, SCHEMA_VERSION, LayerStep, Plan, Schedule
 
@@ -59,6 +59,23 @@ def __getattr__(name: str) -> Any:
     if name == "SUPPORTED_MODELS":  # the registered adapters' classes, read at use
         return supported_models()
     raise AttributeError(name)
+
+
+def prefill_flops(config: Any, schedule: Schedule, grids: Any, text_tokens: int) -> Flops:
+    """Prefill FLOPs of encoding `grids` and prefilling them with `text_tokens` other prompt tokens,
+    under `schedule`, for a config of any supported family (`illava.flops` says what is counted).
+
+    `grids` is the family's description of the visual inputs -- for the Qwen families the processor's
+    ``(t, h, w)`` patch grids -- and ``adapter.flop_inputs(config, batch)`` reads both off a batch.
+    Exact for the unmerged model (tests hold it against torch's FLOP counter for every family)."""
+    return adapter_for_config(config).flops(config, schedule, grids, text_tokens)
+
+
+def predicted_speedup(config: Any, schedule: Schedule, grids: Any, text_tokens: int) -> float:
+    """Vanilla prefill FLOPs over `schedule`'s: the speedup a compute-bound run would show."""
+    grids = list(grids)
+    vanilla = prefill_flops(config, Schedule.vanilla(), grids, text_tokens)
+    return vanilla.total / prefill_flops(config, schedule, grids, text_tokens).total
 
 
 def depths(model_or_config: Any) -> tuple[int, int]:

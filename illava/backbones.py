@@ -41,15 +41,10 @@ from typing import Any
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import (
-    AutoImageProcessor,
-    AutoModelForImageTextToText,
-    AutoTokenizer,
-    GenerationConfig,
-    PreTrainedTokenizerFast,
-)
+from transformers import GenerationConfig, PreTrainedTokenizerFast
 
-from .adapters import BackboneAdapter, adapter_for, adapter_for_config, adapters
+from .adapters import BackboneAdapter, adapter_for_config, adapters
+from .adapters.base import Backbone
 from .errors import UnsupportedModelError
 from .inputs import Sample, build_inputs, synthetic_image
 
@@ -69,26 +64,6 @@ TOKENIZER_VOCAB_SIZE = 3072
 DEMO_CHECKPOINT = Path(__file__).parent / "checkpoints" / "demo"
 #: Built-ins loaded from a committed checkpoint rather than built with seeded weights.
 TRAINED_BACKBONES = {"demo": DEMO_CHECKPOINT}
-
-
-@dataclass
-class Backbone:
-    """A model with the tokenizer and image processor that belong to it. `adapter` is its family's
-    (found from the model when not given; a model-less backbone for building inputs needs one)."""
-
-    model: Any
-    tokenizer: PreTrainedTokenizerFast
-    image_processor: Any
-    name: str
-    adapter: BackboneAdapter | None = None
-
-    def __post_init__(self) -> None:
-        if self.adapter is None and self.model is not None:
-            self.adapter = adapter_for(self.model)
-
-    @property
-    def config(self) -> Any:
-        return self.model.config
 
 
 # ---------------------------------------------------------------------------------------------
@@ -330,14 +305,6 @@ def special_ids(tokenizer: PreTrainedTokenizerFast, tokens: tuple[str, ...] = ()
     return {**ids, "pad": ids[PAD_TOKEN], "eos": ids[IM_END]}
 
 
-def mrope_section(head_dim: int) -> list[int]:
-    """Split head_dim/2 rotary frequencies over (t, h, w) as the real Qwen models do (16, 24, 24 of 64)."""
-    half = head_dim // 2
-    t = half // 4
-    h = (half - t) // 2
-    return [t, h, half - t - h]
-
-
 # ---------------------------------------------------------------------------------------------
 # Configs, processors and generation settings of the built-ins
 # ---------------------------------------------------------------------------------------------
@@ -459,23 +426,6 @@ def backbone_config(name_or_path: str | Path):
     except UnsupportedModelError as error:
         raise ValueError(f"backbone {name!r}: {error}") from None
     return AutoConfig.from_pretrained(path, local_files_only=True)
-
-
-def load_with_auto_classes(adapter: BackboneAdapter, path: Path, *, attn_implementation: str, dtype: torch.dtype):
-    """A checkpoint through transformers' Auto classes (model, tokenizer, image processor), checked
-    to be of the adapter's family."""
-    model = AutoModelForImageTextToText.from_pretrained(
-        path, attn_implementation=attn_implementation, dtype=dtype, local_files_only=True
-    ).eval()
-    if adapter.inner_model(model) is None:
-        raise ValueError(
-            f"backbone {str(path)!r} loaded as {type(model).__name__}, which the {adapter.family} adapter does not "
-            f"patch (it patches {', '.join(adapter.class_names)})"
-        )
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    tokenizer.padding_side = "left"
-    image_processor = AutoImageProcessor.from_pretrained(path, local_files_only=True)
-    return Backbone(model, tokenizer, image_processor, str(path), adapter)
 
 
 def save_backbone(backbone: Backbone, path: str | Path) -> Path:

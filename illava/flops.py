@@ -16,6 +16,10 @@ What is counted (a multiply-add is 2 FLOPs):
 * the projector on the tokens that leave the encoder, and ``lm_head`` on the last prompt token only
   (what ``generate`` computes at prefill).
 
+Which family a config is of, and so how its tokens are laid out, is the adapter's business:
+`illava.prefill_flops` and `illava.predicted_speedup` dispatch to the adapter's ``flops``, which
+builds on the helpers here.
+
 What is not: norms, rotary embeddings, softmax, activations, residual adds, embedding lookups
 (all linear in the token count and small next to the matmuls), and the cost of the merge itself
 (importance scores, recycling), which is what a measurement adds on top of this ideal.
@@ -28,11 +32,10 @@ Token bookkeeping follows `illava.schedule`: a plan counts LLM tokens, an encode
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from illava.schedule import Plan, Schedule
+from illava.schedule import Plan
 
 
 @dataclass(frozen=True)
@@ -114,22 +117,20 @@ def linear_flops(module: Any) -> float:
     return float(sum(2 * m.in_features * m.out_features for m in module.modules() if isinstance(m, torch.nn.Linear)))
 
 
-def module_costs(config: Any) -> ModuleCosts:
+def module_costs(adapter: Any, config: Any) -> ModuleCosts:
     """Per-unit costs read off the modules of a model built from `config` on the meta device (no
-    memory, no initialisation), so they follow the real module shapes by construction."""
-    return _module_costs(type(config), config.to_json_string(use_diff=False))
+    memory, no initialisation) by the family's `adapter`, so they follow the real module shapes by
+    construction."""
+    return _module_costs(adapter, type(config), config.to_json_string(use_diff=False))
 
 
 @functools.lru_cache(maxsize=16)
-def _module_costs(config_class: type, config_json: str) -> ModuleCosts:
+def _module_costs(adapter: Any, config_class: type, config_json: str) -> ModuleCosts:
     import json
 
     import torch
 
-    from .adapters import adapter_for_config
-
     config = config_class.from_dict(json.loads(config_json))
-    adapter = adapter_for_config(config)
     with torch.device("meta"):
         model = adapter.classes()[0]._from_config(config)
     modules = adapter.cost_modules(model)
@@ -169,23 +170,3 @@ def llm_layers(
         flops.append(n_tokens * units.llm_linear + causal_pairs(n_tokens, window) * units.llm_pair)
         tokens.append(n_tokens)
     return tuple(flops), tuple(tokens)
-
-
-def prefill_flops(config: Any, schedule: Schedule, grids: Iterable[Any], text_tokens: int) -> Flops:
-    """FLOPs of encoding `grids` and prefilling them with `text_tokens` other prompt tokens.
-
-    `grids` is the family's description of the visual inputs (for the Qwen families the
-    processor's ``(t, h, w)`` patch grids; see the adapter's ``flops``); `text_tokens` counts every
-    prompt token that is not an image/video placeholder. Exact for the unmerged model (a test holds
-    it against torch's FLOP counter); the approximations under merging are the adapter's to state.
-    """
-    from .adapters import adapter_for_config
-
-    return adapter_for_config(config).flops(config, schedule, grids, text_tokens)
-
-
-def predicted_speedup(config: Any, schedule: Schedule, grids: Iterable[Any], text_tokens: int) -> float:
-    """Vanilla prefill FLOPs over `schedule`'s: the speedup a compute-bound run would show."""
-    grids = list(grids)
-    vanilla = prefill_flops(config, Schedule.vanilla(), grids, text_tokens)
-    return vanilla.total / prefill_flops(config, schedule, grids, text_tokens).total

@@ -22,8 +22,9 @@ def _demo(args: argparse.Namespace) -> int:
 # costs about what the removed tokens save, so there is no speedup to show (docs/benchmarks.md).
 DEFAULT_BACKBONE = "demo"
 BACKBONE_HELP = (
-    "demo (trained, committed: illava/checkpoints/demo), small, tiny (seeded weights), or a local checkpoint "
-    "directory (default: %(default)s)"
+    "demo (trained, committed: illava/checkpoints/demo); tiny, small, tiny-qwen2-vl, tiny-qwen3-vl, "
+    "tiny-llava-onevision (seeded weights); or a local checkpoint directory of a supported family, "
+    "found by its config.json's model_type (default: %(default)s)"
 )
 WORKLOAD_HELP = "a preset name or a YAML/JSON file (default: demo-vqa for the demo backbone, else single-448)"
 
@@ -86,6 +87,9 @@ def _tuning_commands(commands) -> None:
     submit.add_argument("--trials", type=int, default=12)
     submit.add_argument("--workers", type=int, default=1, help="CPU workers (GPU clusters: one per GPU)")
     submit.add_argument("--reduction", default="0.5:0.95", help="a ratio (0.778) or a range (0.5:0.95)")
+    submit.add_argument(
+        "--encoder-share", default="0:0.8", help="share of the removal done in the encoder: a value (0) or a range"
+    )
     submit.add_argument("--min-retention", type=float, help="accuracy retention floor, e.g. 0.95")
     submit.add_argument("--max-memory-mib", type=float, help="peak memory cap")
     submit.add_argument("--max-latency-ms", type=float, help="prefill latency cap")

@@ -10,7 +10,6 @@ import torch
 import illava
 from illava import PAPER_REDUCTIONS, Schedule
 from illava.backbones import load_backbone
-from illava.flops import predicted_speedup
 from illava.inputs import Sample, build_inputs, synthetic_image
 from profiler import Timing, time_call
 
@@ -35,8 +34,9 @@ def run_demo(
     backbone = load_backbone(backbone_name)
     model = backbone.model
     batch = build_inputs(backbone, [Sample(PROMPT, [synthetic_image(image_size, 0)])])
-    text_tokens = int((batch["input_ids"] != model.config.image_token_id).sum())
-    grids = batch["image_grid_thw"].tolist()
+    adapter = backbone.adapter
+    grids, text_tokens = adapter.flop_inputs(model.config, batch)
+    image_tokens = sum(adapter.image_tokens(adapter.inner_model(model), batch))
     rows = []
     for reduction in (0.0, *PAPER_REDUCTIONS):
         schedule = illava.paper_default_for(model, reduction)
@@ -51,10 +51,15 @@ def run_demo(
             stats = illava.last_stats(model)
             llm_in, final = int(stats.llm_image_tokens[0].sum()), int(stats.llm_image_tokens[-1].sum())
         else:
-            llm_in = final = int((batch["input_ids"] == model.config.image_token_id).sum())
+            llm_in = final = image_tokens
         rows.append(
             DemoRow(
-                label, schedule, llm_in, final, timing, predicted_speedup(model.config, schedule, grids, text_tokens)
+                label,
+                schedule,
+                llm_in,
+                final,
+                timing,
+                illava.predicted_speedup(model.config, schedule, grids, text_tokens),
             )
         )
     illava.remove(model)

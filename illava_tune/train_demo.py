@@ -59,7 +59,6 @@ from illava.backbones import DEMO_CHECKPOINT, DEMO_SPEC, Backbone, build_untrain
 from illava.engine.capture import capture
 from illava.inputs import Sample, build_inputs, chat_turn
 from profiler.accuracy import accuracy_by_category, choose, end_of_turn
-from profiler.datasets import MCQItem
 from profiler.demo_vqa import (
     COLOURS,
     DEFAULT_IMAGE_SIZE,
@@ -70,6 +69,7 @@ from profiler.demo_vqa import (
     demo_split,
     four_options,
 )
+from profiler.items import MCQItem
 
 STATE_FILE = "train_state.pt"
 SLICE = 100  # test questions the committed checkpoint's test re-scores

@@ -70,7 +70,7 @@ def cmd_submit(args) -> int:
     from optimizer import Constraints, SearchSpace, parse_range
 
     database = _database(args, create=True)
-    space = SearchSpace(reduction=parse_range(args.reduction))
+    space = SearchSpace(reduction=parse_range(args.reduction), encoder_share=parse_range(args.encoder_share))
     constraints = Constraints(min_retention=args.min_retention, max_memory_mib=args.max_memory_mib,
                               max_latency_ms=args.max_latency_ms)  # fmt: skip
     workload = _workload(args)

@@ -10,7 +10,7 @@ from .api import (
     front,
     manifest,
     published,
-    seed_reductions,
+    seed_reductions,  # noqa: F401  (re-exported: the optimizer's, used by submit)
     start_background,
     status,
     submit,

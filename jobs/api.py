@@ -13,15 +13,14 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import illava
 from db import Database, queries
-from illava import PAPER_REDUCTIONS, Schedule
-from optimizer import Constraints, SearchSpace, best_for_target
+from illava import Schedule
+from optimizer import Constraints, SearchSpace, best_for_target, seed_reductions
 
-if TYPE_CHECKING:
-    from .driver import Progress
+from .driver import Progress, point, progress
 
 SAMPLERS = ("tpe", "nsga2", "random")
 
@@ -37,22 +36,19 @@ class JobStatus:
     progress: Progress  # trials done / total, failed, front size, elapsed, estimate of what is left
 
 
-def seed_reductions(space: SearchSpace) -> list[float]:
-    """The reductions the study starts from: the paper's ratios inside the searched range."""
-    if isinstance(space.reduction, float | int):
-        return [float(space.reduction)]
-    low, high = space.reduction
-    inside = [r for r in PAPER_REDUCTIONS if low <= r <= high]
-    return inside or [(low + high) / 2]
-
-
-def _check_backbone(backbone: str, workload) -> tuple[int, int]:
-    """Depths of the backbone's encoder and LLM, and the workload checked against it; fails like
-    loading would, without loading weights."""
+def _check_backbone(backbone: str, workload, space: SearchSpace) -> tuple[int, int]:
+    """Depths of the backbone's encoder and LLM, with the workload and the space checked against the
+    backbone's family; fails like loading would, without loading weights."""
     from illava.backbones import backbone_config
 
     config = backbone_config(backbone)
-    workload.check_fits(illava.adapter_for_config(config).size_multiple(config), backbone)
+    adapter = illava.adapter_for_config(config)
+    workload.check_fits(adapter.size_multiple(config), backbone)
+    if workload.video_frames and not adapter.encoder_merges_video and SearchSpace.bounds(space.encoder_share)[1] > 0:
+        raise ValueError(
+            f"backbone {backbone!r} ({adapter.family}) cannot merge videos before its LLM, and workload "
+            f"{workload.name!r} has video: search the LLM alone with --encoder-share 0"
+        )
     return illava.depths(config)
 
 
@@ -78,8 +74,8 @@ def submit(
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; allowed: {', '.join(SAMPLERS)}")
     workload = resolve_workload(workload)
-    encoder_depth, llm_depth = _check_backbone(backbone, workload)
     space = space or SearchSpace()
+    encoder_depth, llm_depth = _check_backbone(backbone, workload, space)
     space.check_fits(encoder_depth=encoder_depth, llm_depth=llm_depth)
     constraints = constraints or Constraints()
     constraints.check_satisfiable()
@@ -118,8 +114,6 @@ def start_background(database: Database, job_id: str, log_dir: Path = Path(".ill
 
 def status(database: Database, job_id: str) -> JobStatus:
     from datetime import UTC, datetime
-
-    from .driver import progress
 
     with database.session() as s:
         job = queries.get_job(s, job_id)
@@ -169,8 +163,6 @@ def best(database: Database, *, backbone: str, latency_ms: float, hardware: str 
             rows = [row for row in rows if row.job_id == queries.get_job(s, job).id]
         if not rows:
             raise ValueError(f"no published schedules for backbone {backbone!r}; run `illava-tune submit` first")
-        from .driver import point
-
         return best_for_target([point(row) for row in rows], latency_ms=latency_ms, max_memory_mib=max_memory_mib,
                                min_retention=min_retention)  # fmt: skip
 

@@ -28,12 +28,12 @@ from optimizer import (
     make_study,
     metrics_summary,
     pareto_front,
+    seed_reductions,
     seed_study,
     tell_failure,
     tell_result,
 )
 
-from .api import seed_reductions
 from .worker import FAULTS_ENV, TrialWorker, parse_faults
 
 INTERRUPTED = "interrupted: the driver stopped while this trial was in flight"

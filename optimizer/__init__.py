@@ -15,9 +15,19 @@ measurements arrive as the plain dict ``profiler.Measurement.to_dict()`` gives.
 from .front import Choice, NoMatchError, Point, best_for_target, pareto_front
 from .objectives import Constraints, Metrics, Objectives, metrics_summary, retention_of
 from .space import SearchSpace, SearchSpaceError, parse_range, schedule_params
-from .study import SAMPLERS, SEED_ATTR, make_study, points_from_study, seed_study, tell_failure, tell_result
+from .study import (
+    SAMPLERS,
+    SEED_ATTR,
+    make_study,
+    points_from_study,
+    seed_reductions,
+    seed_study,
+    tell_failure,
+    tell_result,
+)
 
 __all__ = [
+    "seed_reductions",
     "SAMPLERS",
     "SEED_ATTR",
     "Choice",

@@ -102,6 +102,15 @@ def _sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
     return optuna.samplers.RandomSampler(seed=seed)
 
 
+def seed_reductions(space: SearchSpace) -> list[float]:
+    """The reductions the study starts from: the paper's ratios inside the searched range."""
+    if isinstance(space.reduction, float | int):
+        return [float(space.reduction)]
+    low, high = space.reduction
+    inside = [r for r in PAPER_REDUCTIONS if low <= r <= high]
+    return inside or [(low + high) / 2]
+
+
 def seed_study(
     study: optuna.Study,
     space: SearchSpace,
@@ -115,7 +124,9 @@ def seed_study(
     Returns the schedules newly enqueued, in order.
 
     The paper default uses the space's method and group size when the paper's ("illava", 5)
-    are not among its choices (the nearest group size), so `suggest` can reproduce it.
+    are not among its choices (the nearest group size), so `suggest` can reproduce it, and its
+    encoder share clipped into the space's range (a space that keeps merges out of the encoder, for
+    a backbone that cannot merge there, is never seeded with encoder merges).
     """
     schedules = [Schedule.vanilla()]
     for reduction in reductions:
@@ -137,7 +148,8 @@ def seed_study(
 
 def _within_choices(schedule: Schedule, space: SearchSpace) -> Schedule:
     method = schedule.method if schedule.method in space.methods else space.methods[0]
-    schedule = schedule.with_(method=method)
+    low, high = space.bounds(space.encoder_share)
+    schedule = schedule.with_(method=method, encoder_share=min(max(schedule.encoder_share, low), high))
     own = schedule.params.to_dict()
     if "group_size" not in own:
         return schedule

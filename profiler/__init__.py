@@ -2,8 +2,9 @@
 breakdown, decode speed, peak memory, accuracy and fidelity against the unmerged model, on the
 hardware it detects. Builds on `illava`; knows nothing of the optimizer, jobs or the database."""
 
-from .datasets import DatasetError, MCQItem, make_demo_dataset, parse_choice, read_dataset, write_dataset
+from .datasets import DatasetError, make_demo_dataset, parse_choice, read_dataset, write_dataset
 from .hardware import HardwareProfile, detect_hardware
+from .items import MCQItem
 from .measure import Fidelity, Measurement, Profiler, Spread
 from .memory import MemoryReading, MemorySampler, NvmlStatus, nvml_status
 from .timing import Timing, time_call, time_once

@@ -28,7 +28,7 @@ from transformers import BatchFeature
 from illava.backbones import Backbone
 from illava.inputs import build_inputs
 
-from .datasets import ANSWER_STYLES, MCQItem
+from .items import ANSWER_STYLES, MCQItem
 
 
 def end_of_turn(backbone: Backbone) -> str:

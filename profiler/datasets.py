@@ -33,21 +33,21 @@ import math
 import re
 from collections.abc import Iterator, Mapping
 from contextlib import closing
-from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
-from illava.inputs import IMAGE_MARKER, VIDEO_MARKER, Sample
+from .demo_vqa import demo_item, demo_split
+from .items import (
+    LETTERS,
+    MCQItem,
+    options_problem,
+)
 
-LETTERS = "ABCDEFGH"
 SUFFIXES = (".tsv", ".jsonl", ".parquet")
-ANSWER_INSTRUCTION = "Answer with the option's letter from the given choices directly."
 #: The instruction for models scored by the likelihood of each option's text (``answer="text"``).
-TEXT_ANSWER_INSTRUCTION = "Answer with the option's text."
-ANSWER_STYLES = ("letter", "text")
 _MISSING_TEXTS = ("", "nan")
 
 
@@ -57,68 +57,6 @@ class DatasetError(ValueError):
 
 class _RowError(Exception):
     """Reason a row is malformed; `read_dataset` adds the path and row number."""
-
-
-@dataclass(frozen=True)
-class MCQItem:
-    """One multiple-choice question with its decoded RGB images."""
-
-    index: str
-    question: str
-    options: dict[str, str]
-    answer: str
-    images: tuple[Image.Image, ...]
-    category: str | None = None
-    hint: str | None = None
-
-    def __post_init__(self) -> None:
-        reason = _options_problem(self.options, self.answer)
-        if reason:
-            raise ValueError(f"item {self.index!r}: {reason}")
-
-    def prompt(self, answer: str = "letter") -> str:
-        """The lmms-eval / VLMEvalKit prompt: images first, then hint, question, lettered options, instruction.
-
-        `answer` picks the instruction: ``letter`` (answer with the option's letter, the default) or
-        ``text`` (answer with the option's text, for models scored by option likelihood).
-
-        Literal ``<image>``/``<video>`` in the dataset's text would be taken for input markers, so they
-        are written as ``[image]``/``[video]``.
-        """
-        lines = [_escape(self.hint)] if self.hint else []
-        lines.append(_escape(self.question))
-        lines += [f"{letter}. {_escape(text)}" for letter, text in self.options.items()]
-        if answer not in ANSWER_STYLES:
-            raise ValueError(f"answer must be one of {', '.join(ANSWER_STYLES)}, got {answer!r}")
-        lines.append(ANSWER_INSTRUCTION if answer == "letter" else TEXT_ANSWER_INSTRUCTION)
-        return f"{IMAGE_MARKER}\n" * len(self.images) + "\n".join(lines)
-
-    def to_sample(self, answer: str = "letter") -> Sample:
-        """What `illava.inputs.build_inputs` takes (`answer` as in `prompt`)."""
-        return Sample(text=self.prompt(answer), images=list(self.images))
-
-
-def _escape(text: str) -> str:
-    return text.replace(IMAGE_MARKER, "[image]").replace(VIDEO_MARKER, "[video]")
-
-
-def option_letters(options: Mapping[str, str]) -> list[str]:
-    """The option letters present, in letter order."""
-    return [letter for letter in LETTERS if letter in options]
-
-
-def _options_problem(options: Mapping[str, str], answer: str) -> str | None:
-    """Why options/answer are unusable, or None; shared by the reader and MCQItem."""
-    letters = list(options)
-    if any(letter not in LETTERS for letter in letters):
-        return f"option keys must be letters {LETTERS[0]}-{LETTERS[-1]}, got {letters}"
-    if len(letters) < 2:
-        return f"needs at least 2 options, found {len(letters)} ({', '.join(letters) or 'none'})"
-    if letters != list(LETTERS[: len(letters)]):
-        return f"options must be consecutive from A in letter order, got {', '.join(letters)}"
-    if answer not in options:
-        return f"answer {answer!r} is not one of the row's options {', '.join(letters)}"
-    return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -231,7 +169,7 @@ def _item(row: Mapping[str, Any], number: int, base_dir: Path) -> MCQItem:
     answer = (_text(row, "answer") or "").upper()
     if not answer:
         raise _RowError("missing answer")
-    reason = _options_problem(options, answer)
+    reason = options_problem(options, answer)
     if reason:
         raise _RowError(reason)
     category = _text(row, "category") or _text(row, "l2-category") or _text(row, "l2_category")
@@ -423,16 +361,12 @@ BUILTIN_DATASETS = ("demo", "demo:test", "demo:val")
 
 
 def _builtin(name: str, limit: int | None) -> list[MCQItem]:
-    from .demo_vqa import demo_split
-
     split = "test" if name == "demo" else name.split(":", 1)[1]
     return demo_split(split, limit)
 
 
 def make_demo_dataset(n: int, *, seed: int = 0, image_size: int = 224) -> list[MCQItem]:
     """`n` demo VQA items from the seed stream ``seed{seed}`` (disjoint from train/val/test), at `image_size`."""
-    from .demo_vqa import demo_item
-
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be a positive integer, got {n!r}")
     return [demo_item(f"seed{seed}", i, image_size=image_size) for i in range(n)]

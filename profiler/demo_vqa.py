@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageDraw
 
-from .datasets import LETTERS, MCQItem
+from .items import LETTERS, MCQItem
 
 CATEGORIES = ("colour", "shape", "count", "position", "presence")
 SHAPES = ("circle", "square", "triangle", "cross")

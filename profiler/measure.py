@@ -35,8 +35,9 @@ from illava.backbones import Backbone, load_backbone
 from illava.inputs import Sample, build_inputs
 
 from .accuracy import answer_style, choose_by_text, letter_ids
-from .datasets import MCQItem, parse_choice, read_dataset
+from .datasets import parse_choice, read_dataset
 from .hardware import HardwareProfile, detect_hardware
+from .items import MCQItem
 from .memory import MemorySampler
 from .timing import Timing, time_once
 from .workload import Workload, batches, synthetic_samples
@@ -395,11 +396,9 @@ class Profiler:
         """(image tokens entering the LLM, mean tokens per LLM layer) per sample, for `batch`: from
         the stats of the last (timed) prefill when patched, from the inputs when not."""
         if not illava.is_applied(self.model):
-            adapter, config = self.backbone.adapter, self.model.config
-            ids = batch["input_ids"]
-            placeholders = [adapter.placeholder_token_id(config, modality) for modality in ("image", "video")]
-            visual = sum((ids == token).sum(dim=1) for token in placeholders).float()
-            return float(visual.mean()), float(batch["attention_mask"].sum(dim=1).float().mean())
+            adapter = self.backbone.adapter
+            image = adapter.image_tokens(adapter.inner_model(self.model), batch)
+            return sum(image) / len(image), float(batch["attention_mask"].sum(dim=1).float().mean())
         stats = illava.last_stats(self.model)
         image = float(stats.llm_image_tokens[0].float().mean())
         layers = float(torch.stack(stats.llm_sequence).float().mean())

@@ -17,15 +17,14 @@ from ..flops import Flops, llm_layers, module_costs
 from ..schedule import Schedule
 
 
-def llava_flops(config: Any, schedule: Schedule, grids: list, text_tokens: int) -> Flops:
-    from .llava_onevision import image_grid
-
+def llava_flops(adapter: Any, config: Any, schedule: Schedule, grids: list, text_tokens: int, *, image_grid) -> Flops:
+    """`image_grid(config, size, patched)`: the adapter's packed layout of one image."""
     vision, text = config.vision_config, config.text_config
-    depth = _depth(config)
+    depth = adapter.depths(config)[0]
     schedule.check_fits(encoder_depth=depth, llm_depth=text.num_hidden_layers)
     if text_tokens < 0:
         raise ValueError(f"text_tokens must be >= 0, got {text_tokens}")
-    units = module_costs(config).units
+    units = module_costs(adapter, config).units
     side = vision.image_size // vision.patch_size
     n = side * side
     tiles: list[tuple[int, Any]] = []  # (tokens before the first merge, plan or None for no encoder merge)
@@ -70,9 +69,3 @@ def llava_flops(config: Any, schedule: Schedule, grids: list, text_tokens: int) 
         encoder_tokens=tuple(tokens),
         llm_tokens=llm_tokens,
     )
-
-
-def _depth(config: Any) -> int:
-    from .llava_onevision import ADAPTER
-
-    return ADAPTER.depths(config)[0]

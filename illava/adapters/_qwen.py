@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -26,6 +25,14 @@ RESERVED = (VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD)
 
 _PIXELS = {"image": "pixel_values", "video": "pixel_values_videos"}
 _GRIDS = {"image": "image_grid_thw", "video": "video_grid_thw"}
+
+
+def mrope_section(head_dim: int) -> list[int]:
+    """Split head_dim/2 rotary frequencies over (t, h, w) as the real Qwen2/2.5-VL models do (16, 24, 24 of 64)."""
+    half = head_dim // 2
+    t = half // 4
+    h = (half - t) // 2
+    return [t, h, half - t - h]
 
 
 class QwenAdapter(BackboneAdapter):
@@ -256,12 +263,6 @@ class QwenAdapter(BackboneAdapter):
             patch_size=spec.patch_size, merge_size=2, temporal_patch_size=2,
             min_pixels=(2 * size) ** 2, max_pixels=size * size * 1280,
         )  # fmt: skip
-
-    # ------------------------------------------------------------------ loading
-    def load(self, path: Path, *, attn_implementation: str, dtype: torch.dtype):
-        from ..backbones import load_with_auto_classes
-
-        return load_with_auto_classes(self, path, attn_implementation=attn_implementation, dtype=dtype)
 
 
 # ----------------------------------------------------------------------------------- pixels

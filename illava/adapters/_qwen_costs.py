@@ -32,8 +32,9 @@ GridLike = Segment | Sequence[int]
 
 def unit_costs(config: Any) -> UnitCosts:
     """Per-unit FLOPs of a Qwen model, read off its modules (built on the meta device)."""
-    costs = module_costs(config)
-    return costs.units
+    from . import adapter_for_config
+
+    return module_costs(adapter_for_config(config), config).units
 
 
 def segments_of(grids: Iterable[GridLike], spatial_merge_size: int) -> list[Segment]:
@@ -118,7 +119,7 @@ def _encoder_blocks(
 
 
 def qwen_flops(
-    config: Any, schedule: Schedule, grids: Iterable[GridLike], text_tokens: int, *, windowed: bool
+    adapter: Any, config: Any, schedule: Schedule, grids: Iterable[GridLike], text_tokens: int, *, windowed: bool
 ) -> Flops:
     """FLOPs of encoding `grids` and prefilling them with `text_tokens` other prompt tokens.
 
@@ -138,7 +139,7 @@ def qwen_flops(
     segments = segments_of(grids, int_field(vision, "spatial_merge_size"))
     if not segments and text_tokens == 0:
         raise ValueError("an empty prompt: give at least one image/frame or one text token")
-    costs = module_costs(config)
+    costs = module_costs(adapter, config)
     units = costs.units
     group = vision.spatial_merge_size**2
     plans = [schedule.plan(s.grid_h * s.grid_w // group) for s in segments]

@@ -40,21 +40,38 @@ from __future__ import annotations
 import inspect
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
+from ..engine.model import SUPPORTED_ATTENTION
 from ..engine.vision import EncodedVisual, VisionRun, VisualCall
 
+__all__ = ["SUPPORTED_ATTENTION", "Backbone", "BackboneAdapter"]
+
 if TYPE_CHECKING:
-    from ..backbones import Backbone
     from ..flops import CostModules, Flops
     from ..inputs import Sample
     from ..schedule import Schedule
 
-#: Attention implementations the engine runs merges with (others are refused at `apply`).
-SUPPORTED_ATTENTION = ("eager", "sdpa", "flash_attention_2", "flash_attention_3")
+
+@dataclass
+class Backbone:
+    """A model with the tokenizer and image processor that belong to it, and its family's adapter
+    (``illava.adapter_for(model)`` finds it for a model; a model-less backbone, for building inputs
+    only, names it)."""
+
+    model: Any
+    tokenizer: Any
+    image_processor: Any
+    name: str
+    adapter: BackboneAdapter
+
+    @property
+    def config(self) -> Any:
+        return self.model.config
 
 
 class BackboneAdapter(ABC):
@@ -223,9 +240,23 @@ class BackboneAdapter(ABC):
     def chat_turn(self, text: str) -> str:
         """One user turn in the family's chat layout, ending where the assistant's answer starts."""
 
-    @abstractmethod
     def load(self, path: Path, *, attn_implementation: str, dtype: torch.dtype) -> Backbone:
-        """A local checkpoint directory of this family (config, weights, tokenizer, processor)."""
+        """A local checkpoint directory of this family (config, weights, tokenizer, processor),
+        through transformers' Auto classes with ``local_files_only``, checked to be of this family."""
+        from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
+
+        model = AutoModelForImageTextToText.from_pretrained(
+            path, attn_implementation=attn_implementation, dtype=dtype, local_files_only=True
+        ).eval()
+        if self.inner_model(model) is None:
+            raise ValueError(
+                f"backbone {str(path)!r} loaded as {type(model).__name__}, which the {self.family} adapter does "
+                f"not patch (it patches {', '.join(self.class_names)})"
+            )
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        tokenizer.padding_side = "left"
+        image_processor = AutoImageProcessor.from_pretrained(path, local_files_only=True)
+        return Backbone(model, tokenizer, image_processor, str(path), self)
 
     @abstractmethod
     def size_multiple(self, config: Any) -> int:
@@ -238,6 +269,24 @@ class BackboneAdapter(ABC):
     @abstractmethod
     def flop_inputs(self, config: Any, inputs: Any) -> tuple[list, int]:
         """(the `flops` description of a `build_inputs` batch's visual inputs, its other prompt tokens)."""
+
+    def image_tokens(self, inner: torch.nn.Module, inputs: Any) -> list[int]:
+        """Per sample, the image-content tokens of a batch's prompt (what plans count: placeholders
+        less structural ones such as newlines), from the host-side layouts."""
+        ids = inputs["input_ids"]
+        counts = [0] * ids.shape[0]
+        for modality in ("image", "video"):
+            call = self.visual_call(inner, modality, dict(inputs))
+            if call is None:
+                continue
+            per_row = (ids == self.placeholder_token_id(inner.config, modality)).sum(dim=1).tolist()
+            layouts = iter(call.items)
+            for row, placeholders in enumerate(per_row):
+                while placeholders > 0:
+                    layout = next(layouts)
+                    counts[row] += sum(layout.segment_sizes)
+                    placeholders -= layout.placeholders
+        return counts
 
     def text_tokens(self, config: Any, inputs: Any) -> int:
         """Prompt tokens of a batch that are not image or video placeholders."""

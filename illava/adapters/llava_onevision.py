@@ -44,6 +44,7 @@ from transformers.models.llava_onevision.modeling_llava_onevision import (
 from ..engine.vision import EncodedVisual, ItemLayout, VisionRun, VisualCall
 from ..inputs import IMAGE_MARKER, VIDEO_MARKER, Sample, left_pad, split_markers
 from . import register_adapter
+from ._llava_costs import llava_flops
 from .base import BackboneAdapter
 
 TAPS = "features"
@@ -452,11 +453,6 @@ class LlavaOnevisionAdapter(BackboneAdapter):
         }
         return BatchFeature({**text, **features})
 
-    def load(self, path, *, attn_implementation: str, dtype: torch.dtype):
-        from ..backbones import load_with_auto_classes
-
-        return load_with_auto_classes(self, path, attn_implementation=attn_implementation, dtype=dtype)
-
     # ------------------------------------------------------------------ cost
     def cost_modules(self, model):
         from ..flops import CostModules
@@ -472,9 +468,7 @@ class LlavaOnevisionAdapter(BackboneAdapter):
     def flops(self, config, schedule, grids, text_tokens):
         """`grids`: per image ``("image", (height, width), patched)``, per video ``("video", frames)``
         (what `flop_inputs` reads off a batch)."""
-        from ._llava_costs import llava_flops
-
-        return llava_flops(config, schedule, grids, text_tokens)
+        return llava_flops(self, config, schedule, grids, text_tokens, image_grid=image_grid)
 
     def flop_inputs(self, config, inputs) -> tuple[list, int]:
         grids: list = []

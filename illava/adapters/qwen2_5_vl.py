@@ -17,7 +17,7 @@ from transformers.vision_utils import get_vision_position_ids, get_vision_window
 
 from ..engine.vision import VisionRun, VisualCall
 from . import register_adapter
-from ._qwen import QwenAdapter
+from ._qwen import QwenAdapter, mrope_section
 from ._qwen_costs import qwen_flops
 
 
@@ -72,15 +72,13 @@ class Qwen2_5_VLAdapter(QwenAdapter):
         return self.run(call, hidden, cos, sin, window_index.to(hidden.device), unit, window=window)
 
     def flops(self, config, schedule, grids, text_tokens):
-        return qwen_flops(config, schedule, grids, text_tokens, windowed=True)
+        return qwen_flops(self, config, schedule, grids, text_tokens, windowed=True)
 
     # ------------------------------------------------------------------ built-ins
     def builtins(self) -> dict[str, Qwen2_5_VLSpec]:
         return {"demo": DEMO, "tiny": TINY, "small": SMALL}
 
     def build_config(self, spec: Qwen2_5_VLSpec, token_ids: dict[str, int], vocab_size: int) -> Qwen2_5_VLConfig:
-        from ..backbones import mrope_section
-
         text_head_dim = spec.text_hidden // spec.text_heads
         vision = dict(
             depth=spec.vision_depth, hidden_size=spec.vision_hidden, intermediate_size=spec.vision_intermediate,

@@ -15,7 +15,7 @@ from transformers.vision_utils import get_vision_position_ids
 
 from ..engine.vision import VisionRun, VisualCall
 from . import register_adapter
-from ._qwen import QwenAdapter
+from ._qwen import QwenAdapter, mrope_section
 from ._qwen_costs import qwen_flops
 
 
@@ -56,14 +56,12 @@ class Qwen2VLAdapter(QwenAdapter):
         return self.run(call, hidden, cos, sin, order, unit)
 
     def flops(self, config, schedule, grids, text_tokens):
-        return qwen_flops(config, schedule, grids, text_tokens, windowed=False)
+        return qwen_flops(self, config, schedule, grids, text_tokens, windowed=False)
 
     def builtins(self) -> dict[str, Qwen2VLSpec]:
         return {"tiny-qwen2-vl": TINY}
 
     def build_config(self, spec: Qwen2VLSpec, token_ids: dict[str, int], vocab_size: int) -> Qwen2VLConfig:
-        from ..backbones import mrope_section
-
         vision = dict(
             depth=spec.vision_depth, embed_dim=spec.vision_embed, hidden_size=spec.text_hidden, mlp_ratio=2,
             num_heads=spec.vision_heads, hidden_act="quick_gelu", patch_size=spec.patch_size, spatial_merge_size=2,

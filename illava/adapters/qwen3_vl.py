@@ -130,7 +130,7 @@ class Qwen3VLAdapter(QwenAdapter):
 
     # ------------------------------------------------------------------ cost and built-ins
     def flops(self, config, schedule, grids, text_tokens):
-        return qwen_flops(config, schedule, grids, text_tokens, windowed=False)
+        return qwen_flops(self, config, schedule, grids, text_tokens, windowed=False)
 
     def builtins(self) -> dict[str, Qwen3VLSpec]:
         return {"tiny-qwen3-vl": TINY}

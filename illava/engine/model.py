@@ -27,6 +27,8 @@ from .llm import right_aligned as _right_aligned
 from .vision import EncodedVisual, encode
 
 MODALITIES = ("image", "video")
+#: Attention implementations the engine runs merges with (others are refused at `apply`).
+SUPPORTED_ATTENTION = ("eager", "sdpa", "flash_attention_2", "flash_attention_3")
 
 
 def _original(cls: type) -> type:
@@ -230,8 +232,6 @@ def _inner_methods(inner_class: type) -> dict:
 
 
 def apply(adapter, model: torch.nn.Module, schedule: Schedule) -> None:
-    from ..adapters.base import SUPPORTED_ATTENTION
-
     inner = adapter.inner_model(model)
     remove(adapter, model)
     encoder_depth, llm_depth = adapter.depths(inner.config)

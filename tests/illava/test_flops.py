@@ -9,9 +9,17 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 from transformers.vision_utils import get_vision_window_index
 
+import illava
+from illava import predicted_speedup, prefill_flops
 from illava.adapters._qwen_costs import Segment, segments_of, unit_costs, window_patch_counts
-from illava.flops import causal_pairs, predicted_speedup, prefill_flops
+from illava.flops import causal_pairs, module_costs
 from illava.schedule import PAPER_REDUCTIONS, Schedule, ScheduleError
+
+
+def flops_of(config):
+    """Per-unit costs of any family's config."""
+    return module_costs(illava.adapter_for_config(config), config).units
+
 
 IMAGE_TOKEN, VIDEO_TOKEN, VISION_START, VISION_END = 500, 501, 502, 503
 
@@ -223,3 +231,44 @@ def test_bad_input_gets_a_clear_error() -> None:
         prefill_flops(config, Schedule.vanilla(), [(1, 12, 8)], text_tokens=-1)
     with pytest.raises(ScheduleError, match="out of range"):
         prefill_flops(config, Schedule.paper_default(7 / 9), [(1, 12, 8)], text_tokens=1)
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-qwen2-vl", "tiny-qwen3-vl", "tiny-llava-onevision"])
+def test_every_family_matches_torch_flop_counter(name: str) -> None:
+    """The whole unmerged prefill of each family, image and video, against torch's counter (eager
+    attention: the LLM does dense masked n**2 attention, so that is what is compared)."""
+    from illava.backbones import load_backbone
+    from illava.inputs import Sample, build_inputs, synthetic_image, synthetic_video
+
+    backbone = load_backbone(name, attn_implementation="eager")
+    side = max(backbone.adapter.size_multiple(backbone.model.config), 28)
+    sample = Sample("<image> and <video>: what moves?", [synthetic_image((6 * side, 4 * side), 1)],
+                    [synthetic_video(4, 4 * side, seed=2)])  # fmt: skip
+    batch = build_inputs(backbone, [sample])
+    grids, text_tokens = backbone.adapter.flop_inputs(backbone.model.config, batch)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        backbone.model(**batch, logits_to_keep=1)
+    flops = prefill_flops(backbone.model.config, Schedule.vanilla(), grids, text_tokens)
+    pair = flops_of(backbone.model.config).llm_pair
+    dense_llm = sum(flops.llm_layers) + sum((n * n - causal_pairs(n)) * pair for n in flops.llm_tokens)
+    assert counter.get_total_flops() == flops.encoder + dense_llm + flops.lm_head
+    assert flops.llm_tokens[0] == batch["input_ids"].shape[1]
+
+
+def test_merged_counts_in_the_flop_model_follow_the_engine() -> None:
+    """The tokens per decoder layer the FLOP model assumes are the ones a merged prefill runs with."""
+    from illava.backbones import load_backbone
+    from illava.inputs import Sample, build_inputs, synthetic_image
+
+    for name in ("tiny-qwen3-vl", "tiny-llava-onevision"):
+        backbone = load_backbone(name)
+        model = backbone.model
+        batch = build_inputs(backbone, [Sample("<image> Hi", [synthetic_image((192, 128), 1)])])
+        schedule = illava.paper_default_for(model, 7 / 9)
+        grids, text_tokens = backbone.adapter.flop_inputs(model.config, batch)
+        illava.apply(model, schedule)
+        with torch.no_grad():
+            model(**batch)
+        ran = [int(n) for n in illava.last_stats(model).llm_sequence]
+        illava.remove(model)
+        assert list(prefill_flops(model.config, schedule, grids, text_tokens).llm_tokens) == ran, name

@@ -9,8 +9,8 @@ from illava.backbones import load_backbone, save_backbone
 from illava.inputs import build_inputs
 from profiler import Profiler, resolve_workload
 from profiler.accuracy import answer_logprob, answer_style, choose, end_of_turn, option_inputs
-from profiler.datasets import TEXT_ANSWER_INSTRUCTION
 from profiler.demo_vqa import demo_split
+from profiler.items import TEXT_ANSWER_INSTRUCTION
 
 
 @pytest.fixture(scope="module")

@@ -9,16 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from profiler.datasets import (
-    ANSWER_INSTRUCTION,
-    DatasetError,
-    MCQItem,
-    make_demo_dataset,
-    option_letters,
-    parse_choice,
-    read_dataset,
-    write_dataset,
-)
+from profiler.datasets import DatasetError, make_demo_dataset, parse_choice, read_dataset, write_dataset
+from profiler.items import ANSWER_INSTRUCTION, MCQItem, option_letters
 
 
 def _png(colour: tuple[int, int, int], size: tuple[int, int] = (8, 6)) -> bytes:
