@@ -106,13 +106,14 @@ def bench_size(backbone, size: int, repeats: int, warmup: int, device: torch.dev
     model = backbone.model
     batch = build_inputs(backbone, [Sample(PROMPT, [synthetic_image(size, 0)])])
     batch = batch.to(device)
-    text_tokens = int((batch["input_ids"] != model.config.image_token_id).sum())
-    image_tokens = int((batch["input_ids"] == model.config.image_token_id).sum())
-    grids = batch["image_grid_thw"].tolist()
+    adapter = backbone.adapter
+    inner = adapter.inner_model(model)
+    grids, text_tokens = adapter.flop_inputs(model.config, batch)
+    image_tokens = sum(adapter.image_tokens(inner, batch))
     configs = schedules(model)
 
     def encoder() -> object:
-        return model.model.get_image_features(batch["pixel_values"], batch["image_grid_thw"])
+        return adapter.encode_images(inner, batch)
 
     def total() -> object:
         return model(**batch, logits_to_keep=1)

@@ -188,6 +188,9 @@ class LlavaOnevisionAdapter(BackboneAdapter):
     # ------------------------------------------------------------------ encoder
     def visual_call(self, inner, modality: str, arguments: dict[str, Any]) -> VisualCall | None:
         config = inner.config
+        pixels = arguments.get("pixel_values_videos" if modality == "video" else "pixel_values")
+        if pixels is None:
+            return None
         strategy = arguments.get("vision_feature_select_strategy") or config.vision_feature_select_strategy
         if strategy != "full":
             raise NotImplementedError(f"illava: vision_feature_select_strategy {strategy!r}: only 'full' is supported")
@@ -195,9 +198,6 @@ class LlavaOnevisionAdapter(BackboneAdapter):
         if max(layers) != self.depths(config)[0]:
             raise NotImplementedError("illava: a vision_feature_layer other than the config's is not supported")
         if modality == "video":
-            pixels = arguments.get("pixel_values_videos")
-            if pixels is None:
-                return None
             side = config.vision_config.image_size // config.vision_config.patch_size
             pooled = math.ceil(side / 2) ** 2
             frames = pixels.shape[1]
@@ -208,9 +208,6 @@ class LlavaOnevisionAdapter(BackboneAdapter):
                 for _ in range(pixels.shape[0])
             ]
             return VisualCall("video", pixels.flatten(0, 1), {"layers": layers, "frames": frames}, items)
-        pixels = arguments.get("pixel_values")
-        if pixels is None:
-            return None
         sizes = arguments.get("image_sizes")
         if sizes is None:
             raise ValueError("illava: pixel_values were given without image_sizes")

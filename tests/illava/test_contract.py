@@ -175,6 +175,22 @@ def test_cached_generate_equals_a_cache_free_reference(family, attn):
             torch.testing.assert_close(a, b, rtol=0, atol=1e-4)
 
 
+@torch.no_grad()
+@pytest.mark.parametrize("reduction", [0.0, 7 / 9])
+def test_generate_expands_merged_images_for_several_sequences(family, reduction):
+    """num_return_sequences and beams repeat each sample's images with it (generate's batch expansion)."""
+    model = family.sdpa.model
+    batch = inputs(family.sdpa, *prompts(family)["two_images"])
+    illava.apply(model, family.default(reduction))
+    kwargs = dict(max_new_tokens=1, output_logits=True, return_dict_in_generate=True)
+    single = model.generate(**batch, do_sample=False, **kwargs).logits[0]
+    torch.manual_seed(0)
+    expanded = model.generate(**batch, do_sample=True, num_return_sequences=2, **kwargs).logits[0]
+    torch.testing.assert_close(expanded, single.expand(2, -1), rtol=0, atol=1e-5)
+    beams = model.generate(**batch, max_new_tokens=3, num_beams=2, num_return_sequences=2, do_sample=False)
+    assert beams.shape[0] == 2
+
+
 # ----------------------------------------------------------------------------------- images and videos
 @torch.no_grad()
 def test_two_images_merge_independently(family):
