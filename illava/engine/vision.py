@@ -272,5 +272,5 @@ def _between(run, features, extras, steps, method, params):
     check_map(merge_map, specs, "the stage between encoder and LLM")
     run.order = run.order[merge_map.keep]
     run.segment_units = [step.kept for step in steps]
-    extras = {name: [merge_map.apply(t) for t in values] for name, values in extras.items()}
+    extras = {name: merge_map.apply(t.reshape(t.shape[0], -1)).view(-1, *t.shape[1:]) for name, t in extras.items()}
     return merge_map.apply(features), extras
