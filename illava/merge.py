@@ -81,39 +81,61 @@ def attention_importance(
 def windowed_importance(
     query: torch.Tensor,
     key: torch.Tensor,
-    boundaries: list[int],
+    boundaries: list[int] | None = None,
     *,
+    cu: torch.Tensor | None = None,
+    longest: int | None = None,
     scale: float | None = None,
     chunk_size: int = DEFAULT_CHUNK,
 ) -> torch.Tensor:
     """`attention_importance` (non-causal) of each segment ``[b_i, b_{i+1})`` of a packed sequence.
 
-    query, key: (H, N, D) packed; boundaries: cumulative segment starts ending with N.
-    Returns (N,). Segments up to `chunk_size` long (attention windows) are padded into one
-    batched matmul with padded keys masked; longer ones (whole frames) go through the chunked
-    `attention_importance` one at a time.
+    query, key: (H, N, D) packed. The segments are given either on the host (`boundaries`:
+    cumulative starts ending with N) or on the device (`cu`, int, with `longest` a host-known bound
+    on their lengths) -- the second reads nothing back, for windows whose kept sizes only the device
+    knows. Returns (N,). Segments up to `chunk_size` long (attention windows) are padded into one
+    batched matmul with padded keys masked; longer ones (whole frames, host bounds only) go through
+    the chunked `attention_importance` one at a time.
     """
-    out = torch.empty(query.shape[1], dtype=torch.float32, device=query.device)
+    device = query.device
     key = _expand_kv_heads(key, query.shape[0])
-    short = [(a, b - a) for a, b in zip(boundaries[:-1], boundaries[1:]) if 0 < b - a <= chunk_size]
-    for a, b in zip(boundaries[:-1], boundaries[1:]):
-        if b - a > chunk_size:
-            out[a:b] = attention_importance(query[:, a:b], key[:, a:b], scale=scale, chunk_size=chunk_size)
-    if short:
-        device = query.device
+    out = torch.empty(query.shape[1], dtype=torch.float32, device=device)
+    if boundaries is not None:
+        short = [(a, b - a) for a, b in zip(boundaries[:-1], boundaries[1:]) if 0 < b - a <= chunk_size]
+        for a, b in zip(boundaries[:-1], boundaries[1:]):
+            if b - a > chunk_size:
+                out[a:b] = attention_importance(query[:, a:b], key[:, a:b], scale=scale, chunk_size=chunk_size)
+        if not short:
+            return out
         # One host-to-device copy for both, and the longest length from the host list (no read back).
         starts, lengths = torch.tensor([[a for a, _ in short], [n for _, n in short]]).to(device, non_blocking=True)
-        offsets = torch.arange(max(n for _, n in short), device=device)
-        real = offsets[None, :] < lengths[:, None]  # (S, L)
-        index = torch.where(real, starts[:, None] + offsets, 0)
-        s = scale if scale is not None else query.shape[-1] ** -0.5
-        q = query[:, index].float() * s  # (H, S, L, D)
-        k = key[:, index].float()
-        scores = torch.matmul(q, k.transpose(-1, -2)).masked_fill_(~real[None, :, None, :], float("-inf"))
-        probs = scores.softmax(dim=-1) * real[None, :, :, None]  # padded queries contribute nothing
-        col_mean = probs.sum(dim=(0, 2)) / (query.shape[0] * lengths[:, None])  # (S, L)
-        out[index[real]] = col_mean[real]
-    return out
+        longest = max(n for _, n in short)
+        targets = torch.tensor([a + i for a, n in short for i in range(n)]).to(device, non_blocking=True)
+    else:
+        if longest is None or longest > chunk_size:
+            raise ValueError("device-side segment bounds need a host-known longest length up to chunk_size")
+        cu = cu.to(device=device, dtype=torch.long)
+        starts, lengths = cu[:-1], cu[1:] - cu[:-1]
+        targets = None
+    offsets = torch.arange(longest, device=device)
+    real = offsets[None, :] < lengths[:, None]  # (S, L)
+    index = torch.where(real, starts[:, None] + offsets, 0)
+    s = scale if scale is not None else query.shape[-1] ** -0.5
+    q = query[:, index].float() * s  # (H, S, L, D)
+    k = key[:, index].float()
+    scores = torch.matmul(q, k.transpose(-1, -2)).masked_fill_(~real[None, :, None, :], float("-inf"))
+    # Padded queries contribute nothing (a segment with no tokens left has only padded rows, whose
+    # softmax over no real key is not a number: `where` drops them too).
+    probs = torch.where(real[None, :, :, None], scores.softmax(dim=-1), 0.0)
+    col_mean = probs.sum(dim=(0, 2)) / (query.shape[0] * lengths[:, None].clamp(min=1))  # (S, L)
+    if targets is not None:  # host bounds: the real slots in order are exactly `targets`
+        flat = torch.tensor([i * longest + j for i, (_, n) in enumerate(short) for j in range(n)])
+        out[targets] = col_mean.view(-1)[flat.to(device, non_blocking=True)]
+        return out
+    # Device bounds: token t sits in segment w = #(starts <= t) - 1 at offset t - start[w].
+    tokens = torch.arange(query.shape[1], device=device)
+    segment = torch.searchsorted(cu[1:], tokens, right=True)
+    return col_mean[segment, tokens - starts[segment]]
 
 
 @dataclass(frozen=True)
@@ -313,3 +335,149 @@ def merge_segment(
         device=hidden.device,
     )  # fmt: skip
     return merge_map.keep, merge_map.apply(hidden, unit)
+
+
+# ----------------------------------------------------------------------------------- batched over segments
+@dataclass(frozen=True)
+class SegmentBatch:
+    """The segments of one stage call laid out as a padded (S, L) batch, with every count a merge
+    needs, built on the host and copied to the device in one transfer: segment `s` is units
+    ``start[s] .. start[s] + units[s] - 1`` of the call. The batched merge reads nothing back."""
+
+    units: list[int]  # host: units per segment
+    kept: list[int]  # host: units each keeps
+    recycled: list[int]  # host: of those, recycled centres
+    group_size: int  # M
+    index: torch.Tensor  # (S, L) long: the call's unit ids, padding clamped to the segment's last unit
+    valid: torch.Tensor  # (S, L) bool
+    padding: torch.Tensor  # (S, L) bool: ~valid
+    keep_at: torch.Tensor  # (S, K) long: ranks 0..K-1 (the kept), with validity `keep_ok`
+    keep_ok: torch.Tensor  # (S, K) bool
+    centre_at: torch.Tensor  # (S, C) long: the centres' ranks (informative .. kept - 1)
+    discard_at: torch.Tensor  # (S, D) long: the discarded's ranks (kept .. units - 1)
+    discard_bad: torch.Tensor  # (S, D) bool: discarded slots a segment does not fill
+    candidate_bad: torch.Tensor  # (S, C + D) bool: recycling candidates (centres, then discarded) a segment lacks
+    member_ok: torch.Tensor  # (S, 1, m) bool: member slots each segment fills (min(M, discarded))
+    member_bad: torch.Tensor  # (S, 1, m) bool: ~member_ok
+    centre_rows: torch.Tensor  # (P_c,) long: rows of the real centres in the flattened (S*C)
+
+    @classmethod
+    def of(cls, starts, units, kept, recycled, group_size: int, device) -> SegmentBatch:
+        longest, most_kept = max(units), max(kept)
+        removed = [n - k for n, k in zip(units, kept)]
+        centres, discards = max(recycled), max(removed)
+        members = min(group_size, discards) if centres else 0
+        rows = len(units)
+        numbers = [
+            [start + min(j, n - 1) for start, n in zip(starts, units) for j in range(longest)],
+            [min(j, k - 1) for k in kept for j in range(most_kept)],
+            [min(k - r + j, k - 1) for k, r in zip(kept, recycled) for j in range(centres)],
+            [min(k + j, n - 1) for n, k in zip(units, kept) for j in range(discards)],
+            [s * centres + c for s, r in enumerate(recycled) for c in range(r)],
+        ]
+        flags = [
+            [j < n for n in units for j in range(longest)],
+            [j >= n for n in units for j in range(longest)],
+            [j < k for k in kept for j in range(most_kept)],
+            [j >= r for r in removed for j in range(discards)],
+            [
+                c >= r_c if c < centres else c >= centres + r
+                for r_c, r in zip(recycled, removed)
+                for c in range(centres + discards)
+            ],
+            [j < min(group_size, r) for r in removed for j in range(members)],
+            [j >= min(group_size, r) for r in removed for j in range(members)],
+        ]
+        longs = _split(torch.tensor([v for f in numbers for v in f], dtype=torch.long).to(device, non_blocking=True),
+                       numbers, [(rows, longest), (rows, most_kept), (rows, centres), (rows, discards), (-1,)])  # fmt: skip
+        bools = _split(torch.tensor([v for f in flags for v in f], dtype=torch.bool).to(device, non_blocking=True),
+                       flags, [(rows, longest), (rows, longest), (rows, most_kept), (rows, discards),
+                               (rows, centres + discards), (rows, 1, members), (rows, 1, members)])  # fmt: skip
+        index, keep_at, centre_at, discard_at, centre_rows = longs
+        valid, padding, keep_ok, discard_bad, candidate_bad, member_ok, member_bad = bools
+        return cls(
+            list(units), list(kept), list(recycled), group_size, index, valid, padding, keep_at, keep_ok, centre_at,
+            discard_at, discard_bad, candidate_bad, member_ok, member_bad, centre_rows,
+        )  # fmt: skip
+
+
+def _split(flat: torch.Tensor, fields: list[list], shapes: list[tuple]) -> list[torch.Tensor]:
+    return [part.view(shape) for part, shape in zip(torch.split(flat, [len(f) for f in fields]), shapes)]
+
+
+def _f32(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dtype == torch.float32 else t.float()
+
+
+def batched_importance(
+    query: torch.Tensor, key: torch.Tensor, batch: SegmentBatch, *, causal: bool, scale: float | None
+):
+    """`attention_importance` of every segment at once: (S, L) float32 (padding: -inf).
+
+    query, key: (H, T, D) of the call's tokens (one unit each); each segment's tokens attend only to
+    each other, causally when `causal`."""
+    n_heads, longest = query.shape[0], batch.index.shape[1]
+    key = _expand_kv_heads(key, n_heads)
+    scale = query.shape[-1] ** -0.5 if scale is None else scale
+    q = _f32(query[:, batch.index]) * scale  # (H, S, L, D)
+    k = _f32(key[:, batch.index])
+    hidden = batch.padding[:, None, :]  # (S, 1, L): keys that do not exist
+    if causal:
+        hidden = hidden | torch.ones(longest, longest, dtype=torch.bool, device=q.device).triu_(1)
+    scores = torch.matmul(q, k.transpose(-1, -2)).masked_fill_(hidden, float("-inf"))
+    column = scores.softmax(-1).nan_to_num_(0.0).mul_(batch.valid[:, :, None]).sum(dim=(0, 2))  # (S, L)
+    lengths = batch.valid.sum(dim=1, keepdim=True)
+    visible = lengths - torch.arange(longest, device=q.device) if causal else lengths  # N - j, or N
+    return (column / (n_heads * visible.clamp(min=1))).masked_fill_(batch.padding, float("-inf"))
+
+
+def batched_merge(
+    scores: torch.Tensor,
+    query: torch.Tensor | None,
+    key: torch.Tensor | None,
+    batch: SegmentBatch,
+    *,
+    unit: int,
+    scale: float | None,
+) -> MergeMap:
+    """One Token_Merge on every segment of a call at once: the same selection and recycling as
+    `merge_plan` per segment (see the module docstring), batched over padded segments.
+
+    scores: (S, L) unit importance, padding -inf; query/key: (H, T*unit, D) of the call (needed
+    only when something is recycled)."""
+    order = torch.argsort(scores, dim=1, descending=True, stable=True)  # (S, L): padding last
+    ranked = batch.index.gather(1, order)  # (S, L): the call's unit ids by rank
+    kept_ids = torch.where(batch.keep_ok, ranked.gather(1, batch.keep_at), torch.iinfo(torch.long).max)
+    keep_ids = kept_ids.view(-1).sort().values[: sum(batch.kept)]  # ascending: segment after segment
+    if not max(batch.recycled) or query is None:
+        return MergeMap(keep=keep_ids)
+    centres = ranked.gather(1, batch.centre_at)  # (S, C) unit ids (padded rows repeat a kept unit)
+    discarded = ranked.gather(1, batch.discard_at)  # (S, D)
+    segments, n_centres = centres.shape
+    candidates = torch.cat([centres, discarded], dim=1)  # (S, C + D): centres first, as `recycle_weights`
+    key_bad = batch.candidate_bad
+    key = _expand_kv_heads(key, query.shape[0])
+    if unit == 1:
+        q_tokens, k_tokens = centres, candidates
+    else:
+        offsets = torch.arange(unit, device=scores.device)
+        q_tokens = (centres[..., None] * unit + offsets).view(segments, -1)  # (S, C*u)
+        k_tokens = (candidates[..., None] * unit + offsets).view(segments, -1)
+        key_bad = key_bad.repeat_interleave(unit, dim=1)
+    s = query.shape[-1] ** -0.5 if scale is None else scale
+    logits = torch.matmul(_f32(query[:, q_tokens]) * s, _f32(key[:, k_tokens]).transpose(-1, -2))
+    probs = logits.masked_fill_(key_bad[None, :, None, :], float("-inf")).softmax(dim=-1).mean(dim=0)
+    width = candidates.shape[1]
+    s_sub = probs.view(segments, n_centres, unit, width, unit).sum(dim=4).mean(dim=2)  # (S, C, K)
+    members_n = batch.member_ok.shape[2]
+    member_scores = s_sub[:, :, n_centres:].masked_fill(batch.discard_bad[:, None, :], float("-inf"))
+    member_scores, member_pos = member_scores.topk(members_n, dim=2)  # (S, C, m)
+    self_scores = s_sub[:, :, :n_centres].diagonal(dim1=1, dim2=2)  # (S, C): each centre's own column
+    weights = torch.cat([self_scores[..., None], member_scores.masked_fill(batch.member_bad, 0.0)], dim=2)
+    weights = weights / weights.sum(dim=2, keepdim=True).clamp_min(torch.finfo(weights.dtype).tiny)
+    member_ids = discarded.gather(1, member_pos.view(segments, -1)).view_as(member_pos)
+    members = torch.cat([centres[..., None], torch.where(batch.member_ok, member_ids, centres[..., None])], dim=2)
+    rows = batch.centre_rows
+    members, weights = members.view(-1, members_n + 1)[rows], weights.view(-1, members_n + 1)[rows]
+    slots = torch.searchsorted(keep_ids, centres.view(-1)[rows])
+    return MergeMap(keep=keep_ids, recycles=(Recycle(slots, members, weights),))

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from transformers import BatchFeature
 
+from ..engine.attention import is_packed
 from ..engine.vision import EncodedVisual, ItemLayout, VisionRun, VisualCall
 from ..inputs import IMAGE_MARKER, IMAGE_TYPE, TEXT_TYPE, VIDEO_MARKER, VIDEO_TYPE, Sample, left_pad, split_markers
 from .base import BackboneAdapter
@@ -33,6 +34,21 @@ def mrope_section(head_dim: int) -> list[int]:
     t = half // 4
     h = (half - t) // 2
     return [t, h, half - t - h]
+
+
+def vision_position_ids(grid_host: list[list[int]], merge: int, device) -> torch.Tensor:
+    """(N, 2) (row, column) of every patch, in the towers' block-major order over merge x merge groups
+    and repeated per frame: what transformers' ``get_vision_position_ids`` computes, from the host
+    copy of the grid (so it reads nothing back; a test holds the two equal)."""
+    parts = []
+    for t, h, w in grid_host:
+        rows = torch.arange(h, device=device)[:, None].expand(h, w)
+        cols = torch.arange(w, device=device)[None, :].expand(h, w)
+        block = (h // merge, merge, w // merge, merge)
+        rows = rows.reshape(block).transpose(1, 2).flatten()
+        cols = cols.reshape(block).transpose(1, 2).flatten()
+        parts.append(torch.stack([rows, cols], dim=-1).repeat(t, 1))
+    return torch.cat(parts)
 
 
 class QwenAdapter(BackboneAdapter):
@@ -90,13 +106,14 @@ class QwenAdapter(BackboneAdapter):
         if grid is None:
             raise ValueError(f"illava: {_PIXELS[modality]} were given without {_GRIDS[modality]}")
         unit = inner.config.vision_config.spatial_merge_size**2
-        items = [ItemLayout.contiguous([h * w // unit] * t) for t, h, w in grid.tolist()]
-        return VisualCall(modality, pixels, {"grid_thw": grid}, items)
+        grid_host = grid.tolist()  # the one read of the grid (the library reads it too)
+        items = [ItemLayout.contiguous([h * w // unit] * t) for t, h, w in grid_host]
+        return VisualCall(modality, pixels, {"grid_thw": grid, "grid_host": grid_host}, items)
 
     def frames(self, call: VisualCall, unit: int) -> tuple[list[int], list[int], list[int]]:
         """(units per frame, item of each frame, frame index within its item) on the host."""
         units, item_of, index_in_item = [], [], []
-        for item, (t, h, w) in enumerate(call.meta["grid_thw"].tolist()):
+        for item, (t, h, w) in enumerate(call.meta["grid_host"]):
             for frame in range(t):
                 units.append(h * w // unit)
                 item_of.append(item)
@@ -111,18 +128,18 @@ class QwenAdapter(BackboneAdapter):
         )  # fmt: skip
 
     @staticmethod
-    def _max_len(cu_host: list[int]) -> int:
-        return max(b - a for a, b in zip(cu_host[:-1], cu_host[1:]))
+    def _block_kwargs(block, run: VisionRun, bounds) -> dict[str, Any]:
+        kwargs = dict(cu_seqlens=bounds.cu, max_seqlen=bounds.longest,
+                      position_embeddings=(run.gathered["cos"], run.gathered["sin"]))  # fmt: skip
+        if is_packed(block.attn.config):
+            kwargs["illava_bounds"] = bounds  # the packed kernel's host-known sizes, through the module's kwargs
+        return kwargs
 
-    def vision_block(self, inner, block, run: VisionRun, cu, cu_host):
-        rope = (run.gathered["cos"], run.gathered["sin"])
-        return block(run.hidden, cu_seqlens=cu, max_seqlen=self._max_len(cu_host), position_embeddings=rope)
+    def vision_block(self, inner, block, run: VisionRun, bounds):
+        return block(run.hidden, **self._block_kwargs(block, run, bounds))
 
-    def vision_attention_half(self, inner, block, run: VisionRun, cu, cu_host):
-        rope = (run.gathered["cos"], run.gathered["sin"])
-        attended = block.attn(block.norm1(run.hidden), cu_seqlens=cu, max_seqlen=self._max_len(cu_host),
-                              position_embeddings=rope)  # fmt: skip
-        return run.hidden + attended
+    def vision_attention_half(self, inner, block, run: VisionRun, bounds):
+        return run.hidden + block.attn(block.norm1(run.hidden), **self._block_kwargs(block, run, bounds))
 
     def vision_ffn_half(self, inner, block, run: VisionRun):
         return run.hidden + block.mlp(block.norm2(run.hidden))

@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 
 from ..engine.model import SUPPORTED_ATTENTION
-from ..engine.vision import EncodedVisual, VisionRun, VisualCall
+from ..engine.vision import Bounds, EncodedVisual, VisionRun, VisualCall
 
 __all__ = ["SUPPORTED_ATTENTION", "Backbone", "BackboneAdapter"]
 
@@ -89,6 +89,9 @@ class BackboneAdapter(ABC):
     #: Whether videos can merge before the LLM (False: the family transforms frames after its
     #: encoder in a way kept tokens cannot follow; only LLM merges apply to videos).
     encoder_merges_video: ClassVar[bool] = True
+    #: Whether the vision tower runs one packed sequence (batch 1, segments by cu_seqlens), so what
+    #: its attention calls yield is per token in run order (else: a batch the adapter un-pads).
+    packed_sequence: ClassVar[bool] = True
 
     # ------------------------------------------------------------------ identity
     @abstractmethod
@@ -157,13 +160,13 @@ class BackboneAdapter(ABC):
 
     @abstractmethod
     def vision_block(
-        self, inner: torch.nn.Module, block: torch.nn.Module, run: VisionRun, cu: torch.Tensor, cu_host: list[int]
+        self, inner: torch.nn.Module, block: torch.nn.Module, run: VisionRun, bounds: Bounds
     ) -> torch.Tensor:
         """One block, unmerged, on ``run.hidden``; returns the new hidden states."""
 
     @abstractmethod
     def vision_attention_half(
-        self, inner: torch.nn.Module, block: torch.nn.Module, run: VisionRun, cu: torch.Tensor, cu_host: list[int]
+        self, inner: torch.nn.Module, block: torch.nn.Module, run: VisionRun, bounds: Bounds
     ) -> torch.Tensor:
         """hidden + attention(norm(hidden)): the block up to where the merge goes."""
 

@@ -141,6 +141,7 @@ class LlavaOnevisionAdapter(BackboneAdapter):
     position_rows = 1
     extra_special_tokens = ("<image>", "<video>")
     encoder_merges_video = False
+    packed_sequence = False  # SigLIP runs tiles as a padded batch
 
     # ------------------------------------------------------------------ identity and structure
     def classes(self) -> tuple[type, ...]:
@@ -273,18 +274,32 @@ class LlavaOnevisionAdapter(BackboneAdapter):
 
     def _tile_batch(self, run: VisionRun, hidden: torch.Tensor):
         """Tiles as a batch (T, L, C) for SigLIP's layers, the key-padding mask its kernel needs (None
-        when all tiles are as long), and the flat positions that give the packed sequence back."""
+        when all tiles are as long), and the flat positions that give the packed sequence back. The
+        index tensors are made once per tile layout (they change only at a merge)."""
         lengths = run.segment_units
         longest = max(lengths)
         if all(length == longest for length in lengths):
             return hidden.view(len(lengths), longest, -1), None, None
-        starts = np.cumsum([0, *lengths[:-1]])
-        index = [start + min(i, length - 1) for start, length in zip(starts, lengths) for i in range(longest)]
-        back = [t * longest + i for t, length in enumerate(lengths) for i in range(length)]
-        device = hidden.device
-        valid = torch.tensor([[i < length for i in range(longest)] for length in lengths], device=device)
-        batch = hidden[torch.tensor(index, device=device)].view(len(lengths), longest, -1)
-        return batch, valid, torch.tensor(back, device=device)
+        key = tuple(lengths)
+        cached = run.context.get("tiles")
+        if cached is None or cached[0] != key:
+            starts = np.cumsum([0, *lengths[:-1]])
+            index = [start + min(i, length - 1) for start, length in zip(starts, lengths) for i in range(longest)]
+            back = [t * longest + i for t, length in enumerate(lengths) for i in range(length)]
+            valid = [[i < length for i in range(longest)] for length in lengths]
+            device = hidden.device
+            tensors = (torch.tensor(index), torch.tensor(valid), torch.tensor(back))
+            run.context["tiles"] = cached = (key, tuple(t.to(device, non_blocking=True) for t in tensors), {})
+        _, (index, valid, back), _ = cached
+        return hidden[index].view(len(lengths), longest, -1), valid, back
+
+    def _mask_for(self, run: VisionRun, valid, implementation: str, dtype):
+        if valid is None:
+            return None
+        masks = run.context["tiles"][2]
+        if (implementation, dtype) not in masks:
+            masks[(implementation, dtype)] = self._mask(valid, implementation, dtype)
+        return masks[(implementation, dtype)]
 
     @staticmethod
     def _mask(valid: torch.Tensor | None, implementation: str, dtype: torch.dtype):
@@ -310,14 +325,14 @@ class LlavaOnevisionAdapter(BackboneAdapter):
         attended = attended.reshape(-1, attended.shape[-1])
         return run.hidden + (attended if back is None else attended[back])
 
-    def vision_block(self, inner, block, run: VisionRun, cu, cu_host):
+    def vision_block(self, inner, block, run: VisionRun, bounds):
         batch, valid, back = self._tile_batch(run, run.hidden)
         if valid is None:  # the library's own layer on the tile batch, as unmerged
             return block(batch, None).reshape(run.hidden.shape)
         hidden = self._attend(block, run)
         return hidden + block.mlp(block.layer_norm2(hidden))
 
-    def vision_attention_half(self, inner, block, run: VisionRun, cu, cu_host):
+    def vision_attention_half(self, inner, block, run: VisionRun, bounds):
         return self._attend(block, run)
 
     def vision_ffn_half(self, inner, block, run: VisionRun):

@@ -13,11 +13,10 @@ from dataclasses import dataclass
 
 import torch
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLModel
-from transformers.vision_utils import get_vision_position_ids, get_vision_window_index
 
 from ..engine.vision import VisionRun, VisualCall
 from . import register_adapter
-from ._qwen import QwenAdapter, mrope_section
+from ._qwen import QwenAdapter, mrope_section, vision_position_ids
 from ._qwen_costs import qwen_flops
 
 
@@ -39,6 +38,31 @@ class Qwen2_5_VLSpec:
     patch_size: int = 14
 
 
+def window_layout(config, grid_host: list[list[int]]) -> tuple[list[int], list[int]]:
+    """The window permutation of the groups (each group's raster id, in processing order) and the groups
+    per window, from the host copy of the grid: what transformers' ``get_vision_window_index`` computes
+    (windows of ``window_size // merge // patch`` groups a side, row-major, per frame; a test holds the
+    two equal), without reading anything back."""
+    vision = config.vision_config
+    side = vision.window_size // vision.spatial_merge_size // vision.patch_size
+    order, sizes, offset = [], [], 0
+    for t, h, w in grid_host:
+        rows, cols = h // vision.spatial_merge_size, w // vision.spatial_merge_size
+        for frame in range(t):
+            base = offset + frame * rows * cols
+            for top in range(0, rows, side):
+                for left in range(0, cols, side):
+                    cells = [
+                        base + r * cols + c
+                        for r in range(top, min(top + side, rows))
+                        for c in range(left, min(left + side, cols))
+                    ]
+                    order += cells
+                    sizes.append(len(cells))
+        offset += t * rows * cols
+    return order, sizes
+
+
 class Qwen2_5_VLAdapter(QwenAdapter):
     family = "qwen2_5_vl"
     model_types = ("qwen2_5_vl",)
@@ -51,25 +75,21 @@ class Qwen2_5_VLAdapter(QwenAdapter):
 
     def vision_prepare(self, inner, call: VisualCall) -> VisionRun:
         visual = inner.visual
-        grid = call.meta["grid_thw"]
         unit = visual.spatial_merge_unit
         hidden = visual.patch_embed(call.pixel_values.type(visual.dtype))  # (N, C)
         n = hidden.shape[0]
-        window_index, cu_window = get_vision_window_index(
-            grid, spatial_merge_size=visual.spatial_merge_size, window_size=visual.window_size,
-            patch_size=visual.patch_size,
-        )  # fmt: skip
+        order, window_units = window_layout(inner.config, call.meta["grid_host"])
+        window_index = torch.tensor(order).to(hidden.device, non_blocking=True)
         hidden = visual.permute_input_for_window_attn(hidden, window_index, seq_len=n)
-        position_ids = get_vision_position_ids(grid, visual.spatial_merge_size)
+        position_ids = vision_position_ids(call.meta["grid_host"], visual.spatial_merge_size, hidden.device)
         cos, sin = (
             visual.permute_input_for_window_attn(t, window_index, seq_len=n)
             for t in visual.rotary_pos_emb(hidden, position_ids)
         )
-        window = torch.repeat_interleave(
-            torch.arange(len(cu_window) - 1, device=hidden.device),
-            ((cu_window[1:] - cu_window[:-1]) // unit).to(hidden.device),
-        )
-        return self.run(call, hidden, cos, sin, window_index.to(hidden.device), unit, window=window)
+        window = torch.tensor([w for w, units in enumerate(window_units) for _ in range(units)]).to(hidden.device)
+        run = self.run(call, hidden, cos, sin, window_index, unit, window=window)
+        run.window_units = window_units
+        return run
 
     def flops(self, config, schedule, grids, text_tokens):
         return qwen_flops(self, config, schedule, grids, text_tokens, windowed=True)

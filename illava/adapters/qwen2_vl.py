@@ -11,11 +11,10 @@ from dataclasses import dataclass
 
 import torch
 from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLModel
-from transformers.vision_utils import get_vision_position_ids
 
 from ..engine.vision import VisionRun, VisualCall
 from . import register_adapter
-from ._qwen import QwenAdapter, mrope_section
+from ._qwen import QwenAdapter, mrope_section, vision_position_ids
 from ._qwen_costs import qwen_flops
 
 
@@ -50,7 +49,7 @@ class Qwen2VLAdapter(QwenAdapter):
         unit = visual.spatial_merge_size**2
         hidden = visual.patch_embed(call.pixel_values.type(visual.dtype))  # (N, C), groups of 4 consecutive
         cos, sin = visual.rotary_pos_emb(
-            hidden, get_vision_position_ids(call.meta["grid_thw"], visual.spatial_merge_size)
+            hidden, vision_position_ids(call.meta["grid_host"], visual.spatial_merge_size, hidden.device)
         )
         order = torch.arange(hidden.shape[0] // unit, device=hidden.device)  # already in raster order
         return self.run(call, hidden, cos, sin, order, unit)

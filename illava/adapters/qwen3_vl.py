@@ -23,12 +23,12 @@ from dataclasses import dataclass
 
 import torch
 from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLModel
-from transformers.vision_utils import get_vision_interpolation_indices_and_weights, get_vision_position_ids
+from transformers.vision_utils import get_vision_interpolation_indices_and_weights
 
 from ..engine.vision import VisionRun, VisualCall
 from ..inputs import TEXT_TYPE, VIDEO_TYPE
 from . import register_adapter
-from ._qwen import VIDEO_PAD, QwenAdapter
+from ._qwen import VIDEO_PAD, QwenAdapter, vision_position_ids
 from ._qwen_costs import qwen_flops
 
 DEEPSTACK = "deepstack"
@@ -76,7 +76,9 @@ class Qwen3VLAdapter(QwenAdapter):
         )  # fmt: skip
         hidden = visual.patch_embed(call.pixel_values.type(visual.dtype))
         hidden = hidden + (visual.pos_embed(indices) * weights[:, :, None]).sum(1).to(hidden.dtype)
-        cos, sin = visual.rotary_pos_emb(hidden, get_vision_position_ids(grid, visual.spatial_merge_size))
+        cos, sin = visual.rotary_pos_emb(
+            hidden, vision_position_ids(call.meta["grid_host"], visual.spatial_merge_size, hidden.device)
+        )
         order = torch.arange(hidden.shape[0] // unit, device=hidden.device)
         run = self.run(call, hidden, cos, sin, order, unit)
         run.taps[DEEPSTACK] = []

@@ -27,6 +27,8 @@ import torch
 from transformers import AttentionInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from .attention import PACKED, PACKED_VARLEN
+
 CAPTURE = "illava_capture"
 CAPTURE_FLASH = "illava_capture_flash"
 
@@ -42,6 +44,7 @@ class Captured:
     queries: list[torch.Tensor] = field(default_factory=list)  # (B, H, n, D) per call
     keys: list[torch.Tensor] = field(default_factory=list)  # (B, Hk, n, D)
     weights: list[torch.Tensor | None] = field(default_factory=list)  # eager: (B, H, n, n) probabilities
+    importance_parts: list[torch.Tensor] = field(default_factory=list)  # per call: (n,) column means, when known
 
     @property
     def query(self) -> torch.Tensor:
@@ -52,10 +55,22 @@ class Captured:
     def key(self) -> torch.Tensor:
         return self.keys[0] if len(self.keys) == 1 else torch.cat(self.keys, dim=2)
 
+    @property
+    def importance(self) -> torch.Tensor | None:
+        """(N,) column mean of each call's attention probabilities (heads averaged) for a packed
+        sequence (batch 1) whose every call yielded them -- the packed kernel's, or eager's
+        probabilities of one window or frame per call -- else None (then it is recomputed)."""
+        if not self.importance_parts or len(self.importance_parts) != len(self.queries):
+            return None
+        parts = self.importance_parts
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
 
 def _capturing_attention(module, query, key, value, attention_mask, *args, **kwargs):
     slot: Captured = module.__dict__["_illava_capture"]
     module.config = slot.original_config
+    if slot.implementation == PACKED_VARLEN and query.shape[0] == 1:
+        kwargs["illava_importance"] = slot.importance_parts  # the packed kernel computes it with the attention
     try:
         kernel = ALL_ATTENTION_FUNCTIONS.get_interface(slot.implementation, slot.eager)
         out, weights = kernel(module, query, key, value, attention_mask, *args, **kwargs)
@@ -64,6 +79,9 @@ def _capturing_attention(module, query, key, value, attention_mask, *args, **kwa
     slot.queries.append(query)
     slot.keys.append(key)
     slot.weights.append(weights)
+    if weights is not None and weights.dim() == 4 and weights.shape[0] == 1 and attention_mask is None:
+        # eager, one unmasked sequence per call (a window or a frame): its probabilities are the importance
+        slot.importance_parts.append(weights.float().sum(dim=(0, 1, 2)) / (weights.shape[1] * weights.shape[2]))
     return out, weights
 
 
@@ -85,6 +103,8 @@ def capture(module: torch.nn.Module, *, enabled: bool = True) -> Iterator[Captur
         return
     original = module.config
     implementation = original._attn_implementation or "eager"
+    if implementation == PACKED:  # the packed kernel takes the whole block: route as it would be routed
+        implementation = PACKED_VARLEN
     capture_config = copy.copy(original)
     # Set the field itself: the property setter would recurse into sub-configs shared with the original.
     capture_config._attn_implementation_internal = CAPTURE_FLASH if "flash" in implementation else CAPTURE

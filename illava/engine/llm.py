@@ -24,6 +24,7 @@ import torch
 
 from ..methods import SegmentSpec, StageRequest
 from ..schedule import Plan, Schedule
+from .attention import PACKED
 from .capture import capture
 from .vision import EncodedVisual, MergeTimer, check_map
 
@@ -36,11 +37,21 @@ class RunStats:
 
     encoder_units: list[list[int]] = field(default_factory=list)  # per vision block: units per segment
     kept_units: list[torch.Tensor] = field(default_factory=list)  # per image/video: kept placeholder ids
-    llm_image_tokens: list[torch.Tensor] = field(default_factory=list)  # per decoder layer: (B,) image tokens in
-    llm_sequence: list[torch.Tensor] = field(default_factory=list)  # per decoder layer: (B,) real tokens in
+    image_tokens_per_layer: list[list[int]] = field(default_factory=list)  # per decoder layer, per sample (host)
+    sequence_per_layer: list[list[int]] = field(default_factory=list)  # per decoder layer, per sample (host)
     merge_seconds: float = 0.0  # wall time in importance + selection + merging + re-packing (when timed)
     _positions: torch.Tensor | None = None  # (P, B, L) positions of the LLM input after the encoder
     _is_image: torch.Tensor | None = None  # (B, L) image-content tokens of that input
+
+    @property
+    def llm_image_tokens(self) -> list[torch.Tensor]:
+        """Per decoder layer: (B,) image tokens entering it (the plan's counts; kept on the host)."""
+        return [torch.tensor(row) for row in self.image_tokens_per_layer]
+
+    @property
+    def llm_sequence(self) -> list[torch.Tensor]:
+        """Per decoder layer: (B,) real tokens entering it."""
+        return [torch.tensor(row) for row in self.sequence_per_layer]
 
     @property
     def image_positions(self) -> list[torch.Tensor]:
@@ -78,7 +89,7 @@ def layer_mask(key_valid: torch.Tensor, q_len: int, implementation: str, dtype: 
     no_padding = not padded if padded is not None else bool(key_valid.all())
     if implementation.startswith("flash"):
         return None if no_padding else key_valid.to(torch.int32)
-    if implementation == "sdpa" and no_padding and q_len in (1, n_keys):
+    if implementation in ("sdpa", PACKED) and no_padding and q_len in (1, n_keys):
         return None
     device = key_valid.device
     query_at = torch.arange(n_keys - q_len, n_keys, device=device)  # key index of each query
@@ -86,7 +97,7 @@ def layer_mask(key_valid: torch.Tensor, q_len: int, implementation: str, dtype: 
     # A padding query sees no real key; let it see itself so its softmax stays finite.
     allowed[:, torch.arange(q_len, device=device), query_at] = True
     allowed = allowed[:, None]  # (B, 1, q, K)
-    if implementation == "sdpa":
+    if implementation in ("sdpa", PACKED):
         return allowed
     return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, torch.finfo(dtype).min)
 
@@ -236,8 +247,8 @@ def prefill(model, seq: Sequence, segments: list[SegmentPlan], cache, use_cache,
         key_masks.append(seq.valid)
         key_padded.append(seq.padded)
         key_stage.append(stage)
-        state.stats.llm_image_tokens.append(torch.tensor(image_tokens))
-        state.stats.llm_sequence.append(torch.tensor(seq.lengths))
+        state.stats.image_tokens_per_layer.append(image_tokens)
+        state.stats.sequence_per_layer.append(list(seq.lengths))
         step = merge_steps.get(index) if has_work else None
         merging = step is not None and any(s.plan.llm[step].removed for s in segments)
         call = dict(attention_mask=mask, position_embeddings=seq.rope, cache=cache, use_cache=use_cache)

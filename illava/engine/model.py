@@ -22,13 +22,14 @@ from transformers.cache_utils import DynamicCache
 
 from ..errors import ScheduleError
 from ..schedule import Schedule
+from .attention import PACKED
 from .llm import EngineState, Placement, RunStats, SegmentPlan, Sequence, decode, locate, place, prefill, repack
 from .llm import right_aligned as _right_aligned
 from .vision import EncodedVisual, encode
 
 MODALITIES = ("image", "video")
 #: Attention implementations the engine runs merges with (others are refused at `apply`).
-SUPPORTED_ATTENTION = ("eager", "sdpa", "flash_attention_2", "flash_attention_3")
+SUPPORTED_ATTENTION = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", PACKED)
 
 
 def _original(cls: type) -> type:
@@ -97,14 +98,15 @@ def _forward(self, *args, **kwargs):
     if attention_mask is None:
         attention_mask = torch.ones(batch, length, dtype=torch.long, device=embeds.device)
     positions = adapter.prefill_positions(self, {**arguments, "attention_mask": attention_mask}, embeds, cache)
-    mask_host = attention_mask.bool().tolist()  # free on the CPU; the library's position code reads it too
+    # The one read of the prompt (free on the CPU): token ids (the placeholders' places) and the mask.
+    ids_host, mask_host = _host_copy(input_ids, attention_mask) if encoded else (None, attention_mask.bool().tolist())
 
     embeds = embeds.clone()
     keep = attention_mask.bool().clone()
     extras = {
         name: embeds.new_zeros(batch, length, *shape) for name, shape in adapter.llm_extra_shapes(self.config).items()
     }
-    placement = _place(self, adapter, input_ids, encoded, embeds, keep, extras, stats)
+    placement = _place(self, adapter, ids_host, encoded, embeds, keep, extras, stats)
     lengths = [sum(row) for row in mask_host]
     for segment in placement.segments:
         lengths[segment.sample] -= segment.plan.n_tokens - segment.plan.after_encoder
@@ -120,13 +122,18 @@ def _forward(self, *args, **kwargs):
     return adapter.output(self, seq.hidden, cache if use_cache else None)
 
 
-def _place(inner, adapter, input_ids, encoded: dict[str, EncodedVisual], embeds, keep, extras, stats) -> Placement:
+def _host_copy(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[list[list[int]], list[list[bool]]]:
+    """Token ids and attention mask on the host, in one read."""
+    both = torch.stack([input_ids, attention_mask.to(input_ids.dtype)]).tolist()
+    return both[0], [[bool(v) for v in row] for row in both[1]]
+
+
+def _place(inner, adapter, ids, encoded: dict[str, EncodedVisual], embeds, keep, extras, stats) -> Placement:
     """Kept features into their placeholders (images, then videos), segments labelled on the host."""
     batch, length = keep.shape
     segment_ids = [[-1] * length for _ in range(batch)]
     if not encoded:
         return Placement({}, segment_ids, [])
-    ids = input_ids.tolist()
     token_ids = {m: adapter.placeholder_token_id(inner.config, m) for m in encoded}
     spots = locate(ids, token_ids, {m: e.items for m, e in encoded.items()})
     schedule = inner._illava.schedule

@@ -18,6 +18,7 @@ tokens. The engine in between owns everything that does not depend on the family
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import time
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ from ..errors import ScheduleError
 from ..merge import MergeMap
 from ..methods import SegmentSpec, StageRequest
 from ..schedule import LayerStep, Plan, Schedule
+from .attention import is_packed, run_packed
 from .capture import capture
 
 
@@ -65,6 +67,19 @@ class VisualCall:
     items: list[ItemLayout]
 
 
+@dataclass(frozen=True)
+class Bounds:
+    """Where a block's attention segments (windows, or whole frames/tiles) start and end, in tokens:
+    ``cu`` on the device (int32 cu_seqlens), ``host`` the same on the host when it is known there
+    (None after a merge inside windows: then only the device knows the kept sizes, and nothing is
+    read back), ``longest`` a host-known bound on their lengths (what flash kernels and the padded
+    importance need)."""
+
+    cu: torch.Tensor
+    host: list[int] | None
+    longest: int
+
+
 @dataclass
 class VisionRun:
     """The encoder's working sequence. The adapter builds it; the engine updates it on merges.
@@ -80,6 +95,7 @@ class VisionRun:
     segment_index_in_item: list[int]  # host: the segment's index within its item
     order: torch.Tensor  # (U,) each unit's placement index among its item's LLM tokens
     window: torch.Tensor | None = None  # (U,) attention window id per unit (windowed blocks)
+    window_units: list[int] | None = None  # host: units per window before any merge
     gathered: dict[str, torch.Tensor] = field(default_factory=dict)  # (N, ...) per token, gathered on merges
     taps: dict[str, list[torch.Tensor]] = field(default_factory=dict)  # (N, C) per token, merged like hidden
     #: Unit indices the family would discard after the encoder anyway (LLaVA-OneVision's unpadding);
@@ -89,24 +105,39 @@ class VisionRun:
     #: Why encoder merges cannot run on this input (None: they can); raised when a plan asks for them.
     no_encoder_merge: str | None = None
     context: dict[str, Any] = field(default_factory=dict)  # adapter-private
-    _bounds: dict[bool, tuple[torch.Tensor, list[int]]] = field(default_factory=dict)
+    _bounds: dict[tuple[bool, bool], Bounds] = field(default_factory=dict)
+    _merged_windows: bool = False  # whether a merge has changed the windows (their sizes are device-only)
 
     @property
     def device(self) -> torch.device:
         return self.hidden.device
 
-    def attention_bounds(self, windowed: bool) -> tuple[torch.Tensor, list[int]]:
-        """cu_seqlens (int32, tokens) of the attention segments -- windows or whole segments -- on
-        the device and on the host; cached until the next merge."""
-        if windowed not in self._bounds:
-            if windowed and self.window is not None:
-                _, counts = torch.unique_consecutive(self.window, return_counts=True)
-                sizes = (counts * self.unit).tolist()  # the one read a merge costs (kept units per window)
+    def attention_bounds(self, windowed: bool, *, device_only: bool = False) -> Bounds:
+        """The attention segments of a block -- windows, or whole segments -- cached until the next
+        merge. Segment sizes are always known on the host (the plan); window sizes only until a merge
+        inside them. After that, with `device_only` (an attention that takes device bounds and empty
+        windows: ``illava_packed``) they are counted on the device and nothing is read back;
+        otherwise the windows left are read back once per merge (the library's per-window calls
+        read their lengths anyway, three times per block)."""
+        key = (windowed, device_only)
+        if key not in self._bounds:
+            if windowed and self.window is not None and self._merged_windows:
+                longest = max(self.window_units) * self.unit
+                if device_only:
+                    counts = torch.bincount(self.window, minlength=len(self.window_units)) * self.unit
+                    cu = torch.nn.functional.pad(counts.cumsum(0), (1, 0)).to(torch.int32)
+                    self._bounds[key] = Bounds(cu, None, longest)
+                else:  # one read: the kept units per window, empty windows left out on the host
+                    counts = torch.bincount(self.window, minlength=len(self.window_units)).tolist()
+                    host = list(itertools.accumulate((c * self.unit for c in counts if c), initial=0))
+                    cu = torch.tensor(host, dtype=torch.int32).to(self.device, non_blocking=True)
+                    self._bounds[key] = Bounds(cu, host, longest)
             else:
-                sizes = [units * self.unit for units in self.segment_units]
-            host = list(itertools.accumulate(sizes, initial=0))
-            self._bounds[windowed] = (torch.tensor(host, dtype=torch.int32).to(self.device, non_blocking=True), host)
-        return self._bounds[windowed]
+                units = self.window_units if windowed and self.window is not None else self.segment_units
+                host = list(itertools.accumulate((n * self.unit for n in units), initial=0))
+                cu = torch.tensor(host, dtype=torch.int32).to(self.device, non_blocking=True)
+                self._bounds[key] = Bounds(cu, host, max(units) * self.unit)
+        return self._bounds[key]
 
     def take(self, merge_map: MergeMap, hidden: torch.Tensor, units_after: list[int]) -> None:
         """Apply a merge: hidden and taps merged, ids and per-token tensors gathered."""
@@ -116,6 +147,7 @@ class VisionRun:
         self.order = self.order[merge_map.keep]
         if self.window is not None:
             self.window = self.window[merge_map.keep]
+            self._merged_windows = True
         self.segment_units = units_after
         self._bounds.clear()
 
@@ -209,6 +241,7 @@ def encode(
         )
     first = min(merging) if merging and run.drop_before_merge is not None else None  # where the drop goes
     encoder_units: list[list[int]] = []
+    packed = is_packed(adapter.vision_attention(blocks[0]).config) if len(blocks) else False
     for index, block in enumerate(blocks):
         if index == first:
             with timer:
@@ -217,10 +250,11 @@ def encode(
         windowed = adapter.vision_block_windowed(inner, index)
         if index in merging:
             steps = [plan.encoder[schedule.encoder_layers.index(index)] for plan in plans]
-            _merging_block(adapter, inner, block, index, windowed, run, steps, method, params, timer)
+            _merging_block(adapter, inner, block, index, windowed, run, steps, method, params, timer, packed)
         else:
-            cu, cu_host = run.attention_bounds(windowed)
-            run.hidden = adapter.vision_block(inner, block, run, cu, cu_host)
+            bounds = run.attention_bounds(windowed, device_only=packed)
+            with _routed(adapter.vision_attention(block), packed):
+                run.hidden = adapter.vision_block(inner, block, run, bounds)
         adapter.after_vision_block(inner, index, run)
     features, extras = adapter.vision_project(inner, run)  # (U, C_out) per unit, in run order
     if any(step is not None and step.removed for step in between):
@@ -239,23 +273,28 @@ def _drop(run: VisionRun) -> None:
     run.drop_before_merge = None
 
 
-def _merging_block(adapter, inner, block, index, windowed, run, steps, method, params, timer) -> None:
+def _routed(attention: torch.nn.Module, packed: bool):
+    return run_packed(attention) if packed else contextlib.nullcontext()
+
+
+def _merging_block(adapter, inner, block, index, windowed, run, steps, method, params, timer, packed) -> None:
     """One vision block with Token_Merge between attention and FFN (paper eq. 1)."""
     for segment, (units, step) in enumerate(zip(run.segment_units, steps, strict=True)):
         if step.tokens_in != units:
             raise RuntimeError(
                 f"illava: encoder segment {segment} has {units} units, the plan expected {step.tokens_in}"
             )
-    cu, cu_host = run.attention_bounds(windowed)
+    bounds = run.attention_bounds(windowed, device_only=packed)
     attention = adapter.vision_attention(block)
-    with capture(attention, enabled=method.uses_importance) as captured:
-        hidden = adapter.vision_attention_half(inner, block, run, cu, cu_host)
+    with capture(attention, enabled=method.uses_importance) as captured, _routed(attention, packed and not captured):
+        hidden = adapter.vision_attention_half(inner, block, run, bounds)
     with timer:
         specs = segment_specs(steps, run.segment_index_in_item)
         query, key = adapter.vision_queries_keys(captured, run) if captured else (None, None)
         request = StageRequest(
             stage="encoder", layer=index, hidden=hidden, query=query, key=key,
-            segments=specs, unit=run.unit, scale=adapter.attention_scale(attention), attention_bounds=cu_host,
+            importance=captured.importance if captured and adapter.packed_sequence else None,
+            segments=specs, unit=run.unit, scale=adapter.attention_scale(attention), bounds=bounds,
         )  # fmt: skip
         merge_map = method.merge(params, request)
         check_map(merge_map, specs, f"vision block {index}")

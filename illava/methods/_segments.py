@@ -31,9 +31,15 @@ def unit_importance(request: StageRequest) -> torch.Tensor:
     Encoder: the column mean of each window's (or frame's) attention, a unit scoring the mean of its
     tokens. LLM: computed per segment in `segment_importance` instead (causal, per image/frame).
     """
-    query, key = request.query, request.key
-    bounds = request.attention_bounds or [0, query.shape[1]]
-    return windowed_importance(query, key, bounds, scale=request.scale).view(-1, request.unit).mean(dim=1)
+    if request.importance is not None:  # from the block's own attention call
+        return request.importance.view(-1, request.unit).mean(dim=1)
+    query, key, bounds = request.query, request.key, request.bounds
+    if bounds is None or bounds.host is not None:
+        host = bounds.host if bounds is not None else [0, query.shape[1]]
+        scores = windowed_importance(query, key, host, scale=request.scale)
+    else:
+        scores = windowed_importance(query, key, cu=bounds.cu, longest=bounds.longest, scale=request.scale)
+    return scores.view(-1, request.unit).mean(dim=1)
 
 
 def segment_importance(request: StageRequest, tokens: slice) -> torch.Tensor:

@@ -74,7 +74,11 @@ class StageRequest:
     unit: int = 1
     scale: float | None = None  # the attention's softmax scale
     causal: bool = False  # LLM stage: query i saw keys 0..i
-    attention_bounds: list[int] | None = None  # encoder: cu_seqlens (tokens) of the attention windows/frames
+    bounds: Any = None  # encoder: the attention windows/frames (`illava.engine.vision.Bounds`)
+    #: Encoder: (T,) each token's column mean of its window's (frame's) attention probabilities, heads
+    #: averaged, when the block's own attention call yielded them (eager, or ``illava_packed``); None
+    #: otherwise (a method that wants it recomputes it from `query` and `key`).
+    importance: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)

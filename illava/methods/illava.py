@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from ..merge import MergeMap, merge_plan
-from ._segments import each_segment, segment_importance, unit_importance
+from ..merge import MergeMap, SegmentBatch, batched_importance, batched_merge
+from ._segments import unit_importance
 from .base import MethodParams, ReductionMethod, StageRequest, check_fraction, check_int
 
 
@@ -16,10 +16,20 @@ class IllavaParams(MethodParams):
     group_size: int = 5  # M: discarded tokens each cluster token absorbs
 
 
+def segment_batch(request: StageRequest, group_size: int) -> SegmentBatch:
+    segments = request.segments
+    return SegmentBatch.of(
+        [s.start for s in segments], [s.units for s in segments], [s.kept for s in segments],
+        [s.recycled for s in segments], group_size, request.hidden.device,
+    )  # fmt: skip
+
+
 class Illava(ReductionMethod):
     """Keep the most attended tokens; the next ``recycle_share`` of the kept become cluster
     centres, each the weighted sum of itself and the ``group_size`` discarded tokens it attends to
-    most (see `illava.merge` for the exact rules and the choices made where the paper is silent)."""
+    most (see `illava.merge` for the exact rules and the choices made where the paper is silent).
+    Every segment of a stage call is merged at once (`illava.merge.batched_merge`): no Python loop
+    over images, frames or windows, nothing read back."""
 
     name = "illava"
     summary = "importance selection + recycling into cluster tokens (the paper)"
@@ -40,19 +50,16 @@ class Illava(ReductionMethod):
         kept = tokens_in - removed
         return min(int(math.floor(params.recycle_share * kept + 0.5)), removed, kept)
 
-    def _merge(self, params: IllavaParams, request: StageRequest, scores_of) -> MergeMap:
-        def one(segment, tokens) -> MergeMap:
-            return merge_plan(
-                request.query[:, tokens], request.key[:, tokens], scores_of(segment, tokens),
-                n_units=segment.units, n_keep=segment.kept, n_recycle=segment.recycled,
-                group_size=getattr(params, "group_size", 1), unit=request.unit, scale=request.scale,
-            )  # fmt: skip
-
-        return each_segment(request, one)
+    def _merge(self, params, request: StageRequest, scores) -> MergeMap:
+        batch = segment_batch(request, getattr(params, "group_size", 1))
+        if scores is None:  # LLM: causal importance within each segment, all segments at once
+            scores = batched_importance(request.query, request.key, batch, causal=request.causal, scale=request.scale)
+        else:  # encoder: unit scores of the whole call, laid out per segment
+            scores = scores[batch.index].masked_fill_(batch.padding, float("-inf"))
+        return batched_merge(scores, request.query, request.key, batch, unit=request.unit, scale=request.scale)
 
     def merge_encoder(self, params: IllavaParams, request: StageRequest) -> MergeMap:
-        scores = unit_importance(request)  # (units,) over the whole block, within windows/frames
-        return self._merge(params, request, lambda segment, _: scores[segment.start : segment.start + segment.units])
+        return self._merge(params, request, unit_importance(request))  # within windows/frames
 
     def merge_llm(self, params: IllavaParams, request: StageRequest) -> MergeMap:
-        return self._merge(params, request, lambda _, tokens: segment_importance(request, tokens))
+        return self._merge(params, request, None)

@@ -1,0 +1,188 @@
+"""``illava_packed``: one attention call per vision block, for merged and unmerged models alike.
+
+With ``sdpa`` a windowed vision block calls the kernel once per window (Qwen2.5-VL: 64 windows per
+block on an 896x896 image), and a video block once per frame; on a GPU each call is a launch, so the
+encoder costs per window, not per token, and merging tokens cannot make it cheaper. This module
+registers an attention implementation (transformers' `AttentionInterface`, and the matching mask
+function) that runs every window or segment of a block in one call:
+
+* equal-length segments (windows of an unmerged image): one batched SDPA call;
+* ragged ones (after a merge, or edge windows), on CUDA: torch's varlen attention
+  (`torch.nn.attention.varlen.varlen_attn`); elsewhere: one padded, key-masked SDPA call. A segment
+  a merge emptied costs nothing and breaks nothing.
+
+Everything else (decoder layers, SigLIP's tile batches, any call without segment boundaries) is plain
+SDPA, so ``illava_packed`` can be any config's implementation.
+
+How it gets one call per block: transformers' packed vision attentions hand their kernel the whole
+block (``cu_seqlens``) only on their flash-attention path, and split it into one call per segment
+otherwise. The engine (`run_packed`) routes a vision attention module, for the duration of a block,
+to ``illava_packed_varlen`` -- the same function under a name that reads as flash to that check --
+and passes the block's host-known bounds along. Models the engine runs (merged, or applied with a
+schedule that removes nothing: the fair unmerged reference) therefore make one call per block; the
+library's own loop on an unpatched model makes one call per segment, each through SDPA.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+PACKED = "illava_packed"
+PACKED_VARLEN = "illava_packed_varlen_flash"  # "flash" in the name: see the module docstring
+
+
+def _varlen_available(query: torch.Tensor) -> bool:
+    if query.device.type != "cuda" or query.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    try:
+        from torch.nn.attention.varlen import varlen_attn  # noqa: F401  (torch >= 2.9, CUDA builds)
+    except ImportError:
+        return False
+    return True
+
+
+def _segments(cu: torch.Tensor, bounds: Any, n: int) -> tuple[list[int] | None, int]:
+    """(host lengths or None, a host bound on the longest) of the segments `cu` describes."""
+    if bounds is not None:
+        host = bounds.host
+        lengths = [b - a for a, b in zip(host[:-1], host[1:])] if host is not None else None
+        return lengths, bounds.longest
+    return None, n
+
+
+def packed_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    cu_seq_lens_q: torch.Tensor | None = None,
+    max_length_q: int | None = None,
+    illava_bounds: Any = None,
+    illava_importance: list | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """query/key/value (B, H, L, D). With `cu_seq_lens_q` (a packed vision block: B = 1, bidirectional
+    attention within each segment) all segments in one call; otherwise SDPA. Returns (B, L, H, D).
+
+    With `illava_importance` (a list, from the engine's capture of a merging block) the block's
+    attention is computed explicitly, once, and the column mean of each segment's attention
+    probabilities -- iLLaVA's importance, per token -- is appended to it: importance comes from the
+    attention the block computes anyway, not from a second softmax(QK^T)."""
+    for name in ("cu_seq_lens_k", "max_length_k", "position_ids"):
+        kwargs.pop(name, None)
+    if cu_seq_lens_q is None:
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
+        )
+    if query.shape[0] != 1 or attention_mask is not None:
+        raise ValueError("illava_packed: a packed call takes one sequence (batch 1) and no mask")
+    heads, n = query.shape[1], query.shape[2]
+    lengths, longest = _segments(cu_seq_lens_q, illava_bounds, n)
+    if max_length_q is not None:
+        longest = min(longest, int(max_length_q))
+    if illava_importance is not None:
+        out, importance = _explicit(query, key, value, cu_seq_lens_q, lengths, longest, scaling)
+        illava_importance.append(importance)
+        return out, None
+    if lengths is not None and len(set(lengths)) == 1:  # equal windows: one batched call, no padding
+        segments, length = len(lengths), lengths[0]
+        q, k, v = (t[0].view(t.shape[1], segments, length, -1).transpose(0, 1) for t in (query, key, value))
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scaling)
+        return out.transpose(0, 1).reshape(heads, n, -1).transpose(0, 1)[None], None  # (1, N, H, D)
+    if _varlen_available(query):
+        from torch.nn.attention.varlen import varlen_attn
+
+        cu = cu_seq_lens_q.to(torch.int32)
+        q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (N, H, D)
+        out = varlen_attn(q, k, v, cu, cu, longest, longest, scale=scaling)
+        return out[None], None
+    return _padded(query, key, value, cu_seq_lens_q, longest, scaling, dropout), None
+
+
+def _explicit(query, key, value, cu: torch.Tensor, lengths: list[int] | None, longest: int, scaling):
+    """The block's attention as matmul-softmax-matmul over padded segments, and each token's column
+    mean of its segment's attention probabilities (heads averaged): (1, N, H, D) and (N,) float32."""
+    device = query.device
+    heads, n = query.shape[1], query.shape[2]
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    equal = lengths is not None and len(set(lengths)) == 1
+    if equal:
+        segments, length = len(lengths), lengths[0]
+        q, k, v = (t[0].view(heads, segments, length, -1).transpose(0, 1) for t in (query, key, value))
+        real = None
+    else:
+        cu = cu.to(device=device, dtype=torch.long)
+        starts, sizes = cu[:-1], cu[1:] - cu[:-1]
+        offsets = torch.arange(longest, device=device)
+        real = offsets[None, :] < sizes[:, None]  # (S, L)
+        index = torch.where(real, starts[:, None] + offsets, 0)
+        q, k, v = (t[0][:, index].transpose(0, 1) for t in (query, key, value))  # (S, H, L, D)
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale  # (S, H, L, L)
+    if real is not None:
+        scores.masked_fill_(~real[:, None, None, :], float("-inf"))
+    probs = scores.softmax(dim=-1)
+    if real is not None:  # padded query rows (and segments a merge emptied) count for nothing
+        probs = torch.where(real[:, None, :, None], probs, 0.0)
+    out = torch.matmul(probs.to(v.dtype), v)  # (S, H, L, D)
+    if equal:
+        importance = probs.sum(dim=(1, 2)).view(-1) / (heads * lengths[0])
+        return out.transpose(0, 1).reshape(heads, n, -1).transpose(0, 1)[None], importance
+    column_mean = probs.sum(dim=(1, 2)) / (heads * sizes[:, None].clamp(min=1))  # (S, L)
+    tokens = torch.arange(n, device=device)
+    segment = torch.searchsorted(cu[1:], tokens, right=True)
+    offset = tokens - starts[segment]
+    return out[segment, :, offset][None], column_mean[segment, offset]
+
+
+def _padded(query, key, value, cu: torch.Tensor, longest: int, scaling, dropout) -> torch.Tensor:
+    """Ragged segments as one padded batch with padded keys masked (reads nothing back)."""
+    device = query.device
+    cu = cu.to(device=device, dtype=torch.long)
+    starts, lengths = cu[:-1], cu[1:] - cu[:-1]
+    offsets = torch.arange(longest, device=device)
+    real = offsets[None, :] < lengths[:, None]  # (S, L)
+    index = torch.where(real, starts[:, None] + offsets, 0)
+    q, k, v = (t[0][:, index].transpose(0, 1) for t in (query, key, value))  # (S, H, L, D)
+    # Each padded query row sees its own segment's first key, so no row is all masked.
+    allowed = real[:, None, None, :] | (offsets == 0)[None, None, None, :]
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout, scale=scaling)
+    tokens = torch.arange(query.shape[2], device=device)
+    segment = torch.searchsorted(cu[1:], tokens, right=True)
+    return out[segment, :, tokens - starts[segment]][None]  # (1, N, H, D)
+
+
+AttentionInterface.register(PACKED, packed_attention)
+AttentionInterface.register(PACKED_VARLEN, packed_attention)
+ALL_MASK_ATTENTION_FUNCTIONS.register(PACKED, sdpa_mask)
+
+
+def is_packed(config: Any) -> bool:
+    return getattr(config, "_attn_implementation", None) == PACKED
+
+
+@contextmanager
+def run_packed(module: torch.nn.Module) -> Iterator[None]:
+    """Route `module` (a vision attention whose config says ``illava_packed``) to the packed kernel
+    for one block call: it then hands the kernel the whole block at once."""
+    original = module.config
+    routed = copy.copy(original)
+    routed._attn_implementation_internal = (
+        PACKED_VARLEN  # the field itself: the setter recurses into shared sub-configs
+    )
+    module.config = routed
+    try:
+        yield
+    finally:
+        module.config = original

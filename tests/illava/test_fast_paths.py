@@ -1,0 +1,157 @@
+"""The fast paths against their references: the packed attention against SDPA, the merge batched over
+segments against the per-segment one, and a merged forward's host reads against the unmerged one's,
+on every family (CPU: the counts are what predict GPU speed here)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import illava
+from illava import Schedule
+from illava.backbones import load_backbone
+from illava.inputs import Sample, build_inputs, synthetic_image, synthetic_video
+from illava.merge import SegmentBatch, attention_importance, batched_importance, batched_merge, merge_plan
+from profiler.counts import count_call
+
+FAMILIES = ["tiny", "tiny-qwen2-vl", "tiny-qwen3-vl", "tiny-llava-onevision"]
+PACKED = "illava_packed"
+
+
+def prompts(backbone):
+    side = max(backbone.adapter.size_multiple(backbone.model.config), 28)
+    return {
+        "images": [
+            Sample("<image> What?", [synthetic_image(16 * side, 1)]),  # 896-class: many windows on Qwen2.5-VL
+            Sample("A longer question about <image> here.", [synthetic_image((6 * side, 4 * side), 2)]),
+        ],
+        "video": [Sample("<video> What moves?", videos=[synthetic_video(4, 4 * side, seed=3)])],
+    }
+
+
+def schedule_for(backbone, kind: str) -> Schedule:
+    share = {} if kind != "video" or backbone.adapter.encoder_merges_video else {"encoder_share": 0.0}
+    return illava.paper_default_for(backbone.model, 7 / 9, **share)
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def pair(request):
+    """The same seeded model twice: with sdpa and with the packed attention."""
+    return load_backbone(request.param, attn_implementation="sdpa"), load_backbone(
+        request.param, attn_implementation=PACKED
+    )
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_attention_equals_sdpa_unmerged_and_merged(pair, dtype):
+    sdpa, packed = pair
+    sdpa.model.to(dtype)
+    packed.model.to(dtype)
+    tolerance = 1e-5 if dtype == torch.float32 else 5e-2
+    try:
+        for kind, samples in prompts(sdpa).items():
+            batch = build_inputs(sdpa, samples)
+            valid = batch["attention_mask"].bool()
+            reference = sdpa.model(**batch).logits  # the library's own loop
+            illava.apply(packed.model, Schedule.vanilla())  # the engine, one attention call per block
+            unmerged = packed.model(**batch).logits
+            assert (unmerged[valid].float() - reference[valid].float()).abs().max() <= tolerance, kind
+            schedule = schedule_for(sdpa, kind)
+            illava.apply(sdpa.model, schedule)
+            illava.apply(packed.model, schedule)
+            merged_sdpa, merged_packed = sdpa.model(**batch).logits.float(), packed.model(**batch).logits.float()
+            bound = tolerance
+            if dtype == torch.bfloat16:  # a merge in bf16 can flip which tokens are kept: bound it by bf16's
+                # own effect on the sdpa model (its fp32 run), not by a fixed tolerance
+                sdpa.model.float()
+                rounding = (sdpa.model(**batch).logits.float() - merged_sdpa).abs().max()
+                sdpa.model.to(dtype)
+                bound = max(tolerance, 2 * float(rounding))
+            assert (merged_sdpa - merged_packed).abs().max() <= bound, kind
+            illava.remove(sdpa.model)
+            illava.remove(packed.model)
+    finally:
+        sdpa.model.float()
+        packed.model.float()
+
+
+@torch.no_grad()
+def test_packed_attention_makes_one_call_per_block_and_merging_adds_none(pair):
+    _, packed = pair
+    model = packed.model
+    batch = build_inputs(packed, prompts(packed)["images"])
+
+    def forward():
+        model(**batch, logits_to_keep=1)
+
+    illava.apply(model, Schedule.vanilla())
+    forward()
+    unmerged = count_call(forward)
+    encoder_depth, llm_depth = illava.depths(model)
+    blocks = len(packed.adapter.vision_blocks(packed.adapter.inner_model(model)))
+    assert unmerged.attention_calls == blocks + llm_depth
+    illava.apply(model, illava.paper_default_for(model, 7 / 9))
+    forward()
+    merged = count_call(forward)
+    if packed.adapter.packed_sequence:  # importance comes from the block's own (packed) call
+        assert merged.attention_calls == unmerged.attention_calls
+    assert merged.host_reads <= unmerged.host_reads, (merged.reads, unmerged.reads)
+    illava.remove(model)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_a_merged_forward_reads_no_more_than_the_unmerged_library(attn):
+    """With the library's own attention implementations, against the unpatched model."""
+    for name in FAMILIES:
+        backbone = load_backbone(name, attn_implementation=attn)
+        model = backbone.model
+        for kind, samples in prompts(backbone).items():
+            batch = build_inputs(backbone, samples)
+
+            def forward(model=model, batch=batch):
+                model(**batch, logits_to_keep=1)
+
+            forward()
+            unmerged = count_call(forward)
+            illava.apply(model, schedule_for(backbone, kind))
+            forward()
+            merged = count_call(forward)
+            illava.remove(model)
+            assert merged.host_reads <= unmerged.host_reads, (name, kind, merged.reads, unmerged.reads)
+
+
+# ----------------------------------------------------------------------------------- batched merge
+@pytest.mark.parametrize("unit", [1, 4])
+@pytest.mark.parametrize("causal", [False, True])
+def test_the_batched_merge_equals_the_per_segment_one(unit, causal):
+    """Ragged segments, some not merging, different recycled counts: the same kept units and the same
+    merged values as `merge_plan` segment by segment."""
+    torch.manual_seed(0)
+    units, kept, recycled = [9, 14, 5, 11], [4, 14, 2, 6], [1, 0, 1, 2]
+    starts = [sum(units[:i]) for i in range(len(units))]
+    heads, dim, channels = 3, 8, 5
+    tokens = sum(units) * unit
+    query, key = torch.randn(heads, tokens, dim), torch.randn(heads, tokens, dim)
+    hidden = torch.randn(tokens, channels)
+    batch = SegmentBatch.of(starts, units, kept, recycled, group_size=3, device="cpu")
+    if unit == 1:
+        scores = batched_importance(query, key, batch, causal=causal, scale=0.3)
+    else:
+        flat = torch.rand(sum(units))
+        scores = flat[batch.index].masked_fill(batch.padding, float("-inf"))
+    merged = batched_merge(scores, query, key, batch, unit=unit, scale=0.3)
+    keeps, rows = [], []
+    for s, (start, n) in enumerate(zip(starts, units)):
+        tokens_s = slice(start * unit, (start + n) * unit)
+        seg_scores = scores[s, :n]
+        if unit == 1:
+            reference = attention_importance(query[:, tokens_s], key[:, tokens_s], causal=causal, scale=0.3)
+            torch.testing.assert_close(seg_scores, reference, rtol=1e-5, atol=1e-6)
+        one = merge_plan(query[:, tokens_s], key[:, tokens_s], seg_scores, n_units=n, n_keep=kept[s],
+                         n_recycle=recycled[s], group_size=3, unit=unit, scale=0.3)  # fmt: skip
+        keeps.append(one.keep + start)
+        rows.append(one.apply(hidden[tokens_s], unit))
+    assert torch.equal(merged.keep, torch.cat(keeps))
+    torch.testing.assert_close(merged.apply(hidden, unit), torch.cat(rows), rtol=1e-5, atol=1e-6)
