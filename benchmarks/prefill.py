@@ -1,15 +1,24 @@
-"""Prefill latency of vanilla vs iLLaVA on a built-in backbone, beside the FLOPs prediction.
+"""Prefill latency of vanilla vs iLLaVA on a built-in backbone, beside the FLOPs prediction and what
+each forward dispatches.
 
-    python benchmarks/prefill.py                       # small, 448 and 672, 7 runs, CPU
-    python benchmarks/prefill.py --device cuda --dtype bfloat16 --attn sdpa
-    python benchmarks/prefill.py --device cuda --dtype bfloat16 --backbone 7b-shape   # see below
+    python benchmarks/prefill.py                       # small, 448 and 672, sdpa and illava_packed, CPU
+    python benchmarks/prefill.py --counts --backbone small tiny-qwen2-vl tiny-qwen3-vl tiny-llava-onevision \
+        --attn eager sdpa illava_packed --sizes 448 896  # counts only: every family and attention, no timing
+    python benchmarks/prefill.py --device cuda --dtype bfloat16 --attn sdpa illava_packed
+    python benchmarks/prefill.py --device cuda --dtype bfloat16 --backbone 7b-shape --batch 8   # see below
 
-For each image size and schedule (vanilla, then the paper's default split at 66.7/77.8/88.9%),
-runs are interleaved round-robin in one process so that drift hits every schedule alike:
-each repeat times the encoder alone (`get_image_features`) and the full prefill forward
-(`logits_to_keep=1`). LLM time = total - encoder. A separate instrumented pass measures the
-share of the merged forward spent in importance + selection + merging + re-packing.
-Prints a markdown table; `--markdown FILE` also appends it, with the machine, to FILE.
+For each backbone, attention implementation and image size, and each schedule (vanilla, then the
+paper's default split at 66.7/77.8/88.9%), runs are interleaved round-robin in one process so that
+drift hits every schedule alike: each repeat times the encoder alone (`get_image_features`) and the
+full prefill forward (`logits_to_keep=1`). LLM time = total - encoder. A separate instrumented pass
+measures the share of the merged forward spent in importance + selection + merging + re-packing.
+
+Beside the times, one counted forward per schedule (`profiler.counts`: a dispatch mode) gives the
+aten ops, the kernel ops (those that launch work on a GPU), the host reads and the attention calls,
+and their ratio to vanilla under the same attention. Vanilla is the untouched model, except under
+``illava_packed``, where it is the engine removing nothing (`illava.apply_reference`): one call per
+vision block on both sides. Prints markdown tables; `--markdown FILE` also appends them, with the
+machine, to FILE.
 
 `--backbone 7b-shape` is Qwen2.5-VL-7B's architecture (32-block 1280-wide encoder, 28-layer
 3584-wide LLM with 4 KV heads) with random weights, built directly on `--device` (about 15 GB in
@@ -31,10 +40,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import illava  # noqa: E402
+import illava.runtime  # noqa: E402
 from illava import PAPER_REDUCTIONS, Schedule  # noqa: E402
 from illava.backbones import Backbone, build_config, build_image_processor, build_tokenizer, load_backbone  # noqa: E402
 from illava.inputs import Sample, build_inputs, synthetic_image  # noqa: E402
 from profiler import Timing, time_call, time_once  # noqa: E402
+from profiler.counts import ForwardCounts, count_call  # noqa: E402
 from profiler.hardware import cpu_model  # noqa: E402
 
 PROMPT = "<image> What shapes are in this picture, and what colour is each one?"
@@ -72,10 +83,11 @@ class Result:
     label: str
     image_tokens: int
     schedule: Schedule
-    encoder: Timing
-    total: Timing
-    merge_share: float
-    predicted: float
+    counts: ForwardCounts
+    encoder: Timing | None = None
+    total: Timing | None = None
+    merge_share: float = 0.0
+    predicted: float = 1.0
 
     @property
     def llm(self) -> float:
@@ -96,20 +108,21 @@ def schedules(model) -> list[tuple[str, Schedule]]:
 
 def set_schedule(model, schedule: Schedule) -> None:
     if schedule.removes_nothing:
-        illava.remove(model)  # vanilla is the unpatched model itself
+        illava.apply_reference(model)  # the untouched model; under illava_packed the engine removing nothing
     else:
         illava.apply(model, schedule)
 
 
 @torch.inference_mode()
-def bench_size(backbone, size: int, repeats: int, warmup: int, device: torch.device) -> list[Result]:
+def bench_size(backbone, size: int, batch_size: int, repeats: int, warmup: int, device: torch.device,
+               *, timed: bool = True) -> list[Result]:  # fmt: skip
     model = backbone.model
-    batch = build_inputs(backbone, [Sample(PROMPT, [synthetic_image(size, 0)])])
-    batch = batch.to(device)
+    samples = [Sample(PROMPT, [synthetic_image(size, seed)]) for seed in range(batch_size)]
+    batch = build_inputs(backbone, samples).to(device)
     adapter = backbone.adapter
     inner = adapter.inner_model(model)
     grids, text_tokens = adapter.flop_inputs(model.config, batch)
-    image_tokens = sum(adapter.image_tokens(inner, batch))
+    image_tokens = sum(adapter.image_tokens(inner, batch)) // batch_size
     configs = schedules(model)
 
     def encoder() -> object:
@@ -118,40 +131,36 @@ def bench_size(backbone, size: int, repeats: int, warmup: int, device: torch.dev
     def total() -> object:
         return model(**batch, logits_to_keep=1)
 
-    samples = {label: ([], []) for label, _ in configs}
+    results = []
+    for label, schedule in configs:
+        set_schedule(model, schedule)
+        total()  # lazy set-up is not counted
+        results.append(Result(size, label, image_tokens, schedule, count_call(total),
+                              predicted=illava.predicted_speedup(model.config, schedule, grids, text_tokens)))  # fmt: skip
+    if not timed:
+        illava.remove(model)
+        return results
+
+    times = {label: ([], []) for label, _ in configs}
     for run in range(warmup + repeats):
         for label, schedule in configs:
             set_schedule(model, schedule)
             enc, tot = time_once(encoder, device), time_once(total, device)
             if run >= warmup:
-                samples[label][0].append(enc)
-                samples[label][1].append(tot)
+                times[label][0].append(enc)
+                times[label][1].append(tot)
         print(f"  {size}px: run {run + 1}/{warmup + repeats}", file=sys.stderr, flush=True)
 
-    results = []
-    for label, schedule in configs:
-        share = 0.0
-        if not schedule.removes_nothing:
-            set_schedule(model, schedule)
+    for result in results:
+        result.encoder, result.total = (Timing(tuple(t)) for t in times[result.label])
+        if not result.schedule.removes_nothing:
+            set_schedule(model, result.schedule)
             illava.time_merges(model)
             shares = []
             for _ in range(repeats):
                 seconds = time_once(total, device)
                 shares.append(illava.last_stats(model).merge_seconds / seconds)
-            share = statistics.median(shares)
-        encoder_t, total_t = (Timing(tuple(s)) for s in samples[label])
-        results.append(
-            Result(
-                size,
-                label,
-                image_tokens,
-                schedule,
-                encoder_t,
-                total_t,
-                share,
-                illava.predicted_speedup(model.config, schedule, grids, text_tokens),
-            )
-        )
+            result.merge_share = statistics.median(shares)
     illava.remove(model)
     return results
 
@@ -169,62 +178,99 @@ def paired_speedups(vanilla: Timing, merged: Timing) -> Timing:
     return Timing(tuple(v / m for v, m in zip(vanilla.samples, merged.samples)))
 
 
+def _count_cells(r: Result, base: Result) -> str:
+    c, b = r.counts, base.counts
+    return (
+        f"| {c.aten_ops} ({c.aten_ops / b.aten_ops:.2f}x) | {c.kernel_ops} ({c.kernel_ops / b.kernel_ops:.2f}x) "
+        f"| {c.host_reads} ({c.host_reads - b.host_reads:+d}) | {c.attention_calls} |"
+    )
+
+
+COUNT_HEADER = "aten ops (x vanilla) | kernel ops (x vanilla) | host reads (+ vanilla) | attention calls |"
+
+
 def table(results: list[Result]) -> str:
-    lines = [
-        "| image | img tokens | schedule | encoder ms | LLM ms | prefill ms (spread) | speedup (min-max) | predicted "
-        "| measured/predicted | merge share |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    base = {r.size: r.total for r in results if r.label == "vanilla"}
+    timed = results[0].total is not None
+    head = "| image | img tokens | schedule | "
+    if timed:
+        head += ("encoder ms | LLM ms | prefill ms (spread) | speedup (min-max) | predicted | measured/predicted "
+                 "| merge share | ")  # fmt: skip
+    head += COUNT_HEADER
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    base = {r.size: r for r in results if r.label == "vanilla"}
     for r in results:
-        speedup = paired_speedups(base[r.size], r.total)
-        lines.append(
-            f"| {r.size}x{r.size} | {r.image_tokens} | {r.label} | {r.encoder.median * 1e3:.1f} | {r.llm * 1e3:.1f} "
-            f"| {r.total.median * 1e3:.1f} ({r.total.spread:.0%}) "
-            f"| {speedup.median:.2f}x ({speedup.low:.2f}-{speedup.high:.2f}) | {r.predicted:.2f}x "
-            f"| {speedup.median / r.predicted:.0%} | {r.merge_share:.1%} |"
-        )
+        row = f"| {r.size}x{r.size} | {r.image_tokens} | {r.label} "
+        if timed:
+            speedup = paired_speedups(base[r.size].total, r.total)
+            row += (
+                f"| {r.encoder.median * 1e3:.1f} | {r.llm * 1e3:.1f} | {r.total.median * 1e3:.1f} ({r.total.spread:.0%}) "
+                f"| {speedup.median:.2f}x ({speedup.low:.2f}-{speedup.high:.2f}) | {r.predicted:.2f}x "
+                f"| {speedup.median / r.predicted:.0%} | {r.merge_share:.1%} "
+            )
+        lines.append(row + _count_cells(r, base[r.size]))
     return "\n".join(lines)
+
+
+def load(name: str, attn: str, dtype: torch.dtype, device: torch.device) -> Backbone:
+    if name == "7b-shape":
+        return seven_b_shape(attn, dtype, device)
+    backbone = load_backbone(name, attn_implementation=attn, dtype=dtype)
+    backbone.model.to(device)
+    return backbone
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--backbone", default="small", help="tiny, small, a checkpoint directory, or 7b-shape")
+    parser.add_argument("--backbone", nargs="+", default=["small"],
+                        help="tiny, small, tiny-qwen2-vl, ..., a checkpoint directory, or 7b-shape")  # fmt: skip
     parser.add_argument("--sizes", type=int, nargs="+", default=[448, 672])
+    parser.add_argument("--batch", type=int, default=1, help="images per forward (one prompt each)")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--attn", default="sdpa", choices=["eager", "sdpa", "flash_attention_2"])
-    parser.add_argument("--markdown", type=Path, help="append the table and the machine to this file")
+    parser.add_argument("--dtype", default="float32", choices=list(illava.DTYPES))
+    parser.add_argument("--attn", nargs="+", default=["sdpa", "illava_packed"], choices=list(illava.ATTENTIONS))
+    parser.add_argument("--counts", action="store_true", help="counts only (deterministic, fast): no timing")
+    parser.add_argument("--markdown", type=Path, help="append the tables and the machine to this file")
     args = parser.parse_args(argv)
-    if args.repeats < 5:
+    if args.repeats < 5 and not args.counts:
         parser.error("--repeats must be at least 5 for a median with a spread")
 
     device = torch.device(args.device)
-    dtype = getattr(torch, args.dtype)
-    if args.backbone == "7b-shape":
-        backbone = seven_b_shape(args.attn, dtype, device)
-    else:
-        backbone = load_backbone(args.backbone, attn_implementation=args.attn, dtype=dtype)
-        backbone.model.to(device)
-    if device.type == "cuda":
-        print(f"weights on the GPU: {torch.cuda.memory_allocated(device) / 2**30:.1f} GiB", file=sys.stderr)
-    results = [r for size in args.sizes for r in bench_size(backbone, size, args.repeats, args.warmup, device)]
-    floor = text_only_floor(backbone, args.repeats, args.warmup, device)
-    header = (
-        f"`{' '.join(['python benchmarks/prefill.py', *(argv if argv is not None else sys.argv[1:])])}` "
-        f"on {machine(device)}; backbone {args.backbone}, {args.dtype}, {args.attn}, "
-        f"median of {args.repeats} interleaved rounds after {args.warmup} warm-up; spread = (max-min)/median; speedup = median (min-max) of the per-round ratios"
-    )
-    report = (
-        f"{header}\n\n{table(results)}\n\nThe same prompt with no image (the floor no token reduction can go "
-        f"below): {floor.median * 1e3:.1f} ms ({floor.spread:.0%} spread).\n"
-    )
-    print(report)
+    dtype = illava.DTYPES[args.dtype]
+    command = " ".join(["python benchmarks/prefill.py", *(argv if argv is not None else sys.argv[1:])])
+    what = "one counted forward per schedule" if args.counts else (
+        f"median of {args.repeats} interleaved rounds after {args.warmup} warm-up; spread = (max-min)/median; "
+        "speedup = median (min-max) of the per-round ratios; counts: one counted forward"
+    )  # fmt: skip
+    report = [f"`{command}` on {machine(device)}; {args.dtype}, batch {args.batch}; {what}\n"]
+    for name in args.backbone:
+        for attn in args.attn:
+            illava.runtime.check_attention(attn, device)
+            print(f"{name}, {attn}:", file=sys.stderr, flush=True)
+            backbone = load(name, attn, dtype, device)
+            if device.type == "cuda":
+                print(f"weights on the GPU: {torch.cuda.memory_allocated(device) / 2**30:.1f} GiB", file=sys.stderr)
+            results = [
+                r
+                for size in args.sizes
+                for r in bench_size(
+                    backbone, size, args.batch, args.repeats, args.warmup, device, timed=not args.counts
+                )
+            ]
+            report.append(f"**{name}, {attn}**\n\n{table(results)}\n")
+            if not args.counts:
+                floor = text_only_floor(backbone, args.repeats, args.warmup, device)
+                report.append(f"The same prompt with no image (the floor no token reduction can go below): "
+                              f"{floor.median * 1e3:.1f} ms ({floor.spread:.0%} spread).\n")  # fmt: skip
+            del backbone
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    text = "\n".join(report)
+    print(text)
     if args.markdown:
         with args.markdown.open("a") as out:
-            out.write("\n" + report)
+            out.write("\n" + text)
     return 0
 
 

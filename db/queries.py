@@ -36,6 +36,9 @@ from .models import (
 )
 
 Row = TypeVar("Row", bound=Base)
+#: How a hardware profile stored before the model's dtype and attention were recorded is read
+#: (`illava.runtime.DEFAULT_DTYPE/DEFAULT_ATTENTION`; this package does not import torch).
+DEFAULT_DTYPE, DEFAULT_ATTENTION = "float32", "sdpa"
 _HEX = frozenset("0123456789abcdef")
 
 
@@ -113,17 +116,23 @@ def get_or_create_backbone(
     return backbone
 
 
+def runtime_of(profile: Mapping[str, Any]) -> tuple[str, str]:
+    """(dtype, attention) a stored hardware profile was measured in."""
+    return profile.get("dtype") or DEFAULT_DTYPE, profile.get("attention") or DEFAULT_ATTENTION
+
+
 def hardware_key(profile: Mapping[str, Any]) -> str:
     """The grouping key of a hardware profile dict: its `"key"` field, else computed from its fields
     exactly as `profiler.HardwareProfile.key()` does (this package does not import the profiler)."""
     if profile.get("key"):
         return str(profile["key"])
     kind, name = profile.get("kind"), profile.get("name")
+    runtime = "/".join(runtime_of(profile))
     if kind == "cuda" and name:
         mig = profile.get("mig_profile")
-        return f"cuda:{name}" + (f" MIG {mig}" if mig else "")
+        return f"cuda:{name}" + (f" MIG {mig}" if mig else "") + f" {runtime}"
     if kind == "cpu" and name and profile.get("threads") is not None:
-        return f"cpu:{name} x{profile['threads']}"
+        return f"cpu:{name} x{profile['threads']} {runtime}"
     raise ValueError(
         "hardware profile has no 'key' and not the fields to compute one "
         f"(kind 'cuda' with name, or kind 'cpu' with name and threads): got keys {sorted(profile)}"

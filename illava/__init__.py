@@ -20,12 +20,16 @@ import torch
 
 from .adapters import BackboneAdapter, adapter_for, adapter_for_config, register_adapter, supported_models
 from .engine import model as _engine
+from .engine.attention import is_packed
 from .errors import ScheduleError, UnsupportedModelError
 from .flops import Flops
 from .methods import ReductionMethod, get_method, method_names, register_method
-from .schedule import PAPER_REDUCTIONS, SCHEMA_VERSION, LayerStep, Plan, Schedule
+from .runtime import ATTENTIONS, DTYPES, RuntimeMismatchWarning, model_runtime, warn_if_mismatched
+from .schedule import PAPER_REDUCTIONS, SCHEMA_VERSION, LayerStep, Plan, Schedule, read_document
 
 __all__ = [
+    "ATTENTIONS",
+    "DTYPES",
     "PAPER_REDUCTIONS",
     "SCHEMA_VERSION",
     "BackboneAdapter",
@@ -33,17 +37,20 @@ __all__ = [
     "LayerStep",
     "Plan",
     "ReductionMethod",
+    "RuntimeMismatchWarning",
     "Schedule",
     "ScheduleError",
     "UnsupportedModelError",
     "adapter_for",
     "adapter_for_config",
     "apply",
+    "apply_reference",
     "depths",
     "get_method",
     "is_applied",
     "last_stats",
     "method_names",
+    "model_runtime",
     "paper_default_for",
     "predicted_speedup",
     "prefill_flops",
@@ -96,10 +103,26 @@ def apply(model: torch.nn.Module, schedule: Schedule | dict[str, Any] | str | Pa
     `schedule` may be a `Schedule`, its dict/JSON form, a path to a JSON file, or an exported
     manifest (a dict with a ``schedule`` key). Applying twice replaces the first schedule.
     Raises `ScheduleError` for a schedule that is invalid or does not fit the model, and
-    `UnsupportedModelError` for a model no adapter supports.
+    `UnsupportedModelError` for a model no adapter supports. A manifest tuned in another dtype or
+    attention implementation than `model` runs in is applied with a `RuntimeMismatchWarning`.
     """
     adapter = adapter_for(model)
-    _engine.apply(adapter, model, Schedule.coerce(schedule))
+    document = read_document(schedule)
+    if isinstance(document, dict) and "schedule" in document:
+        warn_if_mismatched(model, document)
+    _engine.apply(adapter, model, Schedule.coerce(document))
+    return model
+
+
+def apply_reference(model: torch.nn.Module) -> torch.nn.Module:
+    """Make `model` the unmerged reference its merged runs are compared with: the untouched model,
+    except under ``illava_packed`` attention, where the engine runs with a schedule that removes
+    nothing (transformers' own loop would call the kernel once per window: an unfair baseline)."""
+    adapter = adapter_for(model)
+    if any(is_packed(config) for config in adapter.attention_configs(adapter.inner_model(model)).values()):
+        _engine.apply(adapter, model, Schedule.vanilla())
+    else:
+        _engine.remove(adapter, model)
     return model
 
 

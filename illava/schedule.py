@@ -400,25 +400,9 @@ class Schedule:
     def coerce(cls, value: Schedule | Mapping[str, Any] | str | Path) -> Schedule:
         """A schedule from a Schedule, a dict, a manifest dict (with a ``schedule`` key), a JSON
         string or a path to a JSON file; anything else, or anything malformed, is a `ScheduleError`."""
+        value = read_document(value)
         if isinstance(value, Schedule):
             return value
-        if isinstance(value, Path) or (isinstance(value, str) and not value.lstrip().startswith(("{", "["))):
-            path = Path(value)
-            if not path.is_file():
-                raise ScheduleError(f"schedule file {str(path)!r} does not exist")
-            try:
-                value = path.read_text(encoding="utf-8")
-            except (OSError, UnicodeDecodeError) as error:
-                raise ScheduleError(f"schedule file {str(path)!r} could not be read: {error}") from None
-            try:
-                value = json.loads(value)
-            except json.JSONDecodeError as error:
-                raise ScheduleError(f"schedule file {str(path)!r} is not valid JSON: {error}") from None
-        elif isinstance(value, str):
-            try:
-                value = json.loads(value)
-            except json.JSONDecodeError as error:
-                raise ScheduleError(f"a schedule in JSON could not be parsed: {error}") from None
         if isinstance(value, Mapping) and "schedule" in value:
             value = value["schedule"]  # a manifest
             if not isinstance(value, Mapping):
@@ -428,6 +412,29 @@ class Schedule:
                 f"a schedule must be a Schedule, a dict, a manifest, JSON text or a JSON file path; got {type(value).__name__}"
             )
         return cls.from_dict(value)
+
+
+def read_document(value: Any) -> Any:
+    """`value` with a JSON file path or JSON text read into what it holds; anything else as given.
+    An unreadable file or malformed JSON is a `ScheduleError`."""
+    if isinstance(value, Path) or (isinstance(value, str) and not value.lstrip().startswith(("{", "["))):
+        path = Path(value)
+        if not path.is_file():
+            raise ScheduleError(f"schedule file {str(path)!r} does not exist")
+        try:
+            value = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as error:
+            raise ScheduleError(f"schedule file {str(path)!r} could not be read: {error}") from None
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as error:
+            raise ScheduleError(f"schedule file {str(path)!r} is not valid JSON: {error}") from None
+    elif isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as error:
+            raise ScheduleError(f"a schedule in JSON could not be parsed: {error}") from None
+    return value
 
 
 def _from_schema_1(data: dict[str, Any]) -> dict[str, Any]:

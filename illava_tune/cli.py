@@ -10,8 +10,10 @@ def _demo(args: argparse.Namespace) -> int:
     from .demo import format_table, run_demo
 
     rows = run_demo(args.backbone, image_size=args.image_size, repeats=args.repeats, warmup=args.warmup,
+                    dtype=args.dtype, attention=args.attn,
                     progress=lambda msg: print(msg, file=sys.stderr, flush=True))  # fmt: skip
-    print(f"backbone {args.backbone}, one {args.image_size}x{args.image_size} image, prefill = one forward pass")
+    print(f"backbone {args.backbone} in {args.dtype} with {args.attn} attention, one {args.image_size}x"
+          f"{args.image_size} image, prefill = one forward pass")  # fmt: skip
     print(format_table(rows))
     return 0
 
@@ -27,6 +29,24 @@ BACKBONE_HELP = (
     "found by its config.json's model_type (default: %(default)s)"
 )
 WORKLOAD_HELP = "a preset name or a YAML/JSON file (default: demo-vqa for the demo backbone, else single-448)"
+# Mirrors illava.runtime.DTYPES / ATTENTIONS (tests hold them equal): the parser imports no torch.
+DTYPES = ("float32", "bfloat16", "float16")
+ATTENTIONS = ("eager", "sdpa", "flash_attention_2", "illava_packed")
+
+
+def _runtime_args(parser: argparse.ArgumentParser, *, filters: bool = False) -> None:
+    """--dtype and --attn: what the model runs in (or, with `filters`, which tuned schedules to pick)."""
+    if filters:
+        parser.add_argument("--dtype", choices=DTYPES, help="only schedules tuned in this dtype")
+        parser.add_argument("--attn", choices=ATTENTIONS, help="only schedules tuned with this attention")
+        return
+    parser.add_argument("--dtype", default="float32", choices=DTYPES,
+                        help="the dtype the model runs in; tune in what you deploy (default: %(default)s)")  # fmt: skip
+    parser.add_argument(
+        "--attn", default="sdpa", choices=ATTENTIONS,
+        help="attention implementation: illava_packed makes one call per vision block (merged or not); "
+        "flash_attention_2 needs CUDA and flash-attn (default: %(default)s)",
+    )  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--image-size", type=int, default=448)
     demo.add_argument("--repeats", type=int, default=3, help="timed runs per schedule (median reported)")
     demo.add_argument("--warmup", type=int, default=1)
+    _runtime_args(demo)
     demo.set_defaults(run=_demo)
 
     profile = commands.add_parser("profile", help="measure one schedule on one workload against the unmerged model")
@@ -59,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     profile.add_argument("--repeats", type=int, default=5, help="timed prefill runs (median, p90, spread)")
     profile.add_argument("--warmup", type=int, default=2)
     profile.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    _runtime_args(profile)
     profile.add_argument("--json", help="write the reference and the result as JSON here")
     profile.add_argument("--quiet", action="store_true", help="no progress bar")
     profile.set_defaults(run=_lazy("run_profile"))
@@ -71,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     hardware = commands.add_parser("hardware", help="print the detected hardware profile")
     hardware.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    _runtime_args(hardware)
     hardware.set_defaults(run=_lazy("run_hardware"))
     return parser
 
@@ -95,6 +118,7 @@ def _tuning_commands(commands) -> None:
     submit.add_argument("--max-latency-ms", type=float, help="prefill latency cap")
     submit.add_argument("--sampler", default="tpe", choices=["tpe", "nsga2", "random"])
     submit.add_argument("--seed", type=int, default=0)
+    _runtime_args(submit)
     submit.add_argument("--wait", action="store_true", help="run in this process with a progress bar, print the front")
     submit.add_argument("--latency-ms", type=float, help="with --wait: also print the best schedule under this target")
     submit.add_argument("--ray-address", help="a Ray cluster (default: $RAY_ADDRESS, else a local one)")
@@ -121,6 +145,7 @@ def _tuning_commands(commands) -> None:
     best.add_argument("--latency-ms", type=float, required=True)
     best.add_argument("--hardware", help="hardware key (see `illava-tune hardware`)")
     best.add_argument("--workload", help="workload name")
+    _runtime_args(best, filters=True)
     best.add_argument("--max-memory-mib", type=float)
     best.add_argument("--min-retention", type=float)
     best.add_argument("--database", help=db_help)

@@ -11,6 +11,7 @@ import illava
 from illava import PAPER_REDUCTIONS, Schedule
 from illava.backbones import load_backbone
 from illava.inputs import Sample, build_inputs, synthetic_image
+from illava.runtime import check_attention, torch_dtype
 from profiler import Timing, time_call
 
 PROMPT = "<image> What shapes are in this picture, and what colour is each one?"
@@ -28,10 +29,18 @@ class DemoRow:
 
 @torch.inference_mode()
 def run_demo(
-    backbone_name: str = "small", *, image_size: int = 448, repeats: int = 3, warmup: int = 1, progress=print
+    backbone_name: str = "small",
+    *,
+    image_size: int = 448,
+    repeats: int = 3,
+    warmup: int = 1,
+    dtype: str = "float32",
+    attention: str = "sdpa",
+    progress=print,
 ) -> list[DemoRow]:
     progress(f"building backbone {backbone_name!r} ...")
-    backbone = load_backbone(backbone_name)
+    backbone = load_backbone(backbone_name, attn_implementation=check_attention(attention, "cpu"),
+                             dtype=torch_dtype(dtype))  # fmt: skip
     model = backbone.model
     batch = build_inputs(backbone, [Sample(PROMPT, [synthetic_image(image_size, 0)])])
     adapter = backbone.adapter
@@ -45,7 +54,7 @@ def run_demo(
         if reduction:
             illava.apply(model, schedule)
         else:
-            illava.remove(model)
+            illava.apply_reference(model)
         timing = time_call(lambda: model(**batch, logits_to_keep=1), repeats=repeats, warmup=warmup)
         if reduction:
             stats = illava.last_stats(model)

@@ -79,8 +79,8 @@ def run_profile(args) -> int:
         workload = dataclasses.replace(workload, samples=args.limit)
     progress = (lambda items: tqdm(items, desc="samples", unit="batch", file=sys.stderr)) if not args.quiet else None
     print(f"loading backbone {args.backbone!r} ...", file=sys.stderr, flush=True)
-    profiler = Profiler(args.backbone, device=args.device, repeats=args.repeats, warmup=args.warmup,
-                        score=args.score, progress=progress)  # fmt: skip
+    profiler = Profiler(args.backbone, device=args.device, dtype=args.dtype, attn_implementation=args.attn,
+                        repeats=args.repeats, warmup=args.warmup, score=args.score, progress=progress)  # fmt: skip
     schedule = build_schedule(profiler, method=args.method, reduction=args.reduction,
                               encoder_share=args.encoder_share, schedule_file=args.schedule)  # fmt: skip
     print("measuring the unmerged reference ...", file=sys.stderr, flush=True)
@@ -98,7 +98,8 @@ def run_profile(args) -> int:
 
 
 def run_hardware(args) -> int:
-    profile = detect_hardware(args.device)
+    profile = detect_hardware(args.device, dtype=args.dtype, attention=args.attn)
     for key, value in profile.to_dict().items():
         print(f"{key:<12} {value}")
+    print(f"{'key':<12} {profile.key()}  (what `illava-tune best --hardware` takes)")
     return 0

@@ -36,9 +36,12 @@ def _pct(value: float | None) -> str:
 
 
 def format_front(rows: list[dict[str, Any]]) -> str:
+    """The published schedules as a table, under the line saying what they were tuned on and in."""
     header = (f"{'id':>5}  {'latency ms':>10}  {'memory MiB':>10}  {'accuracy':>8}  {'retention':>9}  "
               f"{'fidelity':>8}  schedule")  # fmt: skip
-    lines = [header, "-" * len(header)]
+    tuned = sorted({(row["hardware"], row["dtype"], row["attention"]) for row in rows})
+    lines = [f"tuned on {key} (dtype {dtype}, attention {attention})" for key, dtype, attention in tuned]
+    lines += [header, "-" * len(header)]
     for row in rows:
         what = Schedule.from_dict(row["schedule"]).describe()
         lines.append(
@@ -76,7 +79,7 @@ def cmd_submit(args) -> int:
     workload = _workload(args)
     job_id = jobs.submit(database, backbone=args.backbone, workload=workload, n_trials=args.trials,
                          n_workers=args.workers, space=space, constraints=constraints, sampler=args.sampler,
-                         seed=args.seed)  # fmt: skip
+                         seed=args.seed, dtype=args.dtype, attention=args.attn)  # fmt: skip
     print(job_id)
     if not args.wait:
         log = jobs.start_background(database, job_id)
@@ -207,7 +210,7 @@ def cmd_best(args) -> int:
 
     choice = jobs.best(_database(args), backbone=args.backbone, latency_ms=args.latency_ms, hardware=args.hardware,
                        workload=args.workload, max_memory_mib=args.max_memory_mib,
-                       min_retention=args.min_retention)  # fmt: skip
+                       min_retention=args.min_retention, dtype=args.dtype, attention=args.attn)  # fmt: skip
     _print_best(choice, args.latency_ms)
     return 0
 

@@ -63,8 +63,13 @@ def submit(
     constraints: Constraints | None = None,
     sampler: str = "tpe",
     seed: int = 0,
+    dtype: str = "float32",
+    attention: str = "sdpa",
 ) -> str:
-    """Validate everything, then create the job (queued); returns its id."""
+    """Validate everything, then create the job (queued); returns its id. The job is tuned in
+    `dtype` with `attention` (`illava.runtime`): its workers load the backbone so, and the job's
+    hardware group says so."""
+    from illava.runtime import check_attention, dtype_name
     from profiler import detect_hardware, resolve_workload
 
     if n_trials < 1:
@@ -81,7 +86,8 @@ def submit(
     constraints.check_satisfiable()
     for reduction in seed_reductions(space):
         Schedule.paper_default(reduction, encoder_depth=encoder_depth, llm_depth=llm_depth)
-    hardware = detect_hardware("cuda" if _has_cuda() else "cpu")
+    device = "cuda" if _has_cuda() else "cpu"
+    hardware = detect_hardware(device, dtype=dtype_name(dtype), attention=check_attention(attention, device))
     with database.session() as s:
         job = queries.create_job(
             s,
@@ -150,21 +156,46 @@ def published(row) -> dict[str, Any]:
         "id": row.id, "job": row.job_id, "schedule": row.schedule, "latency_ms": row.latency_ms,
         "memory_mib": row.memory_mib, "accuracy": row.accuracy, "retention": row.retention,
         "fidelity": row.fidelity, "quality": row.accuracy if row.accuracy is not None else row.fidelity,
+        "hardware": row.hardware.key, "dtype": queries.runtime_of(row.hardware.profile)[0],
+        "attention": queries.runtime_of(row.hardware.profile)[1],
     }  # fmt: skip
 
 
 def best(database: Database, *, backbone: str, latency_ms: float, hardware: str | None = None,
          workload: str | None = None, max_memory_mib: float | None = None, min_retention: float | None = None,
-         job: str | None = None):  # fmt: skip
-    """The best published schedule under `latency_ms` (optionally only `job`'s); see `best_for_target`."""
+         job: str | None = None, dtype: str | None = None, attention: str | None = None):  # fmt: skip
+    """The best published schedule under `latency_ms` (optionally only `job`'s, or only those tuned
+    in `dtype` / with `attention`); see `best_for_target`.
+
+    Latencies are compared within one hardware group only: when the schedules that match come
+    from several (devices, dtypes or attentions), this is a ValueError listing them, never a pick
+    across them."""
     with database.session() as s:
         rows = queries.find_schedules(s, backbone=backbone, hardware=hardware, workload=workload)
         if job is not None:
             rows = [row for row in rows if row.job_id == queries.get_job(s, job).id]
+        if dtype is not None or attention is not None:
+            rows = [row for row in rows if _runs_in(row.hardware.profile, dtype, attention)]
         if not rows:
-            raise ValueError(f"no published schedules for backbone {backbone!r}; run `illava-tune submit` first")
+            wanted = "".join(
+                f", {label} {value}" for label, value in (("dtype", dtype), ("attention", attention)) if value
+            )
+            raise ValueError(
+                f"no published schedules for backbone {backbone!r}{wanted}; run `illava-tune submit` first"
+            )
+        groups = sorted({row.hardware.key for row in rows})
+        if len(groups) > 1:
+            raise ValueError(
+                f"schedules of backbone {backbone!r} were tuned on {len(groups)} hardware groups, whose latencies "
+                f"do not compare: {'; '.join(groups)}. Choose one with --hardware (or --dtype / --attn)"
+            )
         return best_for_target([point(row) for row in rows], latency_ms=latency_ms, max_memory_mib=max_memory_mib,
                                min_retention=min_retention)  # fmt: skip
+
+
+def _runs_in(profile: dict[str, Any], dtype: str | None, attention: str | None) -> bool:
+    tuned = queries.runtime_of(profile)
+    return (dtype is None or tuned[0] == dtype) and (attention is None or tuned[1] == attention)
 
 
 def manifest(database: Database, schedule_id: int) -> dict[str, Any]:

@@ -158,6 +158,7 @@ def run(
             return job.status
         space, constraints, objectives = _study_setup(job)
         backbone, workload, n_trials = job.backbone.name, job.workload.spec, job.n_trials
+        dtype, attention = queries.runtime_of(job.hardware.profile)
         sampler, seed, n_workers, study_name = job.sampler, job.seed, job.n_workers, job.study_name
         queries.set_job_status(s, job, "running")
     started = time.monotonic()
@@ -168,7 +169,8 @@ def run(
     _ray_init(ray_address)
     count, device, resources = _plan_workers(n_workers)
     pool = _Pool(count, resources, (backbone, workload),
-                 dict(device=device, repeats=3, warmup=1, faults=parse_faults(os.environ.get(FAULTS_ENV))))  # fmt: skip
+                 dict(device=device, dtype=dtype, attention=attention, repeats=3, warmup=1,
+                      faults=parse_faults(os.environ.get(FAULTS_ENV))))  # fmt: skip
     in_flight: dict[Any, tuple[optuna.Trial, Any, Schedule]] = {}  # Ray ref -> (trial, actor, schedule)
     cancel, stop_reason = False, "cancelled"
     try:

@@ -29,11 +29,12 @@ class TrialWorker:
     """Plain class; the driver wraps it with `ray.remote` (so importing this needs no Ray)."""
 
     def __init__(self, backbone: str, workload: dict[str, Any], *, device: str, repeats: int, warmup: int,
-                 faults: dict[int, str] | None = None):  # fmt: skip
+                 dtype: str = "float32", attention: str = "sdpa", faults: dict[int, str] | None = None):  # fmt: skip
         from profiler import Profiler, Workload
 
         self.workload = Workload.from_dict(workload)
-        self.profiler = Profiler(backbone, device=device, repeats=repeats, warmup=warmup)
+        self.profiler = Profiler(backbone, device=device, dtype=dtype, attn_implementation=attention,
+                                 repeats=repeats, warmup=warmup)  # fmt: skip
         self.faults = faults or {}
 
     def depths(self) -> tuple[int, int]:

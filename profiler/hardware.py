@@ -14,10 +14,12 @@ import platform
 import re
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, suppress
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 import torch
+
+from illava.runtime import DEFAULT_ATTENTION, DEFAULT_DTYPE, dtype_name
 
 MIB = 1024 * 1024
 _KINDS = ("cuda", "cpu")
@@ -38,6 +40,9 @@ class HardwareProfile:
     instance's). `name` of a MIG instance is the physical GPU's name; the slice is `mig_profile`.
     `driver` is None when neither NVML nor /proc/driver/nvidia/version can tell it; `mig_profile`
     is None when the device is not a MIG instance or no source could name the profile.
+    `dtype` and `attention` are the configuration the model ran in (`illava.runtime`): part of the
+    identity, because a latency measured in float32 with sdpa says nothing about bfloat16 with
+    flash attention on the same card.
     """
 
     kind: str
@@ -48,8 +53,13 @@ class HardwareProfile:
     cuda: str | None
     driver: str | None
     mig_profile: str | None
+    dtype: str = DEFAULT_DTYPE
+    attention: str = DEFAULT_ATTENTION
 
     def __post_init__(self) -> None:
+        dtype_name(self.dtype)  # a ValueError naming the allowed ones
+        if not isinstance(self.attention, str) or not self.attention.strip():
+            raise ValueError(f"HardwareProfile.attention must be a non-empty string, got {self.attention!r}")
         if self.kind not in _KINDS:
             raise ValueError(f"HardwareProfile.kind must be one of {_KINDS}, got {self.kind!r}")
         if not isinstance(self.name, str) or not self.name.strip():
@@ -65,8 +75,11 @@ class HardwareProfile:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> HardwareProfile:
         """Strict inverse of `to_dict`: a missing or unknown key is an error, so a stored profile
-        from another schema version is never silently half-read."""
+        from another schema version is never silently half-read. The one exception is `dtype` and
+        `attention`, which profiles stored before they were recorded lack: those were all measured
+        in float32 with sdpa, and read so."""
         allowed = [f.name for f in fields(cls)]
+        data = {"dtype": DEFAULT_DTYPE, "attention": DEFAULT_ATTENTION, **data}
         missing = [k for k in allowed if k not in data]
         unknown = sorted(set(data) - set(allowed))
         if missing or unknown:
@@ -77,10 +90,13 @@ class HardwareProfile:
 
     def key(self) -> str:
         """Short stable label grouping comparable measurements: the device model (and MIG slice,
-        or CPU thread count). Versions are left out on purpose; they stay in the profile."""
+        or CPU thread count), then dtype/attention, e.g. "cuda:NVIDIA H200 bfloat16/sdpa".
+        Versions are left out on purpose; they stay in the profile."""
         if self.kind == "cuda":
-            return f"cuda:{self.name}" + (f" MIG {self.mig_profile}" if self.mig_profile else "")
-        return f"cpu:{self.name} x{self.threads}"
+            device = f"cuda:{self.name}" + (f" MIG {self.mig_profile}" if self.mig_profile else "")
+        else:
+            device = f"cpu:{self.name} x{self.threads}"
+        return f"{device} {self.dtype}/{self.attention}"
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -105,10 +121,14 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return torch.device("cuda", index)
 
 
-def detect_hardware(device: str | torch.device = "cpu") -> HardwareProfile:
-    """Profile of the machine `device` lives on (see `HardwareProfile` for each field's source)."""
+def detect_hardware(
+    device: str | torch.device = "cpu", *, dtype: torch.dtype | str = DEFAULT_DTYPE, attention: str = DEFAULT_ATTENTION
+) -> HardwareProfile:
+    """Profile of the machine `device` lives on, running a model in `dtype` with `attention` (see
+    `HardwareProfile` for each field's source)."""
     dev = resolve_device(device)
-    return _detect_cuda(dev.index) if dev.type == "cuda" else _detect_cpu()
+    profile = _detect_cuda(dev.index) if dev.type == "cuda" else _detect_cpu()
+    return replace(profile, dtype=dtype_name(dtype), attention=attention)
 
 
 # ---------------------------------------------------------------- CPU

@@ -33,10 +33,11 @@ import illava
 from illava import Schedule
 from illava.backbones import Backbone, load_backbone
 from illava.inputs import Sample, build_inputs
+from illava.runtime import check_attention, torch_dtype
 
 from .accuracy import answer_style, choose_by_text, letter_ids
 from .datasets import parse_choice, read_dataset
-from .hardware import HardwareProfile, detect_hardware
+from .hardware import HardwareProfile, detect_hardware, resolve_device
 from .items import MCQItem
 from .memory import MemorySampler
 from .timing import Timing, time_once
@@ -222,7 +223,7 @@ class Profiler:
         backbone: Backbone | str,
         *,
         device: str | torch.device = "cpu",
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype | str = torch.float32,
         attn_implementation: str = "sdpa",
         repeats: int = 5,
         warmup: int = 2,
@@ -233,12 +234,12 @@ class Profiler:
             raise ValueError(f"repeats must be >= 1 and warmup >= 0, got {repeats} and {warmup}")
         if score not in (None, *SCORES):
             raise ValueError(f"score must be one of {', '.join(SCORES)}, got {score!r}")
-        self.device = torch.device(device)
-        self.backbone = (
-            backbone
-            if isinstance(backbone, Backbone)
-            else load_backbone(backbone, attn_implementation=attn_implementation, dtype=dtype)
-        )
+        self.device = resolve_device(device)
+        if isinstance(backbone, Backbone):
+            self.backbone = backbone
+        else:
+            check_attention(attn_implementation, self.device)
+            self.backbone = load_backbone(backbone, attn_implementation=attn_implementation, dtype=torch_dtype(dtype))
         self.backbone.model.to(self.device).eval()
         answers = answer_style(self.backbone.model)
         # Default: the model's own way of answering (letters: their logits; option text: its likelihood).
@@ -246,7 +247,9 @@ class Profiler:
         self.answer = "text" if self.score == "options" else answers  # the instruction the prompt gives
         self.repeats, self.warmup = repeats, warmup
         self.progress = progress or (lambda items: items)
-        self.hardware: HardwareProfile = detect_hardware(self.device)
+        # What the model really runs in (a Backbone handed in says it itself), recorded with every measurement.
+        self.dtype, self.attention = illava.model_runtime(self.model)
+        self.hardware: HardwareProfile = detect_hardware(self.device, dtype=self.dtype, attention=self.attention)
         self._references: dict[str, tuple[Measurement, _Outputs]] = {}
 
     @property
@@ -287,10 +290,14 @@ class Profiler:
     @torch.inference_mode()
     def _run(self, schedule: Schedule | None, workload, inputs, items, reference) -> tuple[Measurement, _Outputs]:
         """One measurement; `schedule=None` is the reference: the untouched model, not the patched
-        one with nothing to merge (that one is measured like any other schedule)."""
+        one with nothing to merge (that one is measured like any other schedule) -- except under
+        ``illava_packed`` attention, whose fair reference is the engine removing nothing
+        (`illava.apply_reference`)."""
         illava.remove(self.model)
         if schedule is not None:
             illava.apply(self.model, schedule)
+        else:
+            illava.apply_reference(self.model)
         try:
             with MemorySampler(self.device) as sampler:
                 prefill, encoder, merger = self._time_prefill(inputs[0])

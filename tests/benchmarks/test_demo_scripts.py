@@ -4,6 +4,7 @@ They are scripts, not a package: loaded from their files, on a handful of test q
 
 import importlib.util
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 def _script(name: str):
     spec = importlib.util.spec_from_file_location(f"benchmark_{name}", BENCHMARKS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -45,3 +47,32 @@ def test_kept_counts_cells_on_objects_for_importance_and_random(capsys):
     for row in rows:
         assert 0 <= float(row[2].strip().rstrip("%")) <= 100
         assert len(row[3].split("/")) == 3  # small / medium / large
+
+
+def test_prefill_counts_every_attention_unmerged_and_merged(capsys):
+    """The counts the speed issue is judged by: one table per attention, vanilla and the three ratios."""
+    _script("prefill").main(["--counts", "--backbone", "tiny", "--attn", "sdpa", "illava_packed", "--sizes", "224"])
+    out = capsys.readouterr().out
+    tables = out.split("**tiny, ")[1:]
+    assert [t.split("**")[0] for t in tables] == ["sdpa", "illava_packed"]
+    for text in tables:
+        rows = [line for line in text.splitlines() if line.startswith("| 224x224")]
+        assert [row.split("|")[3].strip() for row in rows] == [
+            "vanilla",
+            "iLLaVA 66.7%",
+            "iLLaVA 77.8%",
+            "iLLaVA 88.9%",
+        ]
+        vanilla_reads = int(rows[0].split("|")[6].split()[0])
+        for row in rows[1:]:
+            reads = int(row.split("|")[6].split()[0])
+            assert reads <= vanilla_reads, row  # merging adds no host reads
+    packed_calls = {int(row.split("|")[7]) for row in tables[1].splitlines() if row.startswith("| 224x224")}
+    assert len(packed_calls) == 1  # the same number of attention calls merged and unmerged
+
+
+def test_prefill_times_and_counts(capsys):
+    argv = ["--backbone", "tiny", "--attn", "illava_packed", "--sizes", "224", "--repeats", "5", "--warmup", "0"]
+    _script("prefill").main(argv)
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 224x224")]
+    assert len(rows) == 4 and all(float(row.split("|")[6].split()[0]) > 0 for row in rows)  # prefill ms

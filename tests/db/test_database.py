@@ -139,7 +139,7 @@ def test_rows_stay_readable_after_the_session(database):
         job = _job(session)
     assert job.backbone.name == "small"
     assert job.workload.spec == {"name": "w", "size": [448, 448]}
-    assert job.hardware.key == "cpu:Test CPU x2"
+    assert job.hardware.key == "cpu:Test CPU x2 float32/sdpa"
 
 
 # ----------------------------------------------------------------------------- types

@@ -4,6 +4,7 @@ when they have not run, and Optuna's tables and version table live beside ours u
 from __future__ import annotations
 
 import importlib.resources
+import json
 
 import pytest
 from alembic.autogenerate import compare_metadata
@@ -156,3 +157,27 @@ def test_optuna_shares_the_database(empty_database, optuna_first):
     assert optuna_revision != db.head_revision()
     with empty_database.session() as session:  # and ours still work beside them
         assert queries.list_jobs(session) == []
+
+
+def test_0002_keys_stored_hardware_by_what_it_was_measured_in(empty_database):
+    """Groups stored before the dtype and attention were recorded were all float32 with sdpa."""
+    profile = {"kind": "cpu", "name": "Old CPU", "threads": 4, "memory_mib": 1, "torch": "2.13.0",
+               "cuda": None, "driver": None, "mig_profile": None}  # fmt: skip
+    empty_database.upgrade("0001")
+    insert = text("INSERT INTO illava_hardware (key, profile) VALUES (:key, :profile)")
+    with empty_database.engine.begin() as connection:
+        connection.execute(insert, {"key": "cpu:Old CPU x4", "profile": json.dumps(profile)})
+        connection.execute(insert, {"key": "lab-box", "profile": json.dumps(profile)})
+
+    def rows():
+        with empty_database.engine.connect() as connection:
+            found = connection.execute(text("SELECT key, profile FROM illava_hardware ORDER BY id")).all()
+        return [(key, value if isinstance(value, dict) else json.loads(value)) for key, value in found]
+
+    empty_database.upgrade()
+    runtime = {"dtype": "float32", "attention": "sdpa"}
+    assert rows() == [("cpu:Old CPU x4 float32/sdpa", {**profile, **runtime}), ("lab-box", {**profile, **runtime})]
+    assert queries.hardware_key(rows()[0][1]) == rows()[0][0]  # what new measurements of it are filed under
+    with empty_database.engine.begin() as connection:
+        migrate.downgrade(connection, "0001")
+    assert rows() == [("cpu:Old CPU x4", profile), ("lab-box", profile)]

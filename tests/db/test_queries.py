@@ -60,13 +60,15 @@ def test_get_or_create_backbone(database):
 def test_get_or_create_hardware(database):
     with database.session() as session:
         cpu = queries.get_or_create_hardware(session, CPU)
-        assert cpu.key == "cpu:Test CPU x2" and cpu.profile == CPU
+        assert cpu.key == "cpu:Test CPU x2 float32/sdpa" and cpu.profile == CPU
         newer_torch = queries.get_or_create_hardware(session, {**CPU, "torch": "2.14.0"})
         assert newer_torch is cpu and cpu.profile["torch"] == "2.13.0"  # first profile kept
-        assert queries.get_or_create_hardware(session, H100).key == "cuda:NVIDIA H100 80GB HBM3"
+        assert queries.get_or_create_hardware(session, H100).key == "cuda:NVIDIA H100 80GB HBM3 float32/sdpa"
         assert queries.get_or_create_hardware(session, {**H100, "mig_profile": "1g.10gb"}).key == (
-            "cuda:NVIDIA H100 80GB HBM3 MIG 1g.10gb"
+            "cuda:NVIDIA H100 80GB HBM3 MIG 1g.10gb float32/sdpa"
         )
+        bf16 = queries.get_or_create_hardware(session, {**H100, "dtype": "bfloat16", "attention": "illava_packed"})
+        assert bf16.key == "cuda:NVIDIA H100 80GB HBM3 bfloat16/illava_packed"  # its own group
         assert queries.get_or_create_hardware(session, {"key": "lab-box", "kind": "cpu"}).key == "lab-box"
         assert queries.get_or_create_hardware(session, CPU, key="explicit").key == "explicit"
         with pytest.raises(ValueError, match="no 'key' and not the fields"):
@@ -76,9 +78,12 @@ def test_get_or_create_hardware(database):
 
 
 def test_hardware_key_matches_the_profilers():
+    from illava import runtime
     from profiler.hardware import HardwareProfile
 
-    for profile in (CPU, H100, {**H100, "mig_profile": "3g.40gb"}):
+    assert (queries.DEFAULT_DTYPE, queries.DEFAULT_ATTENTION) == (runtime.DEFAULT_DTYPE, runtime.DEFAULT_ATTENTION)
+    bf16 = {**H100, "dtype": "bfloat16", "attention": "flash_attention_2"}
+    for profile in (CPU, H100, {**H100, "mig_profile": "3g.40gb"}, bf16, {**CPU, "dtype": "float16"}):
         assert queries.hardware_key(profile) == HardwareProfile.from_dict(profile).key()
 
 
@@ -356,11 +361,11 @@ def test_find_schedules_filters(database):
     assert ids(backbone="small") == gpu + cpu + multi  # fastest first: 2, 10, 30, 50
     assert ids(backbone=cpu_job.backbone) == ids(backbone="small")
     assert ids(backbone="tiny") == tiny
-    assert ids(backbone="small", hardware="cpu:Test CPU x2") == cpu + multi
+    assert ids(backbone="small", hardware="cpu:Test CPU x2 float32/sdpa") == cpu + multi
     assert ids(backbone="small", hardware=gpu_job.hardware) == gpu
     assert ids(backbone="small", workload="single-448") == gpu + cpu
     assert ids(backbone="small", hardware=cpu_job.hardware, workload=multi_job.workload) == multi
-    assert ids(backbone="tiny", hardware="cuda:NVIDIA H100 80GB HBM3") == []
+    assert ids(backbone="tiny", hardware="cuda:NVIDIA H100 80GB HBM3 float32/sdpa") == []
     with database.session() as session:
         with pytest.raises(NotFound, match=r"no backbone 'big': known: 'small', 'tiny'"):
             queries.find_schedules(session, backbone="big")

@@ -191,6 +191,84 @@ def test_generate_expands_merged_images_for_several_sequences(family, reduction)
     assert beams.shape[0] == 2
 
 
+# ----------------------------------------------------------------------------------- in the deployment's runtime
+#: (dtype, attention, absolute tolerance on logits): the equivalences above, where users deploy.
+RUNTIMES = {
+    "fp32-packed": (torch.float32, "illava_packed", 1e-5),
+    "bf16-sdpa": (torch.bfloat16, "sdpa", 2e-2),
+    "bf16-packed": (torch.bfloat16, "illava_packed", 2e-2),
+}
+
+
+@dataclasses.dataclass
+class InRuntime:
+    reference: object  # the unpatched model with sdpa, in the runtime's dtype
+    backbone: object  # the model in the runtime's dtype and attention
+    atol: float
+    family: Family
+
+
+@pytest.fixture(scope="module", params=list(RUNTIMES))
+def runtime(request, family):
+    dtype, attn, atol = RUNTIMES[request.param]
+    backbone = load_backbone(family.name, attn_implementation=attn, dtype=dtype)
+    reference = load_backbone(family.name, attn_implementation="sdpa", dtype=dtype)
+    yield InRuntime(reference, backbone, atol, Family(family.name, backbone, backbone))
+    illava.remove(backbone.model)
+
+
+def assert_same_greedy(a, b, atol: float, rows_a=None, rows_b=None) -> None:
+    """Two greedy generations agree: scores within `atol` at every step, tokens equal -- except
+    that a row may take another token where its two candidates score within `atol` of each other
+    (a tie low precision may break either way); that row is not compared after it."""
+    rows_a = list(range(a.sequences.shape[0])) if rows_a is None else rows_a
+    rows_b = list(range(b.sequences.shape[0])) if rows_b is None else rows_b
+    steps = len(a.scores)
+    for ra, rb in zip(rows_a, rows_b, strict=True):
+        for step in range(steps):
+            sa, sb = a.scores[step][ra].float(), b.scores[step][rb].float()
+            torch.testing.assert_close(sa, sb, rtol=0, atol=atol)
+            ta, tb = int(a.sequences[ra, step - steps]), int(b.sequences[rb, step - steps])
+            if ta != tb:
+                assert abs(float(sa[ta] - sa[tb])) <= atol, f"row {ra} step {step}: {ta} vs {tb} is not a tie"
+                break
+
+
+@torch.no_grad()
+def test_zero_reduction_equals_the_unpatched_model_in_every_runtime(runtime):
+    """The engine removing nothing, in this dtype and attention, against the library's sdpa model."""
+    model = runtime.backbone.model
+    for name, samples in prompts(runtime.family).items():
+        batch = inputs(runtime.backbone, *samples)
+        reference = runtime.reference.model(**batch).logits.float()
+        illava.apply(model, Schedule.vanilla())
+        merged = model(**batch).logits.float()
+        valid = batch["attention_mask"].bool()
+        torch.testing.assert_close(merged[valid], reference[valid], rtol=0, atol=runtime.atol, msg=name)
+
+
+@torch.no_grad()
+def test_batch_equals_single_in_every_runtime(runtime):
+    model = runtime.backbone.model
+    samples = prompts(runtime.family)["padded"]
+    illava.apply(model, runtime.family.default(7 / 9))
+    together = model.generate(**inputs(runtime.backbone, *samples), max_new_tokens=5, **GREEDY)
+    for row, sample in enumerate(samples):
+        alone = model.generate(**inputs(runtime.backbone, sample), max_new_tokens=5, **GREEDY)
+        assert_same_greedy(together, alone, runtime.atol, [row], [0])
+
+
+@torch.no_grad()
+def test_cached_equals_recomputed_in_every_runtime(runtime):
+    model = runtime.backbone.model
+    illava.apply(model, runtime.family.default(7 / 9))
+    for name in ("image", "padded"):
+        batch = inputs(runtime.backbone, *prompts(runtime.family)[name])
+        cached = model.generate(**batch, max_new_tokens=6, **GREEDY)
+        recomputed = model.generate(**batch, use_cache=False, max_new_tokens=6, **GREEDY)
+        assert_same_greedy(cached, recomputed, runtime.atol)
+
+
 # ----------------------------------------------------------------------------------- images and videos
 @torch.no_grad()
 def test_two_images_merge_independently(family):

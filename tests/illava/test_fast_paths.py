@@ -101,6 +101,21 @@ def test_packed_attention_makes_one_call_per_block_and_merging_adds_none(pair):
 
 
 @torch.no_grad()
+def test_the_unmerged_reference_under_packed_attention_is_the_engine_removing_nothing(pair):
+    """What the profiler and the demo compare merged runs with: one call per block there too."""
+    sdpa, packed = pair
+    illava.apply_reference(sdpa.model)
+    assert not illava.is_applied(sdpa.model)  # sdpa: the untouched library model
+    illava.apply_reference(packed.model)
+    assert illava.is_applied(packed.model) and illava._state(packed.model).schedule.removes_nothing
+    batch = build_inputs(packed, prompts(packed)["images"])
+    calls = count_call(lambda: packed.model(**batch, logits_to_keep=1)).attention_calls
+    blocks = len(packed.adapter.vision_blocks(packed.adapter.inner_model(packed.model)))
+    assert calls == blocks + illava.depths(packed.model)[1]
+    illava.remove(packed.model)
+
+
+@torch.no_grad()
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_a_merged_forward_reads_no_more_than_the_unmerged_library(attn):
     """With the library's own attention implementations, against the unpatched model."""

@@ -36,7 +36,8 @@ def test_submit_waits_for_a_job_on_llava_onevision(capsys, tmp_path, monkeypatch
     finally:
         ray.shutdown()
     out = capsys.readouterr().out
-    assert "completed" in out and "unmerged" in out and "illava r=" in out
+    # (the unmerged seed is on the front only when no merged trial matches its quality faster: noise decides)
+    assert "completed" in out and "illava r=" in out and "tuned on cpu:" in out
 
 
 def test_a_local_checkpoint_of_another_family_profiles(capsys, tmp_path):

@@ -33,7 +33,8 @@ def test_submit_to_export_round_trip(tmp_path, monkeypatch, capsys):
     assert main(["pareto", job_id[:8], "--plot", str(tmp_path / "front.png")]) == 0
     front = capsys.readouterr().out
     assert "latency ms" in front and (tmp_path / "front.png").stat().st_size > 1000
-    rows = [line.split() for line in front.splitlines()[2:]]
+    assert front.splitlines()[0].endswith(" float32/sdpa (dtype float32, attention sdpa)")  # what it was tuned in
+    rows = [line.split() for line in front.splitlines()[3:]]
     fastest_id, fastest_ms = int(rows[0][0]), float(rows[0][1])
 
     assert main(["best", "--backbone", "tiny", "--latency-ms", str(fastest_ms + 0.5)]) == 0  # the table rounds to 0.1

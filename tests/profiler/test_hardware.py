@@ -40,11 +40,23 @@ def test_detect_cpu_fills_every_field_plausibly():
 def test_round_trip_and_stable_key():
     profile = detect_hardware(torch.device("cpu"))
     assert HardwareProfile.from_dict(json.loads(json.dumps(profile.to_dict()))) == profile
-    assert profile.key() == detect_hardware().key() == f"cpu:{profile.name} x{profile.threads}"
+    assert profile.key() == detect_hardware().key() == f"cpu:{profile.name} x{profile.threads} float32/sdpa"
     gpu = HardwareProfile("cuda", "NVIDIA H100 80GB HBM3", 9984, 16, "2.13.0", "12.8", "570.86.15", "1g.10gb")
-    assert gpu.key() == "cuda:NVIDIA H100 80GB HBM3 MIG 1g.10gb"
+    assert gpu.key() == "cuda:NVIDIA H100 80GB HBM3 MIG 1g.10gb float32/sdpa"
     assert HardwareProfile.from_dict(gpu.to_dict()) == gpu
     assert gpu.key() != HardwareProfile(**{**gpu.to_dict(), "mig_profile": None}).key()
+
+
+def test_the_deployment_configuration_is_part_of_the_identity():
+    profile = detect_hardware("cpu", dtype=torch.bfloat16, attention="illava_packed")
+    assert (profile.dtype, profile.attention) == ("bfloat16", "illava_packed")
+    assert profile.key().endswith(" bfloat16/illava_packed") and profile.key() != detect_hardware("cpu").key()
+    assert HardwareProfile.from_dict(profile.to_dict()) == profile
+    stored_before = {k: v for k, v in profile.to_dict().items() if k not in ("dtype", "attention")}
+    old = HardwareProfile.from_dict(stored_before)  # profiles stored before the fields existed
+    assert (old.dtype, old.attention) == ("float32", "sdpa")
+    with pytest.raises(ValueError, match="unsupported dtype 'int8'; allowed: float32, bfloat16, float16"):
+        detect_hardware("cpu", dtype="int8")
 
 
 def test_bad_profiles_are_refused_by_name():
