@@ -111,9 +111,19 @@ def packed_attention(
     return _padded(query, key, value, cu_seq_lens_q, longest, scaling, dropout), None
 
 
+#: Bytes of float32 scores the explicit path holds at once: segments, then queries, are taken in
+#: chunks that fit (a full-attention block of a large image would otherwise hold heads x N x N).
+EXPLICIT_BUDGET_BYTES = 64 * 2**20
+
+
 def _explicit(query, key, value, cu: torch.Tensor, lengths: list[int] | None, longest: int, scaling):
     """The block's attention as matmul-softmax-matmul over padded segments, and each token's column
-    mean of its segment's attention probabilities (heads averaged): (1, N, H, D) and (N,) float32."""
+    mean of its segment's attention probabilities (heads averaged): (1, N, H, D) and (N,) float32.
+
+    The scale is folded into the queries, padded keys are masked by an in-place additive bias, and
+    the column means come from one matmul of the probabilities with per-query weights (zero for
+    padded rows): the heads x L x L scores are passed over a few times, not once per step. Chunk
+    sizes depend on host-known lengths only: no reads."""
     device = query.device
     heads, n = query.shape[1], query.shape[2]
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
@@ -121,25 +131,55 @@ def _explicit(query, key, value, cu: torch.Tensor, lengths: list[int] | None, lo
     if equal:
         segments, length = len(lengths), lengths[0]
         q, k, v = (t[0].view(heads, segments, length, -1).transpose(0, 1) for t in (query, key, value))
-        real = None
+        weights = 1.0 / (heads * length)  # every query row is real and weighs the same
+        bias = None
     else:
         cu = cu.to(device=device, dtype=torch.long)
         starts, sizes = cu[:-1], cu[1:] - cu[:-1]
-        offsets = torch.arange(longest, device=device)
+        segments, length = cu.shape[0] - 1, longest
+        offsets = torch.arange(length, device=device)
         real = offsets[None, :] < sizes[:, None]  # (S, L)
         index = torch.where(real, starts[:, None] + offsets, 0)
         q, k, v = (t[0][:, index].transpose(0, 1) for t in (query, key, value))  # (S, H, L, D)
-    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale  # (S, H, L, L)
-    if real is not None:
-        scores.masked_fill_(~real[:, None, None, :], float("-inf"))
-    probs = scores.softmax(dim=-1)
-    if real is not None:  # padded query rows (and segments a merge emptied) count for nothing
-        probs = torch.where(real[:, None, :, None], probs, 0.0)
-    out = torch.matmul(probs.to(v.dtype), v)  # (S, H, L, D)
+        weights = real / (heads * sizes[:, None].clamp(min=1))  # padded query rows count for nothing
+        # Padded keys get -inf; each segment's first key stays visible, so no row is all masked.
+        allowed = real | (offsets == 0)
+        bias = torch.zeros(segments, 1, 1, length, device=device).masked_fill_(
+            ~allowed[:, None, None, :], float("-inf")
+        )
+    q = q.float() * scale  # (S, H, L, D): scaling the queries is cheaper than scaling every score
+    k_t = k.float().transpose(-1, -2)
+
+    def attend(s0: int, s1: int, q0: int, q1: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Output (s, H, c, D) and column sums (s, L) of segments s0:s1, queries q0:q1."""
+        scores = torch.matmul(q[s0:s1, :, q0:q1], k_t[s0:s1])  # (s, H, c, L)
+        if bias is not None:
+            scores.add_(bias[s0:s1])
+        probs = scores.softmax(dim=-1)
+        if bias is None:
+            column = probs.sum(dim=(1, 2)).mul_(weights)
+        else:
+            chunk = s1 - s0
+            rows = weights[s0:s1, None, q0:q1].expand(chunk, heads, q1 - q0).reshape(chunk, 1, -1)
+            column = torch.bmm(rows, probs.view(chunk, -1, length))[:, 0]
+        return torch.matmul(probs.to(v.dtype), v[s0:s1]), column
+
+    row_bytes = heads * length * 4  # one query row of float32 scores, all heads
+    per_segment = max(1, EXPLICIT_BUDGET_BYTES // (row_bytes * length))
+    if per_segment >= segments:  # all at once (attention windows, small images)
+        out, column_mean = attend(0, segments, 0, length)
+    else:
+        per_query = length if per_segment > 1 else max(1, min(length, EXPLICIT_BUDGET_BYTES // row_bytes))
+        out = torch.empty(segments, heads, length, v.shape[-1], dtype=v.dtype, device=device)
+        column_mean = torch.zeros(segments, length, device=device)
+        for s0 in range(0, segments, per_segment):
+            s1 = min(s0 + per_segment, segments)
+            for q0 in range(0, length, per_query):
+                q1 = min(q0 + per_query, length)
+                out[s0:s1, :, q0:q1], column = attend(s0, s1, q0, q1)
+                column_mean[s0:s1] += column
     if equal:
-        importance = probs.sum(dim=(1, 2)).view(-1) / (heads * lengths[0])
-        return out.transpose(0, 1).reshape(heads, n, -1).transpose(0, 1)[None], importance
-    column_mean = probs.sum(dim=(1, 2)) / (heads * sizes[:, None].clamp(min=1))  # (S, L)
+        return out.transpose(0, 1).reshape(heads, n, -1).transpose(0, 1)[None], column_mean.reshape(-1)
     tokens = torch.arange(n, device=device)
     segment = torch.searchsorted(cu[1:], tokens, right=True)
     offset = tokens - starts[segment]

@@ -193,3 +193,57 @@ def test_flash_attention_zero_reduction_and_merged_generate():
     illava.apply(backbone.model, illava.paper_default_for(backbone.model, 7 / 9))
     out = backbone.model.generate(**batch, max_new_tokens=4, do_sample=False)
     assert out.shape[0] == 2
+
+
+# ----------------------------------------------------------------------------------- the packed attention
+@pytest.fixture(scope="module", params=[torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def packed_pair(request):
+    """`small` with sdpa and with illava_packed, which on CUDA in half precision runs ragged blocks
+    through torch's varlen attention."""
+    pair = _load("small", "sdpa", request.param), _load("small", "illava_packed", request.param)
+    yield pair
+    for backbone in pair:
+        illava.remove(backbone.model)
+    del pair
+    torch.cuda.empty_cache()
+
+
+@torch.no_grad()
+def test_packed_attention_on_cuda_equals_sdpa(packed_pair):
+    sdpa, packed = packed_pair
+    batch = inputs(sdpa, *TWO)
+    valid = batch["attention_mask"].bool()
+    atol = ATOL[dtype_of(sdpa)]
+    reference = sdpa.model(**batch).logits
+    illava.apply(packed.model, Schedule.vanilla())
+    torch.testing.assert_close(packed.model(**batch).logits[valid], reference[valid], rtol=0, atol=atol)
+    schedule = illava.paper_default_for(sdpa.model, 7 / 9)
+    illava.apply(sdpa.model, schedule)
+    illava.apply(packed.model, schedule)
+    merged_sdpa, merged_packed = sdpa.model(**batch).logits, packed.model(**batch).logits
+    kept_sdpa, kept_packed = illava.last_stats(sdpa.model).kept_units, illava.last_stats(packed.model).kept_units
+    if all(torch.equal(a, b) for a, b in zip(kept_sdpa, kept_packed)):  # half precision may flip a kept token
+        torch.testing.assert_close(merged_packed[:, -1], merged_sdpa[:, -1], rtol=0, atol=4 * atol)
+    assert torch.isfinite(merged_packed[:, -1]).all()
+
+
+@torch.no_grad()
+def test_packed_attention_on_cuda_one_call_per_block_and_no_added_reads(packed_pair):
+    from profiler.counts import count_call
+
+    _, packed = packed_pair
+    model = packed.model
+    batch = inputs(packed, Sample("<image> What?", [synthetic_image(896, 0)]))
+
+    def forward():
+        model(**batch, logits_to_keep=1)
+
+    illava.apply(model, Schedule.vanilla())
+    forward()
+    unmerged = count_call(forward)
+    illava.apply(model, illava.paper_default_for(model, 7 / 9))
+    forward()
+    merged = count_call(forward)
+    encoder_depth, llm_depth = illava.depths(model)
+    assert unmerged.attention_calls == merged.attention_calls == encoder_depth + llm_depth
+    assert merged.host_reads <= unmerged.host_reads, (merged.reads, unmerged.reads)

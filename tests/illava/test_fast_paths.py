@@ -170,3 +170,27 @@ def test_the_batched_merge_equals_the_per_segment_one(unit, causal):
         rows.append(one.apply(hidden[tokens_s], unit))
     assert torch.equal(merged.keep, torch.cat(keeps))
     torch.testing.assert_close(merged.apply(hidden, unit), torch.cat(rows), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("lengths", [[16, 16, 16], [9, 0, 16, 5]], ids=["equal", "ragged"])
+def test_the_explicit_attention_in_chunks_equals_sdpa_and_the_importance(lengths, monkeypatch):
+    """The path a merging block takes under illava_packed: output equal to SDPA per segment, the
+    importance equal to the reference column means, whether it runs at once or in chunks."""
+    from illava.engine import attention
+
+    torch.manual_seed(0)
+    heads, dim, n = 2, 8, sum(lengths)
+    query, key, value = (torch.randn(1, heads, n, dim) for _ in range(3))
+    bounds = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
+    expected_out = torch.zeros(n, heads, dim)
+    expected_importance = torch.zeros(n)
+    for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
+        if b > a:
+            q, k, v = (t[0, :, a:b] for t in (query, key, value))
+            expected_out[a:b] = torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(0, 1)
+            expected_importance[a:b] = attention_importance(q, k)
+    for budget in (attention.EXPLICIT_BUDGET_BYTES, 3 * heads * 16 * 4, 1):  # at once, by query rows, one row
+        monkeypatch.setattr(attention, "EXPLICIT_BUDGET_BYTES", budget)
+        out, importance = attention._explicit(query, key, value, bounds, lengths, max(lengths), None)
+        torch.testing.assert_close(out[0], expected_out, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(importance, expected_importance, rtol=1e-5, atol=1e-6)
