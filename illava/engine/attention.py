@@ -111,9 +111,11 @@ def packed_attention(
     return _padded(query, key, value, cu_seq_lens_q, longest, scaling, dropout), None
 
 
-#: Bytes of float32 scores the explicit path holds at once: segments, then queries, are taken in
-#: chunks that fit (a full-attention block of a large image would otherwise hold heads x N x N).
-EXPLICIT_BUDGET_BYTES = 64 * 2**20
+#: Bytes of float32 scores the explicit path holds at once, by device type: segments, then queries,
+#: are taken in chunks that fit (a full-attention block of a large image would otherwise hold heads x
+#: N x N). On a CPU, chunks that stay in the L2 cache ran a 1024-token block 2.5x faster than 64 MiB
+#: ones; on a GPU every chunk is a few launches, so chunks are large.
+EXPLICIT_BUDGET_BYTES = {"cpu": 2 * 2**20, "cuda": 256 * 2**20}
 
 
 def _explicit(query, key, value, cu: torch.Tensor, lengths: list[int] | None, longest: int, scaling):
@@ -164,12 +166,13 @@ def _explicit(query, key, value, cu: torch.Tensor, lengths: list[int] | None, lo
             column = torch.bmm(rows, probs.view(chunk, -1, length))[:, 0]
         return torch.matmul(probs.to(v.dtype), v[s0:s1]), column
 
+    budget = EXPLICIT_BUDGET_BYTES.get(device.type, EXPLICIT_BUDGET_BYTES["cuda"])
     row_bytes = heads * length * 4  # one query row of float32 scores, all heads
-    per_segment = max(1, EXPLICIT_BUDGET_BYTES // (row_bytes * length))
+    per_segment = max(1, budget // (row_bytes * length))
     if per_segment >= segments:  # all at once (attention windows, small images)
         out, column_mean = attend(0, segments, 0, length)
     else:
-        per_query = length if per_segment > 1 else max(1, min(length, EXPLICIT_BUDGET_BYTES // row_bytes))
+        per_query = length if per_segment > 1 else max(1, min(length, budget // row_bytes))
         out = torch.empty(segments, heads, length, v.shape[-1], dtype=v.dtype, device=device)
         column_mean = torch.zeros(segments, length, device=device)
         for s0 in range(0, segments, per_segment):

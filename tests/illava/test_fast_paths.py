@@ -189,8 +189,8 @@ def test_the_explicit_attention_in_chunks_equals_sdpa_and_the_importance(lengths
             q, k, v = (t[0, :, a:b] for t in (query, key, value))
             expected_out[a:b] = torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(0, 1)
             expected_importance[a:b] = attention_importance(q, k)
-    for budget in (attention.EXPLICIT_BUDGET_BYTES, 3 * heads * 16 * 4, 1):  # at once, by query rows, one row
-        monkeypatch.setattr(attention, "EXPLICIT_BUDGET_BYTES", budget)
+    for budget in (2**30, 3 * heads * 16 * 4, 1):  # at once, by query rows, one row at a time
+        monkeypatch.setitem(attention.EXPLICIT_BUDGET_BYTES, "cpu", budget)
         out, importance = attention._explicit(query, key, value, bounds, lengths, max(lengths), None)
         torch.testing.assert_close(out[0], expected_out, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(importance, expected_importance, rtol=1e-5, atol=1e-6)
