@@ -9,7 +9,7 @@ the JSON their own packages produce; nothing here imports those packages.
 
 from . import queries
 from .database import DEFAULT_URL, Database, normalize_url
-from .errors import AmbiguousId, DatabaseError, NotFound, SchemaError
+from .errors import AmbiguousId, BudgetExhausted, DatabaseError, LeaseHeld, LeaseLost, NotFound, SchemaError
 from .migrate import VERSION_TABLE, head_revision
 from .models import (
     JOB_FINISHED,
@@ -36,11 +36,14 @@ __all__ = [
     "VERSION_TABLE",
     "AmbiguousId",
     "Backbone",
+    "BudgetExhausted",
     "Base",
     "Database",
     "DatabaseError",
     "HardwareProfileRow",
     "JobState",
+    "LeaseHeld",
+    "LeaseLost",
     "NotFound",
     "PublishedSchedule",
     "SchemaError",

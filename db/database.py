@@ -2,18 +2,21 @@
 
 Thread safety: one `Database` may be shared by threads (the engine's pool is); a session may not.
 Processes: a `Database` pickles without its engine (Ray ships it to workers) and builds a new one
-on first use on the other side.
+on first use on the other side. Processes that create or alter tables in the same database at once
+(several first `submit`s, each creating the schema, or Optuna's tables) take turns under
+`Database.schema_lock()`.
 """
 
 from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager, nullcontext, suppress
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import (
     ArgumentError,
@@ -26,11 +29,28 @@ from sqlalchemy.exc import (
 from sqlalchemy.orm import Session, sessionmaker
 
 from . import migrate
-from .errors import UPGRADE_HINT, DatabaseError
+from .errors import UPGRADE_HINT, DatabaseError, SchemaError
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: SQLite's schema lock is then a no-op
+    fcntl = None  # type: ignore[assignment]
 
 DEFAULT_URL = "sqlite:///illava.db"
 _DRIVERS = {"sqlite": "sqlite", "postgresql": "postgresql+psycopg"}
 _ALLOWED = "sqlite:///path/to/file.db or postgresql://user:password@host:port/database"
+
+#: The PostgreSQL advisory-lock key of `Database.schema_lock()`, and so of every `upgrade` and
+#: `stamp`: the eight ASCII bytes "illavadb" read as one big-endian bigint (0x696C6C6176616462).
+#: One fixed key, never derived from anything that changes between releases, so that every
+#: version of illava-tune serialises with every other. Advisory locks are scoped to one database,
+#: so databases on the same server never wait for each other. Neither Optuna nor Alembic takes
+#: advisory locks; an unrelated application would have to pick these exact 64 bits to collide
+#: (it would then only wait, never fail).
+SCHEMA_LOCK_KEY = int.from_bytes(b"illavadb", "big")
+#: How long `schema_lock()` waits by default: creating or migrating the schema takes seconds.
+SCHEMA_LOCK_TIMEOUT_S = 300.0
+_LOCK_NOT_AVAILABLE = "55P03"  # PostgreSQL's SQLSTATE when lock_timeout ran out
 
 
 def normalize_url(url: str) -> URL:
@@ -40,7 +60,7 @@ def normalize_url(url: str) -> URL:
     try:
         parsed = make_url(url)
     except ArgumentError as err:
-        raise ValueError(f"not a database URL: {url!r}; expected {_ALLOWED}") from err
+        raise ValueError(f"not a database URL: {_mask_unparsed(url)!r}; expected {_ALLOWED}") from err
     backend = parsed.get_backend_name()
     if backend == "postgres":
         backend = "postgresql"
@@ -64,6 +84,16 @@ def _mask(url: URL) -> str:
     return url.render_as_string(hide_password=True)
 
 
+def _mask_unparsed(url: str) -> str:
+    """A string that is not a URL may still hold a password ("user:secret@host/db"): everything
+    before its last "@" but a scheme is hidden."""
+    userinfo, at, rest = url.rpartition("@")
+    if not at:
+        return url
+    scheme, separator, _ = userinfo.partition("://")
+    return f"{scheme}{separator}***@{rest}" if separator else f"***@{rest}"
+
+
 class Database:
     """A database by URL: `DATABASE_URL` from the environment when `url` is None, else
     `sqlite:///illava.db` in the current directory.
@@ -80,6 +110,7 @@ class Database:
         self._engine: Engine | None = None
         self._sessionmaker: sessionmaker[Session] | None = None
         self._lock = threading.Lock()
+        self._schema_lock_depth = threading.local()  # `.value`: how deep this thread is in schema_lock()
 
     # ------------------------------------------------------------------ identity
     @property
@@ -108,12 +139,13 @@ class Database:
     # ------------------------------------------------------------------ pickling
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state.update(_engine=None, _sessionmaker=None, _lock=None)
+        state.update(_engine=None, _sessionmaker=None, _lock=None, _schema_lock_depth=None)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._lock = threading.Lock()
+        self._schema_lock_depth = threading.local()
 
     # ------------------------------------------------------------------ engine and sessions
     @property
@@ -169,9 +201,14 @@ class Database:
             # A value our own types refused on the way in (a naive datetime) is bad input, not a database failure.
             if not isinstance(err, DBAPIError) and isinstance(err.orig, ValueError | TypeError):
                 raise err.orig from err
-            raise DatabaseError(describe_error(err, self.masked_url, doing)) from err
+            raise DatabaseError(self._describe(err, doing)) from err
         except SQLAlchemyError as err:
-            raise DatabaseError(describe_error(err, self.masked_url, doing)) from err
+            raise DatabaseError(self._describe(err, doing)) from err
+
+    def _describe(self, err: SQLAlchemyError, doing: str) -> str:
+        message = describe_error(err, self.masked_url, doing)
+        # The driver's own words should never hold the password; make sure.
+        return message.replace(self._url.password, "***") if self._url.password else message
 
     def close(self) -> None:
         """Close the pooled connections (a later use reconnects)."""
@@ -180,26 +217,170 @@ class Database:
 
     # ------------------------------------------------------------------ schema
     def upgrade(self, revision: str = "head") -> None:
-        """Run this package's Alembic migrations up to `revision` (Optuna's tables are left alone)."""
-        with self.translate_errors("upgrading the schema"), self.engine.begin() as connection:
+        """Run this package's Alembic migrations up to `revision` (Optuna's tables are left alone).
+
+        Under `schema_lock()`: of several processes upgrading a fresh database at once, one creates
+        the schema and the others, once it is done, find it at `revision` and do nothing. Raises
+        `SchemaError` when the illava tables exist but no revision is recorded (see `check_schema`)."""
+        with (
+            self.translate_errors("upgrading the schema"),
+            self.schema_lock(),
+            self.engine.begin() as connection,
+        ):
+            if migrate.current_revision(connection) is None:
+                self._refuse_unrecorded_tables(connection)
             migrate.upgrade(connection, revision)
 
+    def stamp(self, revision: str = "head") -> str:
+        """Record `revision` ("head", a revision id or its unique prefix) as the schema's revision
+        without running any migration, and return its full id: the repair for illava tables whose
+        revision row was lost. Only where tables exist and no revision is recorded (a recorded one
+        is changed by `upgrade`, never overwritten); `ValueError` for an unknown revision."""
+        target = migrate.resolve_revision(revision)
+        with (
+            self.translate_errors("stamping the schema revision"),
+            self.schema_lock(),
+            self.engine.begin() as connection,
+        ):
+            current = migrate.current_revision(connection)
+            if current == target:
+                return target
+            if current is not None:
+                raise SchemaError(
+                    f"database at {self.masked_url} is already at revision {current}: `db stamp` only records a "
+                    f"revision where none is recorded; {UPGRADE_HINT} to migrate it to {migrate.head_revision()}"
+                )
+            if not migrate.illava_tables(connection):
+                raise SchemaError(
+                    f"database at {self.masked_url} has no illava tables, so there is no revision to record: "
+                    f"{UPGRADE_HINT} to create them"
+                )
+            migrate.stamp(connection, target)
+        return target
+
     def current_revision(self) -> str | None:
-        """The schema revision the database is at; None when it was never migrated."""
+        """The schema revision the database is at; None when it was never migrated (or its
+        revision row is lost: `check_schema` tells the two apart)."""
         with self.translate_errors("reading the schema revision"), self.engine.connect() as connection:
             return migrate.current_revision(connection)
 
     def check_schema(self) -> None:
-        """Raise `SchemaError` unless the database is at the revision this package needs."""
-        current = self.current_revision()
+        """Raise `SchemaError` unless the database is at the revision this package needs, saying
+        what to run: `db upgrade` for a database not (fully) migrated, `db stamp` for illava tables
+        whose recorded revision is gone."""
         head = migrate.head_revision()
-        if current == head:
-            return
-        if current is None:
-            raise migrate.schema_error(self.masked_url, "not migrated yet (no illava tables)", head)
+        with self.translate_errors("checking the schema"), self.engine.connect() as connection:
+            current = migrate.current_revision(connection)
+            if current == head:
+                return
+            if current is None:
+                self._refuse_unrecorded_tables(connection)
+                raise migrate.schema_error(self.masked_url, "not migrated yet (no illava tables)", head)
         if current not in migrate.known_revisions():
             raise migrate.newer_schema_error(self.masked_url, current, head)
         raise migrate.schema_error(self.masked_url, f"at revision {current}", head)
+
+    def _refuse_unrecorded_tables(self, connection: Connection) -> None:
+        """Raise `SchemaError` when illava tables exist although no revision is recorded (the version
+        row was deleted, or the tables were made by hand): migrating would collide with them."""
+        if migrate.illava_tables(connection):
+            raise migrate.unrecorded_schema_error(self.masked_url, migrate.schema_differences(connection))
+
+    # ------------------------------------------------------------------ schema lock
+    @contextmanager
+    def schema_lock(self, timeout_s: float = SCHEMA_LOCK_TIMEOUT_S) -> Iterator[None]:
+        """Hold this database's schema lock for the block. Whatever creates or alters tables in the
+        database runs under it (`upgrade` and `stamp` do; wrap the creation of Optuna's
+        `RDBStorage` too), so concurrent first uses take turns instead of colliding in CREATE TABLE.
+
+        PostgreSQL: a session-level advisory lock on `SCHEMA_LOCK_KEY`, held by a connection of its
+        own and released when the block ends (or when that connection dies with its process).
+        SQLite: an exclusive `flock` on the file `<database file>-schema-lock` beside the database
+        (created on first use and left there); nothing for an in-memory database or a `file:` URI.
+
+        Re-entrant within a thread (an `upgrade()` inside the block does not wait for itself);
+        another thread or process waits up to `timeout_s` seconds, then gets `DatabaseError`.
+        Exceptions raised by the block pass unchanged. Enter it with no transaction of this
+        database open in the thread: the holder may need what that transaction holds (SQLite's
+        write lock, a table's lock), and the two would wait for each other."""
+        depth = getattr(self._schema_lock_depth, "value", 0)
+        if depth:
+            held = nullcontext()
+        elif self.dialect == "postgresql":
+            held = self._postgresql_schema_lock(timeout_s)
+        else:
+            held = self._sqlite_schema_lock(timeout_s)
+        with held:
+            self._schema_lock_depth.value = depth + 1
+            try:
+                yield
+            finally:
+                self._schema_lock_depth.value = depth
+
+    @contextmanager
+    def _postgresql_schema_lock(self, timeout_s: float) -> Iterator[None]:
+        with self.translate_errors("taking the schema lock"):
+            connection = self.engine.connect()
+            try:
+                # lock_timeout bounds the wait; set for this transaction only, the lock outlives it.
+                wait_ms = f"{max(int(timeout_s * 1000), 1)}ms"
+                connection.execute(text("SELECT set_config('lock_timeout', :ms, true)"), {"ms": wait_ms})
+                connection.execute(text("SELECT pg_advisory_lock(:key)"), {"key": SCHEMA_LOCK_KEY})
+                connection.commit()
+            except OperationalError as err:
+                timed_out = getattr(err.orig, "sqlstate", None) == _LOCK_NOT_AVAILABLE
+                holder = _schema_lock_holder(connection) if timed_out else None
+                _close_quietly(connection)
+                if timed_out:
+                    by = f" (held by PostgreSQL backend pid {holder})" if holder is not None else ""
+                    raise DatabaseError(self._lock_timeout_message(timeout_s) + by) from err
+                raise
+            except BaseException:
+                _close_quietly(connection)
+                raise
+        try:
+            yield
+        finally:
+            try:
+                connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": SCHEMA_LOCK_KEY})
+                connection.commit()
+            except SQLAlchemyError:
+                # Closing the session frees its advisory locks: never hand a locked connection to the pool.
+                with suppress(SQLAlchemyError):
+                    connection.invalidate()
+            _close_quietly(connection)
+
+    @contextmanager
+    def _sqlite_schema_lock(self, timeout_s: float) -> Iterator[None]:
+        path = self._url.database
+        handle = None
+        if fcntl is not None and path and path != ":memory:" and not path.startswith("file:"):
+            # Never lock (or open and close) the database file itself: closing any descriptor of
+            # it drops the POSIX locks SQLite holds on it in this process.
+            with suppress(OSError):  # a missing or read-only directory: SQLite says so itself
+                handle = open(f"{path}-schema-lock", "a")  # noqa: SIM115 (closed below)
+        if handle is None:
+            yield
+            return
+        try:
+            deadline = time.monotonic() + timeout_s
+            while True:
+                try:
+                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise DatabaseError(self._lock_timeout_message(timeout_s)) from None
+                    time.sleep(0.02)
+            yield
+        finally:
+            handle.close()  # releases the flock
+
+    def _lock_timeout_message(self, timeout_s: float) -> str:
+        return (
+            f"waited {timeout_s:g} s for the schema lock of {self.masked_url}: another illava-tune is creating or "
+            "migrating its tables, or hangs holding the lock"
+        )
 
 
 def describe_error(err: SQLAlchemyError, where: str, doing: str = "") -> str:
@@ -214,6 +395,24 @@ def describe_error(err: SQLAlchemyError, where: str, doing: str = "") -> str:
     if "no such table" in lowered or ("relation" in lowered and "does not exist" in lowered):
         message += f" (is the schema created? {UPGRADE_HINT})"
     return message
+
+
+def _schema_lock_holder(connection: Connection) -> int | None:
+    """The backend pid that holds the schema lock, if it can be told (best effort, for a message)."""
+    query = text(
+        "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted AND objsubid = 1"
+        " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+        " AND classid::bigint = :high AND objid::bigint = :low"
+    )
+    with suppress(SQLAlchemyError):
+        connection.rollback()
+        return connection.execute(query, {"high": SCHEMA_LOCK_KEY >> 32, "low": SCHEMA_LOCK_KEY & 0xFFFFFFFF}).scalar()
+    return None
+
+
+def _close_quietly(connection: Connection) -> None:
+    with suppress(SQLAlchemyError):
+        connection.close()
 
 
 def _rollback_quietly(session: Session) -> None:

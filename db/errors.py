@@ -32,3 +32,22 @@ class AmbiguousId(NotFound):
         self.matches = matches
         shown = ", ".join(matches[:5]) + (", ..." if len(matches) > 5 else "")
         LookupError.__init__(self, f"{kind} id prefix {key!r} is ambiguous: it matches {shown}; give more characters")
+
+
+class LeaseLost(DatabaseError):
+    """A driver's lease on its job is gone (another driver took the job, or it was released): the
+    driver must stop before it writes anything more for the job."""
+
+
+class LeaseHeld(RuntimeError):
+    """The job is owned by another driver whose lease is live (or, without force, not provably
+    dead). `owner` is that driver ("host:pid:token"), `expires_at` when its lease runs out."""
+
+    def __init__(self, message: str, owner: str, expires_at: object) -> None:
+        self.owner = owner
+        self.expires_at = expires_at
+        super().__init__(message)
+
+
+class BudgetExhausted(DatabaseError):
+    """The job already has as many trials as its budget: no further trial may start."""

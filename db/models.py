@@ -163,6 +163,10 @@ class TuningJob(Base):
     heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     error: Mapped[str | None] = mapped_column(Text)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    # The driver that owns the job ("host:pid:token", see `db.queries.acquire_lease`) and until when
+    # its lease holds without another check-in. NULL owner: no driver holds the job.
+    lease_owner: Mapped[str | None] = mapped_column(String(200))
+    lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
     # Many-to-one rows load with the job so a job read in a session stays usable after it closes.
     backbone: Mapped[Backbone] = relationship(lazy="joined", innerjoin=True)

@@ -12,14 +12,14 @@ import json
 import math
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
-from sqlalchemy import ColumnElement, delete, select
+from sqlalchemy import ColumnElement, delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from .errors import AmbiguousId, NotFound
+from .errors import AmbiguousId, BudgetExhausted, LeaseLost, NotFound
 from .models import (
     JOB_FINISHED,
     JOB_STATES,
@@ -300,6 +300,73 @@ def request_cancel(session: Session, job: TuningJob) -> TuningJob:
     job.cancel_requested = True
     session.flush()
     return job
+
+
+# ----------------------------------------------------------------------------- the driver's lease
+# One driver owns a job at a time. Every change below is one UPDATE of the job row with its condition
+# in the WHERE clause, so it is atomic on both backends: PostgreSQL locks the row and re-checks the
+# condition after a concurrent writer commits; SQLite's BEGIN IMMEDIATE runs writers one at a time.
+# The row lock also fences the driver's other writes: `renew_lease` opens each of its transactions.
+
+
+def _lease_update(session: Session, job_id: str, *where: ColumnElement[bool], **values: Any) -> bool:
+    statement = update(TuningJob).where(TuningJob.id == job_id, *where).values(**values)
+    result = session.execute(statement.execution_options(synchronize_session=False))
+    job = session.get(TuningJob, job_id, populate_existing=True)  # the session's row shows the update
+    return result.rowcount == 1 and job is not None
+
+
+def acquire_lease(
+    session: Session, job_id: str, owner: str, *, ttl_s: float, replacing: tuple[str | None, datetime | None]
+) -> bool:
+    """Make `owner` the job's driver, with a lease `ttl_s` from now, if the lease is still exactly
+    `replacing` (the (owner, expiry) the caller read and judged free to take: no owner, expired, or
+    a driver known to be dead). Returns whether it did: False means someone changed the lease
+    between the read and this write, and the caller must read it again."""
+    old_owner, old_expiry = replacing
+    now = utcnow()
+    return _lease_update(
+        session, job_id,
+        TuningJob.lease_owner.is_(None) if old_owner is None else TuningJob.lease_owner == old_owner,
+        TuningJob.lease_expires_at.is_(None) if old_expiry is None else TuningJob.lease_expires_at == old_expiry,
+        lease_owner=owner, lease_expires_at=now + timedelta(seconds=ttl_s), heartbeat_at=now,
+    )  # fmt: skip
+
+
+def renew_lease(session: Session, job_id: str, owner: str, *, ttl_s: float) -> TuningJob:
+    """Extend `owner`'s lease by `ttl_s` from now and stamp the heartbeat; returns the job row (its
+    `cancel_requested` is current). Raises `LeaseLost` when `owner` no longer holds the job."""
+    now = utcnow()
+    held = _lease_update(session, job_id, TuningJob.lease_owner == owner,
+                         lease_expires_at=now + timedelta(seconds=ttl_s), heartbeat_at=now)  # fmt: skip
+    if not held:
+        job = session.get(TuningJob, job_id)
+        holder = job.lease_owner if job is not None else None
+        raise LeaseLost(
+            f"driver {owner} no longer holds job {job_id}: "
+            + (f"driver {holder} took it over" if holder else "its lease was released")
+        )
+    return session.get(TuningJob, job_id)  # type: ignore[return-value]
+
+
+def release_lease(session: Session, job_id: str, owner: str) -> bool:
+    """Give up `owner`'s lease (nothing happens when another driver holds it); returns whether it did."""
+    return _lease_update(session, job_id, TuningJob.lease_owner == owner, lease_owner=None, lease_expires_at=None)
+
+
+def claim_trial(
+    session: Session, job_id: str, owner: str, number: int, schedule: Mapping[str, Any], *, ttl_s: float
+) -> Trial:
+    """Start trial `number` for the job's driver `owner`: the lease is renewed (which locks the job
+    row), the budget checked against the trials stored and the trial inserted as running, in one
+    transaction. Raises `LeaseLost`, `BudgetExhausted`, or ValueError when the number is taken."""
+    job = renew_lease(session, job_id, owner, ttl_s=ttl_s)
+    stored = session.scalar(select(func.count()).select_from(Trial).where(Trial.job_id == job_id)) or 0
+    if stored >= job.n_trials:
+        raise BudgetExhausted(f"job {job_id} already has {stored} trials, its budget is {job.n_trials}")
+    if _first(session, Trial, Trial.job_id == job_id, Trial.number == number) is not None:
+        raise ValueError(f"job {job_id} already has a trial number {number}")
+    return record_trial(session, job, number, state="running", schedule=schedule)
 
 
 # ----------------------------------------------------------------------------- trials

@@ -134,6 +134,10 @@ def _tuning_commands(commands) -> None:
             sub.add_argument("--plot", help="PNG path (default pareto-JOB.png)")
         if name == "resume":
             sub.add_argument("--ray-address")
+            sub.add_argument(
+                "--force", action="store_true",
+                help="take the job over from a driver whose lease has expired (never from one whose lease is live)",
+            )  # fmt: skip
         sub.set_defaults(run=_lazy(f"cmd_{name}", "tune"))
 
     jobs = commands.add_parser("jobs", help="list tuning jobs")
@@ -158,8 +162,10 @@ def _tuning_commands(commands) -> None:
     export.add_argument("--database", help=db_help)
     export.set_defaults(run=_lazy("cmd_export", "tune"))
 
-    database = commands.add_parser("db", help="database schema: upgrade or check")
-    database.add_argument("action", choices=["upgrade", "check"])
+    database = commands.add_parser("db", help="database schema: upgrade, check, or stamp (record a revision)")
+    database.add_argument("action", choices=["upgrade", "check", "stamp"])
+    database.add_argument("revision", nargs="?",
+                          help="stamp only: the revision the tables are at, recorded without migrating (default: head)")  # fmt: skip
     database.add_argument("--database", help=db_help)
     database.set_defaults(run=_lazy("cmd_db", "tune"))
 
@@ -198,6 +204,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, LookupError, RuntimeError) as error:
         print(f"illava-tune: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as stop:  # Ctrl-C, or a signal that stopped a driver (which marked its job)
+        print(f"illava-tune: {stop or 'interrupted'}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

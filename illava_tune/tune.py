@@ -8,11 +8,6 @@ from pathlib import Path
 from typing import Any
 
 from db import Database
-from illava import Schedule
-
-#: A running job whose driver has been silent this long is probably orphaned (the driver checks
-#: in at least every few seconds, and after every trial).
-STALE_DRIVER_S = 120
 
 
 def _database(args, *, create: bool = False) -> Database:
@@ -37,6 +32,8 @@ def _pct(value: float | None) -> str:
 
 def format_front(rows: list[dict[str, Any]]) -> str:
     """The published schedules as a table, under the line saying what they were tuned on and in."""
+    from illava import Schedule  # here: `illava-tune db ...` never imports torch
+
     header = (f"{'id':>5}  {'latency ms':>10}  {'memory MiB':>10}  {'accuracy':>8}  {'retention':>9}  "
               f"{'fidelity':>8}  schedule")  # fmt: skip
     tuned = sorted({(row["hardware"], row["dtype"], row["attention"]) for row in rows})
@@ -100,10 +97,16 @@ def _run_in_foreground(database: Database, job_id: str, args) -> int:
         bar.set_postfix(front=p.front_size, failed=p.failed)
         bar.refresh()
 
-    state = jobs.run(database, job_id, ray_address=getattr(args, "ray_address", None), on_progress=on_progress)
-    bar.close()
+    try:
+        state = jobs.run(database, job_id, ray_address=getattr(args, "ray_address", None), on_progress=on_progress,
+                         force=getattr(args, "force", False))  # fmt: skip
+    finally:
+        bar.close()
     print(f"job {job_id}: {state}")
     if state != "completed":
+        error = jobs.status(database, job_id).error
+        if error:
+            print(f"error: {error}", file=sys.stderr)
         return 1
     print(format_front(jobs.front(database, job_id)))
     if getattr(args, "latency_ms", None):
@@ -148,10 +151,8 @@ def cmd_status(args) -> int:
           f"{p.elapsed_s:.0f} s elapsed{eta}")  # fmt: skip
     if st.error:
         print(f"error: {st.error}")
-    if st.state == "running" and st.heartbeat_age_s is not None and st.heartbeat_age_s > STALE_DRIVER_S:
-        print(
-            f"its driver has not been seen for {st.heartbeat_age_s:.0f} s; if it died: illava-tune resume {st.id[:8]}"
-        )
+    if st.driver_note:
+        print(st.driver_note)
     return 0
 
 
@@ -239,13 +240,24 @@ def cmd_export(args) -> int:
 
 
 def cmd_db(args) -> int:
+    """`db upgrade | check | stamp [REVISION]`; messages name the database by its masked URL."""
+    from db import head_revision
+
     database = Database(args.database)
+    revision = getattr(args, "revision", None)
+    if revision is not None and args.action != "stamp":
+        raise ValueError(f"`db {args.action}` takes no revision (only `db stamp` does)")
+    if args.action == "stamp":
+        recorded = database.stamp(revision or "head")
+        print(f"{database.masked_url}: recorded schema revision {recorded} (no migrations run)")
+        if recorded != head_revision():
+            print(f"run `illava-tune db upgrade` to migrate it to {head_revision()}")
+        return 0
     if args.action == "upgrade":
         database.upgrade()
-        print(f"{database.url}: schema up to date")
     else:
         database.check_schema()
-        print(f"{database.url}: schema up to date")
+    print(f"{database.masked_url}: schema up to date")
     return 0
 
 

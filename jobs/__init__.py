@@ -1,5 +1,6 @@
 """Tuning jobs: an Optuna search over schedules, evaluated by Ray worker actors (one per GPU, or
-CPU workers), every trial stored in the database, resumable after a driver dies, cancellable.
+CPU workers), every trial stored in the database, owned by one driver at a time (`jobs.lease`),
+resumable after a driver dies, cancellable.
 Wires `optimizer` + `profiler` + `db` together; nothing imports `jobs`."""
 
 from .api import (
@@ -15,9 +16,10 @@ from .api import (
     status,
     submit,
 )
-from .driver import Progress, progress, run
+from .driver import DriverStopped, Progress, progress, run
 
 __all__ = [
+    "DriverStopped",
     "JobStatus",
     "Progress",
     "best",

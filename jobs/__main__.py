@@ -14,13 +14,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("job")
     parser.add_argument("--database", help="database URL (default: DATABASE_URL or sqlite:///illava.db)")
     parser.add_argument("--ray-address")
+    parser.add_argument("--force", action="store_true", help="take over a job whose driver's lease has expired")
     args = parser.parse_args(argv)
     database = Database(args.database)
-    database.check_schema()
-    status = run(database, args.job, ray_address=args.ray_address,
-                 on_progress=lambda p: print(f"{p.done}/{p.total} trials, front {p.front_size}", flush=True))  # fmt: skip
+    try:
+        database.check_schema()
+        status = run(database, args.job, ray_address=args.ray_address, force=args.force,
+                     on_progress=lambda p: print(f"{p.done}/{p.total} trials, front {p.front_size}", flush=True))  # fmt: skip
+    except (ValueError, LookupError, RuntimeError, KeyboardInterrupt) as error:  # the job is marked already
+        print(f"job {args.job}: {type(error).__name__}: {error}", flush=True)
+        return 1
     print(f"job {args.job}: {status}", flush=True)
-    return 0
+    return 0 if status == "completed" else 1
 
 
 if __name__ == "__main__":

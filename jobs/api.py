@@ -9,18 +9,24 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import optuna
+
 import illava
 from db import Database, queries
+from db.models import utcnow
 from illava import Schedule
-from optimizer import Constraints, SearchSpace, best_for_target, seed_reductions
+from optimizer import Constraints, Objectives, SearchSpace, best_for_target, make_study, seed_reductions
 
 from .driver import Progress, point, progress
+from .lease import describe_lease, holder_is_gone
 
 SAMPLERS = ("tpe", "nsga2", "random")
 
@@ -34,6 +40,21 @@ class JobStatus:
     error: str | None
     heartbeat_age_s: float | None  # seconds since the driver last checked in (None: never ran)
     progress: Progress  # trials done / total, failed, front size, elapsed, estimate of what is left
+    driver: str | None = None  # the driver holding the job's lease ("host:pid:token"), if any
+    lease_left_s: float | None = None  # seconds until that lease expires (negative: expired)
+
+    @property
+    def driver_note(self) -> str | None:
+        """What a user should know about the job's driver: None while a live driver runs it (or
+        none is needed); else who holds it and what to do (`jobs.lease.describe_lease`)."""
+        if self.state != "running":
+            return None
+        if self.driver is None:
+            return f"no driver holds job {self.id[:8]}: `illava-tune resume {self.id[:8]}` continues it"
+        if self.lease_left_s is not None and self.lease_left_s > 0 and not holder_is_gone(self.driver):
+            return None
+        expires = None if self.lease_left_s is None else utcnow() + timedelta(seconds=self.lease_left_s)
+        return describe_lease(self.id, self.driver, expires)
 
 
 def _check_backbone(backbone: str, workload, space: SearchSpace) -> tuple[int, int]:
@@ -70,7 +91,7 @@ def submit(
     `dtype` with `attention` (`illava.runtime`): its workers load the backbone so, and the job's
     hardware group says so."""
     from illava.runtime import check_attention, dtype_name
-    from profiler import detect_hardware, resolve_workload
+    from profiler import check_dataset, detect_hardware, resolve_workload
 
     if n_trials < 1:
         raise ValueError(f"--trials must be >= 1, got {n_trials}")
@@ -79,6 +100,7 @@ def submit(
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; allowed: {', '.join(SAMPLERS)}")
     workload = resolve_workload(workload)
+    check_dataset(workload)
     space = space or SearchSpace()
     encoder_depth, llm_depth = _check_backbone(backbone, workload, space)
     space.check_fits(encoder_depth=encoder_depth, llm_depth=llm_depth)
@@ -97,7 +119,13 @@ def submit(
             n_trials=n_trials, n_workers=n_workers, sampler=sampler, seed=seed,
             search_space=space.to_dict(), constraints=constraints.to_dict(),
         )  # fmt: skip
-        return job.id
+        job_id, study_name = job.id, job.study_name
+    # The study exists from the start (optuna-dashboard shows the job at once), and Optuna's tables
+    # are created here, one process at a time, rather than by drivers racing on a fresh database.
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # no "A new study created" line among ours
+    with database.schema_lock():
+        make_study(database.optuna_storage_url, study_name, sampler=sampler, seed=seed, objectives=Objectives())
+    return job_id
 
 
 def _has_cuda() -> bool:
@@ -110,25 +138,28 @@ def start_background(database: Database, job_id: str, log_dir: Path = Path(".ill
     """Run the driver in a detached process (`python -m jobs run JOB`); returns its log file."""
     log_dir.mkdir(parents=True, exist_ok=True)
     log = log_dir / f"{job_id}.log"
+    # The URL goes by the environment, not the command line, where `ps` would show its password.
+    env = {**os.environ, "DATABASE_URL": database.url}
     with log.open("ab") as out:
         subprocess.Popen(
-            [sys.executable, "-m", "jobs", "run", job_id, "--database", database.url],
+            [sys.executable, "-m", "jobs", "run", job_id], env=env,
             stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
         )  # fmt: skip
     return log
 
 
 def status(database: Database, job_id: str) -> JobStatus:
-    from datetime import UTC, datetime
-
     with database.session() as s:
         job = queries.get_job(s, job_id)
         head = (job.id, job.status, job.backbone.name, job.workload.name, job.error)
-        beat = (datetime.now(UTC) - job.heartbeat_at).total_seconds() if job.heartbeat_at else None
+        now = utcnow()
+        beat = (now - job.heartbeat_at).total_seconds() if job.heartbeat_at else None
+        left = (job.lease_expires_at - now).total_seconds() if job.lease_expires_at else None
+        driver = job.lease_owner
     p = progress(database, head[0])
     if head[1] != "running":
         p = dataclasses.replace(p, eta_s=None)
-    return JobStatus(*head, beat, p)
+    return JobStatus(*head, beat, p, driver=driver, lease_left_s=left)
 
 
 def cancel(database: Database, job_id: str) -> str:

@@ -1,44 +1,63 @@
 """The tuning-job driver: Optuna ask/tell over Ray worker actors, every trial stored in SQL.
 
-Crash safety, in the order things are written: a trial's result goes to the database *before*
-it is told to Optuna, so a driver killed at any moment leaves at worst an Optuna trial RUNNING
-whose result is already in the database. `run` on a job that was interrupted repairs exactly
-that (tells Optuna the stored result), marks trials that were still in flight as failed
-("interrupted"), and carries on until the job's trial budget is used; no finished trial is
-run or counted twice.
+One driver owns a job at a time (`jobs.lease`): it takes the job's lease first, keeps it renewed,
+and opens every write with a renewal, so a second driver is refused and a driver that lost its
+job writes nothing more. The trial budget is checked by the database when a trial starts
+(`db.queries.claim_trial`), and the seed schedules are enqueued one at a time right before their
+ask, so they count toward the budget and no trial is ever left WAITING in Optuna.
+
+Crash safety, in the order things are written: a trial's row goes to the database *before* its
+result is told to Optuna, so a driver killed at any moment leaves at worst an Optuna trial RUNNING
+whose result (or start) is already in the database. `run` on a job that was interrupted repairs
+exactly that (tells Optuna the stored result), marks trials that were still in flight as failed
+("interrupted") in both places, and carries on until the job's trial budget is used; no finished
+trial is run or counted twice. SIGTERM, SIGHUP and Ctrl-C stop the driver: its trials in flight
+are failed, the job is marked failed with the reason, and the lease is released (`resume`
+continues it).
 """
 
 from __future__ import annotations
 
 import os
+import signal
+import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import optuna
 
-from db import Database, queries
+import illava
+from db import Database, DatabaseError, LeaseLost, queries
 from illava import Schedule
 from optimizer import (
     Constraints,
     Objectives,
     Point,
     SearchSpace,
+    enqueue_seed,
     make_study,
     metrics_summary,
     pareto_front,
     seed_reductions,
-    seed_study,
+    seed_schedules,
     tell_failure,
     tell_result,
 )
 
+from . import cluster
+from .lease import LEASE_S, LeaseKeeper, driver_id, take
 from .worker import FAULTS_ENV, TrialWorker, parse_faults
 
 INTERRUPTED = "interrupted: the driver stopped while this trial was in flight"
-CANCEL_POLL_S = 2.0  # longest wait for a trial before looking at the cancel flag again
-CHECK_IN_S = 1.0  # how often the driver reads the cancel flag and writes its heartbeat
+CANCEL_POLL_S = 2.0  # longest wait for a trial before looking at the cancel flag and the lease again
+
+
+class DriverStopped(KeyboardInterrupt):
+    """A signal (SIGTERM, SIGHUP) asked the driver to stop; like Ctrl-C, nothing catches it by accident."""
 
 
 @dataclass(frozen=True)
@@ -49,15 +68,6 @@ class Progress:
     front_size: int
     elapsed_s: float
     eta_s: float | None
-
-
-def _ray_init(address: str | None) -> None:
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = address or os.environ.get("RAY_ADDRESS")
-    ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
 
 
 def _plan_workers(requested: int) -> tuple[int, str, dict[str, float]]:
@@ -115,128 +125,319 @@ def point(row) -> Point:
                  getattr(row, "state", "complete"), ref=row)  # fmt: skip
 
 
-def _repair(database: Database, job_id: str, study: optuna.Study, objectives: Objectives, constraints: Constraints):
-    """After a driver death: Optuna trials still RUNNING either have a stored result (tell it)
-    or were in flight (fail them in both places). No database session is held while Optuna
-    writes: on SQLite an open session's read lock would block Optuna's commit."""
-    running = [t.number for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.RUNNING]
-    if not running:
-        return
-    with database.session() as s:
-        stored = {
-            t.number: (t.state, t.metrics, t.schedule) for t in queries.list_trials(s, queries.get_job(s, job_id))
-        }
-    interrupted = []
-    for number in running:
-        state, metrics, schedule = stored.get(number, (None, None, None))
-        if state == "complete":
-            tell_result(study, number, metrics, constraints=constraints, objectives=objectives)
-        else:
-            tell_failure(study, number)
-            if schedule is not None:
-                interrupted.append((number, schedule))
-    with database.session() as s:
-        job = queries.get_job(s, job_id)
-        for number, schedule in interrupted:
-            queries.record_trial(s, job, number, state="failed", schedule=schedule, error=INTERRUPTED)
-
-
 def run(
     database: Database,
     job_id: str,
     *,
     ray_address: str | None = None,
     on_progress: Callable[[Progress], None] | None = None,
+    force: bool = False,
+    lease_s: float = LEASE_S,
 ) -> str:
-    """Run (or continue) a job to its end; returns its final status."""
-    import ray
+    """Run (or continue) a job to its end; returns its final status: "completed", "cancelled", or
+    "failed" when no trial could be measured (the first error is the job's error).
 
-    with database.session() as s:
-        job = queries.get_job(s, job_id)
-        job_id = job.id
-        if job.status in ("completed", "cancelled"):
-            return job.status
-        space, constraints, objectives = _study_setup(job)
-        backbone, workload, n_trials = job.backbone.name, job.workload.spec, job.n_trials
-        dtype, attention = queries.runtime_of(job.hardware.profile)
-        sampler, seed, n_workers, study_name = job.sampler, job.seed, job.n_workers, job.study_name
-        queries.set_job_status(s, job, "running")
-    started = time.monotonic()
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # progress is ours to report, not Optuna's INFO lines
-    study = make_study(database.optuna_storage_url, study_name, sampler=sampler, seed=seed, objectives=objectives)
-    _repair(database, job_id, study, objectives, constraints)
-
-    _ray_init(ray_address)
-    count, device, resources = _plan_workers(n_workers)
-    pool = _Pool(count, resources, (backbone, workload),
-                 dict(device=device, dtype=dtype, attention=attention, repeats=3, warmup=1,
-                      faults=parse_faults(os.environ.get(FAULTS_ENV))))  # fmt: skip
-    in_flight: dict[Any, tuple[optuna.Trial, Any, Schedule]] = {}  # Ray ref -> (trial, actor, schedule)
-    cancel, stop_reason = False, "cancelled"
+    Raises `db.LeaseHeld` (nothing done) when another driver owns the job (`force` takes over a
+    lease that has expired, see `jobs.lease`); `db.LeaseLost` when another driver took the job over
+    mid-run (this one stops and writes nothing more); `cluster.ClusterError` when Ray cannot be
+    reached and `DriverStopped` / `KeyboardInterrupt` on a signal or Ctrl-C (both after marking the
+    job failed with the reason)."""
+    owner = driver_id()
+    job_id = take(database, job_id, owner, force=force, ttl_s=lease_s)
+    keeper = LeaseKeeper(database, job_id, owner, ttl_s=lease_s).start()
     try:
-        encoder_depth, llm_depth = ray.get(pool.idle[0].depths.remote())
-        seed_study(study, space, encoder_depth=encoder_depth, llm_depth=llm_depth, reductions=seed_reductions(space))
-        with database.session() as s:
-            finished = sum(t.state != "running" for t in queries.list_trials(s, queries.get_job(s, job_id)))
-
-        def dispatch() -> None:
-            """Give every idle worker a new trial while the budget allows."""
-            while pool.idle and finished + len(in_flight) < n_trials:
-                trial = study.ask()
-                schedule = space.suggest(trial, encoder_depth=encoder_depth, llm_depth=llm_depth)
-                with database.session() as s:
-                    queries.record_trial(s, queries.get_job(s, job_id), trial.number, state="running",
-                                         schedule=schedule.to_dict())  # fmt: skip
-                actor = pool.idle.pop()
-                in_flight[actor.evaluate.remote(trial.number, schedule.to_dict())] = (trial, actor, schedule)
-
-        next_check_in = 0.0
-        while True:
-            if time.monotonic() >= next_check_in:  # the cancel flag and the heartbeat, about once a second
-                cancel = _check_in(database, job_id)
-                next_check_in = time.monotonic() + CHECK_IN_S
-                if cancel:
-                    break
-            dispatch()
-            if not in_flight:
-                break
-            # Wake up now and then even when no trial ends, so a cancel request is seen promptly.
-            ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=CANCEL_POLL_S)
-            if not ready:
-                continue
-            trial, actor, schedule = in_flight.pop(ready[0])
-            outcome = _collect(ready[0], actor, pool)
-            summary = _record(database, job_id, trial, schedule, outcome, constraints)  # database first
-            finished += 1
-            dispatch()  # the freed worker starts its next trial before Optuna's bookkeeping below
-            if summary is None:
-                tell_failure(study, trial)
-            else:
-                tell_result(study, trial, summary, constraints=constraints, objectives=objectives)
-            if on_progress:
-                on_progress(progress(database, job_id, started=started))
-    except BaseException as error:
-        stop_reason = f"driver stopped: {_describe(error)}"
-        with database.session() as s:
-            queries.set_job_status(s, queries.get_job(s, job_id), "failed", error=stop_reason)
-        raise
+        with _StopSignals() as signals:
+            return _Driver(database, job_id, owner, lease_s, keeper, signals).run(ray_address, on_progress)
     finally:
-        for trial, actor, schedule in in_flight.values():  # cancelled or failed driver: stop what runs
-            ray.kill(actor, no_restart=True)
-            tell_failure(study, trial)
-            with database.session() as s:
-                queries.record_trial(s, queries.get_job(s, job_id), trial.number, state="failed",
-                                     schedule=schedule.to_dict(), error=stop_reason)  # fmt: skip
-        pool.shutdown()
-    return _close(database, job_id, cancelled=cancel)
+        keeper.stop()
+        _quietly("releasing the lease", lambda: _release(database, job_id, owner))
 
 
-def _check_in(database: Database, job_id: str) -> bool:
-    """Heartbeat; returns whether a cancel was requested."""
+def _release(database: Database, job_id: str, owner: str) -> None:
     with database.session() as s:
-        job = queries.get_job(s, job_id)
-        queries.heartbeat(s, job)
-        return job.cancel_requested
+        queries.release_lease(s, job_id, owner)
+
+
+def _quietly(doing: str, action: Callable[[], Any]) -> None:
+    """Clean-up on the way out: a database that fails now is reported, never hides the first error."""
+    try:
+        action()
+    except DatabaseError as error:
+        print(f"illava-tune: {doing} failed: {error}", file=sys.stderr)
+
+
+class _StopSignals:
+    """SIGTERM, SIGHUP and SIGINT raise `DriverStopped` in the driver's thread (the main one;
+    elsewhere the process's own handlers stay). Inside `deferred()` a signal waits for the block's
+    end, so no trial is ever asked in Optuna without its row in the database."""
+
+    WANTED = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.active = threading.current_thread() is threading.main_thread()
+        self.pending: str | None = None
+        self.depth = 0
+        self.previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopSignals:
+        if self.active:
+            self.previous = {number: signal.getsignal(number) for number in self.WANTED}
+            self.install()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        for number, handler in self.previous.items():
+            signal.signal(number, handler)
+
+    def install(self) -> None:
+        """(Again, after a library such as Ray's init installed its own handlers.)"""
+        if self.active:
+            for number in self.WANTED:
+                signal.signal(number, self._handle)
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        reason = f"stopped by {signal.Signals(signum).name}"
+        if self.depth:
+            self.pending = reason
+            return
+        raise DriverStopped(reason)
+
+    @contextmanager
+    def deferred(self) -> Iterator[None]:
+        self.depth += 1
+        try:
+            yield
+        finally:
+            self.depth -= 1
+            if not self.depth and self.pending is not None:
+                reason, self.pending = self.pending, None
+                raise DriverStopped(reason)
+
+
+class _Driver:
+    """One driver's run of one job: the lease-fenced writes, the study, the trials in flight."""
+
+    def __init__(self, database: Database, job_id: str, owner: str, ttl_s: float, keeper: LeaseKeeper,
+                 signals: _StopSignals) -> None:  # fmt: skip
+        self.database, self.job_id, self.owner, self.ttl_s, self.keeper = database, job_id, owner, ttl_s, keeper
+        self.signals = signals
+        self.in_flight: dict[Any, tuple[optuna.Trial, Any, Schedule]] = {}  # Ray ref -> (trial, actor, schedule)
+        self.seeds: list[Schedule] = []
+        self.stored = 0  # the job's trial rows: what the budget counts
+
+    @contextmanager
+    def writing(self) -> Iterator[tuple[Any, Any]]:
+        """(session, job row) in a transaction that renews the lease first: `LeaseLost`, and nothing
+        written, once this driver no longer holds the job."""
+        with self.database.session() as s:
+            yield s, queries.renew_lease(s, self.job_id, self.owner, ttl_s=self.ttl_s)
+
+    def run(self, ray_address: str | None, on_progress: Callable[[Progress], None] | None) -> str:
+        import ray
+
+        from illava.backbones import backbone_config
+
+        with self.writing() as (s, job):
+            if job.status in ("completed", "cancelled"):
+                return job.status
+            if job.cancel_requested:  # cancelled before this driver got going: nothing to start
+                queries.set_job_status(s, job, "cancelled")
+                return "cancelled"
+            self.space, self.constraints, self.objectives = _study_setup(job)
+            backbone, workload, self.n_trials = job.backbone.name, job.workload.spec, job.n_trials
+            dtype, attention = queries.runtime_of(job.hardware.profile)
+            sampler, seed, n_workers, study_name = job.sampler, job.seed, job.n_workers, job.study_name
+            queries.set_job_status(s, job, "running")
+        started = time.monotonic()
+        optuna.logging.set_verbosity(optuna.logging.WARNING)  # progress is ours to report, not Optuna's INFO lines
+        ray_started, pool, cancel, stop_reason, lost = False, None, False, None, False
+        try:  # from here on, whatever stops the driver marks the job
+            self.encoder_depth, self.llm_depth = illava.depths(backbone_config(backbone))
+            with self.database.schema_lock():  # Optuna creates its tables on first use: one process at a time
+                self.study = make_study(self.database.optuna_storage_url, study_name, sampler=sampler, seed=seed,
+                                        objectives=self.objectives)  # fmt: skip
+            self._repair()
+            ray_started = cluster.connect(ray_address)
+            self.signals.install()
+            count, device, resources = _plan_workers(n_workers)
+            pool = _Pool(count, resources, (backbone, workload),
+                         dict(device=device, dtype=dtype, attention=attention, repeats=3, warmup=1,
+                              faults=parse_faults(os.environ.get(FAULTS_ENV))))  # fmt: skip
+            self.seeds = seed_schedules(self.space, encoder_depth=self.encoder_depth, llm_depth=self.llm_depth,
+                                        reductions=seed_reductions(self.space))[: self.n_trials]  # fmt: skip
+            with self.database.session() as s:
+                self.stored = len(queries.list_trials(s, queries.get_job(s, self.job_id)))
+            while True:
+                self.keeper.check()
+                if self.keeper.cancel_requested:
+                    cancel = True
+                    break
+                self._dispatch(pool)
+                if not self.in_flight:
+                    break
+                # Wake up now and then even when no trial ends, so a cancel request is seen promptly.
+                ready, _ = ray.wait(list(self.in_flight), num_returns=1, timeout=CANCEL_POLL_S)
+                if not ready:
+                    continue
+                trial, actor, schedule = self.in_flight.pop(ready[0])
+                outcome = _collect(ready[0], actor, pool)
+                summary = self._record(trial, schedule, outcome)  # database first
+                self._dispatch(pool)  # the freed worker starts its next trial before Optuna's bookkeeping below
+                if summary is None:
+                    tell_failure(self.study, trial)
+                else:
+                    tell_result(self.study, trial, summary, constraints=self.constraints, objectives=self.objectives)
+                if on_progress:
+                    on_progress(progress(self.database, self.job_id, started=started))
+        except LeaseLost:
+            lost = True  # the job is someone else's now: write nothing more
+            raise
+        except BaseException as error:
+            stop_reason = f"driver stopped: {_describe(error)}"
+            raise
+        finally:
+            self._stop_in_flight(None if lost else stop_reason or "cancelled")
+            if pool is not None:
+                pool.shutdown()
+            cluster.disconnect(ray_started)
+            if stop_reason is not None:
+                _quietly("marking the job failed", lambda: self._fail(stop_reason))
+        return self._close(cancelled=cancel)
+
+    def _schedule_of(self, params: dict[str, Any]) -> Schedule | None:
+        """The schedule a trial with these parameters stands for (None: its parameters are incomplete)."""
+        try:
+            return self.space.suggest(optuna.trial.FixedTrial(params), encoder_depth=self.encoder_depth,
+                                      llm_depth=self.llm_depth)  # fmt: skip
+        except ValueError:
+            return None
+
+    def _repair(self) -> None:
+        """After a driver death: Optuna trials still RUNNING either have a stored result (tell it)
+        or were in flight (fail them in both places, the database first). No database session is
+        held while Optuna writes: on SQLite an open session's write lock would block Optuna's commit."""
+        running = [t for t in self.study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.RUNNING]
+        if not running:
+            return
+        with self.database.session() as s:
+            stored = {t.number: t for t in queries.list_trials(s, queries.get_job(s, self.job_id))}
+        for frozen in running:
+            row = stored.get(frozen.number)
+            if row is not None and row.state == "complete":
+                tell_result(self.study, frozen.number, row.metrics, constraints=self.constraints,
+                            objectives=self.objectives)  # fmt: skip
+                continue
+            if row is None or row.state == "running":
+                schedule, error = self._interrupted_schedule(frozen) if row is None else (row.schedule, INTERRUPTED)
+                with self.writing() as (s, job):
+                    queries.record_trial(s, job, frozen.number, state="failed", schedule=schedule, error=error)
+            tell_failure(self.study, frozen.number)
+
+    def _interrupted_schedule(self, frozen) -> tuple[dict[str, Any], str]:
+        """The schedule of a trial a killed driver asked but never stored (from its drawn or enqueued
+        parameters), and its error; when the draw itself was cut short, the parameters drawn so far."""
+        params = {**frozen.system_attrs.get("fixed_params", {}), **frozen.params}
+        schedule = self._schedule_of(params)
+        if schedule is None:
+            return {"params": params}, "interrupted before its schedule was drawn"
+        return schedule.to_dict(), INTERRUPTED
+
+    def _next_seed(self) -> None:
+        """Enqueue the next seed schedule the study has not seen, unless a trial is already waiting
+        (the next ask takes that one)."""
+        if any(t.state == optuna.trial.TrialState.WAITING for t in self.study.get_trials(deepcopy=False)):
+            return
+        while self.seeds and not enqueue_seed(self.study, self.seeds.pop(0), self.space):
+            pass
+
+    def _dispatch(self, pool: _Pool) -> None:
+        """Give every idle worker a new trial while the budget allows."""
+        while pool.idle and self.stored < self.n_trials:
+            with self.signals.deferred():  # asked in Optuna, stored in the database and running, or none
+                self._next_seed()
+                trial = self.study.ask()
+                schedule = self.space.suggest(trial, encoder_depth=self.encoder_depth, llm_depth=self.llm_depth)
+                with self.database.session() as s:
+                    queries.claim_trial(s, self.job_id, self.owner, trial.number, schedule.to_dict(),
+                                        ttl_s=self.ttl_s)  # fmt: skip
+                self.stored += 1
+                actor = pool.idle.pop()
+                self.in_flight[actor.evaluate.remote(trial.number, schedule.to_dict())] = (trial, actor, schedule)
+
+    def _stop_in_flight(self, reason: str | None) -> None:
+        """Kill the workers of the trials still running; with a `reason`, fail those trials (the
+        database first). Without one the lease is lost: the new driver repairs them."""
+        import ray
+
+        for trial, actor, schedule in self.in_flight.values():
+            ray.kill(actor, no_restart=True)
+            if reason is None:
+                continue
+
+            def fail(trial=trial, schedule=schedule) -> None:
+                with self.writing() as (s, job):
+                    queries.record_trial(s, job, trial.number, state="failed", schedule=schedule.to_dict(),
+                                         error=reason)  # fmt: skip
+                tell_failure(self.study, trial)
+
+            _quietly(f"failing trial {trial.number}", fail)
+        self.in_flight.clear()
+
+    def _fail(self, reason: str) -> None:
+        with self.writing() as (s, job):
+            queries.set_job_status(s, job, "failed", error=reason)
+
+    def _record(self, trial, schedule: Schedule, outcome) -> Any:
+        """Store a finished trial; returns its metrics summary, or None for a failed trial."""
+        with self.writing() as (s, job):
+            if isinstance(outcome, str):
+                queries.record_trial(s, job, trial.number, state="failed", schedule=schedule.to_dict(), error=outcome)
+                return None
+            summary = metrics_summary(outcome)
+            queries.record_trial(
+                s, job, trial.number, state="complete", schedule=schedule.to_dict(), metrics=outcome,
+                latency_ms=summary.latency_ms, memory_mib=summary.memory_mib, accuracy=summary.accuracy,
+                retention=summary.retention, fidelity=summary.fidelity, feasible=self.constraints.feasible(summary),
+            )  # fmt: skip
+            return summary
+
+    def _retire_waiting(self) -> None:
+        """No trial is left WAITING in Optuna once the job ends (one can only be there when a driver
+        died between enqueueing a seed and asking it): each is failed, the database first."""
+        waiting = optuna.trial.TrialState.WAITING
+        while any(t.state == waiting for t in self.study.get_trials(deepcopy=False)):
+            trial = self.study.ask()
+            schedule = self.space.suggest(trial, encoder_depth=self.encoder_depth, llm_depth=self.llm_depth)
+            with self.writing() as (s, job):
+                queries.record_trial(s, job, trial.number, state="failed", schedule=schedule.to_dict(),
+                                     error="not run: the job ended before this trial started")  # fmt: skip
+            tell_failure(self.study, trial)
+
+    def _close(self, *, cancelled: bool) -> str:
+        self._retire_waiting()
+        with self.writing() as (s, job):
+            if cancelled:
+                queries.set_job_status(s, job, "cancelled")
+                return "cancelled"
+            trials = queries.list_trials(s, job)
+            complete = [t for t in trials if t.state == "complete"]
+            if not complete:
+                queries.set_job_status(s, job, "failed", error=_no_trial_ran(trials))
+                return "failed"
+            front = pareto_front(point(t) for t in complete)
+            queries.publish_front(s, job, [p.ref for p in front])
+            queries.set_job_status(s, job, "completed")
+            return "completed"
+
+
+def _no_trial_ran(trials) -> str:
+    """The error of a job none of whose trials could be measured: the first real error (an
+    interrupted trial says nothing about why the others failed)."""
+    failed = [t for t in trials if t.state == "failed"]
+    if not failed:
+        return "no trial ran"
+    first = next((t for t in failed if not (t.error or "").startswith("interrupted")), failed[0])
+    return f"no trial could be measured ({len(failed)} failed); trial {first.number}: {first.error}"
 
 
 def _collect(ref, actor, pool: _Pool) -> dict[str, Any] | str:
@@ -256,40 +457,19 @@ def _collect(ref, actor, pool: _Pool) -> dict[str, Any] | str:
     return metrics
 
 
-def _record(database: Database, job_id: str, trial, schedule: Schedule, outcome, constraints: Constraints):
-    """Store a finished trial; returns its metrics summary, or None for a failed trial."""
-    with database.session() as s:
-        job = queries.get_job(s, job_id)
-        if isinstance(outcome, str):
-            queries.record_trial(s, job, trial.number, state="failed", schedule=schedule.to_dict(), error=outcome)
-            return None
-        summary = metrics_summary(outcome)
-        queries.record_trial(
-            s, job, trial.number, state="complete", schedule=schedule.to_dict(), metrics=outcome,
-            latency_ms=summary.latency_ms, memory_mib=summary.memory_mib, accuracy=summary.accuracy,
-            retention=summary.retention, fidelity=summary.fidelity, feasible=constraints.feasible(summary),
-        )  # fmt: skip
-        return summary
-
-
 def _describe(error: BaseException) -> str:
+    if isinstance(error, DriverStopped):
+        return str(error)
+    if isinstance(error, KeyboardInterrupt):
+        return "interrupted (Ctrl-C)"
     cause = getattr(error, "cause", None) or error
     return f"{type(cause).__name__}: {cause}".splitlines()[0][:2000]
 
 
-def _close(database: Database, job_id: str, *, cancelled: bool) -> str:
-    with database.session() as s:
-        job = queries.get_job(s, job_id)
-        if cancelled:
-            queries.set_job_status(s, job, "cancelled")
-            return "cancelled"
-        front = pareto_front(point(t) for t in queries.list_trials(s, job, state="complete"))
-        queries.publish_front(s, job, [p.ref for p in front])
-        queries.set_job_status(s, job, "completed")
-        return "completed"
-
-
 def progress(database: Database, job_id: str, *, started: float | None = None) -> Progress:
+    """Trials done / total, failed, front size, elapsed and the estimate of what is left. `elapsed`
+    runs from the job's first start to now, or to its end once it finished (`started`: a
+    monotonic start time to measure from instead, the running driver's own)."""
     with database.session() as s:
         job = queries.get_job(s, job_id)
         trials = queries.list_trials(s, job)
@@ -297,6 +477,7 @@ def progress(database: Database, job_id: str, *, started: float | None = None) -
         failed = sum(t.state == "failed" for t in trials)
         front = pareto_front(point(t) for t in trials if t.state == "complete")
         begun = job.started_at.timestamp() if job.started_at else time.time()
-    elapsed = time.monotonic() - started if started is not None else time.time() - begun
+        ended = job.finished_at.timestamp() if job.finished_at and job.status != "running" else time.time()
+    elapsed = time.monotonic() - started if started is not None else max(ended - begun, 0.0)
     eta = elapsed / len(done) * (job.n_trials - len(done)) if done else None
     return Progress(len(done), job.n_trials, failed, len(front), elapsed, eta)

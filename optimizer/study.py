@@ -111,23 +111,16 @@ def seed_reductions(space: SearchSpace) -> list[float]:
     return inside or [(low + high) / 2]
 
 
-def seed_study(
-    study: optuna.Study,
-    space: SearchSpace,
-    *,
-    encoder_depth: int,
-    llm_depth: int,
-    reductions: Iterable[float] = PAPER_REDUCTIONS,
+def seed_schedules(
+    space: SearchSpace, *, encoder_depth: int, llm_depth: int, reductions: Iterable[float] = PAPER_REDUCTIONS
 ) -> list[Schedule]:
-    """Enqueue the unmerged model and the paper's default schedule at each of `reductions`
-    (mapped to these depths), each once: what an earlier call (or run) enqueued is skipped.
-    Returns the schedules newly enqueued, in order.
+    """The schedules a study starts from, in order: the unmerged model, then the paper's default
+    schedule at each of `reductions` (mapped to these depths).
 
     The paper default uses the space's method and group size when the paper's ("illava", 5)
     are not among its choices (the nearest group size), so `suggest` can reproduce it, and its
     encoder share clipped into the space's range (a space that keeps merges out of the encoder, for
-    a backbone that cannot merge there, is never seeded with encoder merges).
-    """
+    a backbone that cannot merge there, is never seeded with encoder merges)."""
     schedules = [Schedule.vanilla()]
     for reduction in reductions:
         if isinstance(reduction, bool) or not isinstance(reduction, int | float) or not 0 <= reduction < 1:
@@ -136,14 +129,44 @@ def seed_study(
             continue  # the unmerged model is already first
         default = Schedule.paper_default(float(reduction), encoder_depth=encoder_depth, llm_depth=llm_depth)
         schedules.append(_within_choices(default, space))
-    added = []
-    for schedule in schedules:
-        before = len(study.get_trials(deepcopy=False))
-        role = "unmerged" if schedule.removes_nothing else f"paper_default@{schedule.reduction:.4g}"
-        study.enqueue_trial(schedule_params(schedule, space), user_attrs={SEED_ATTR: role}, skip_if_exists=True)
-        if len(study.get_trials(deepcopy=False)) > before:
-            added.append(schedule)
-    return added
+    return schedules
+
+
+def enqueue_seed(study: optuna.Study, schedule: Schedule, space: SearchSpace) -> bool:
+    """Enqueue `schedule` unless a trial of the study (waiting, running or finished) already has
+    its parameters; returns whether it was enqueued. The next `study.ask()` takes it."""
+    before = len(study.get_trials(deepcopy=False))
+    role = "unmerged" if schedule.removes_nothing else f"paper_default@{schedule.reduction:.4g}"
+    study.enqueue_trial(schedule_params(schedule, space), user_attrs={SEED_ATTR: role}, skip_if_exists=True)
+    return len(study.get_trials(deepcopy=False)) > before
+
+
+def seed_study(
+    study: optuna.Study,
+    space: SearchSpace,
+    *,
+    encoder_depth: int,
+    llm_depth: int,
+    reductions: Iterable[float] = PAPER_REDUCTIONS,
+) -> list[Schedule]:
+    """Enqueue `seed_schedules(...)`, each once: what an earlier call (or run) enqueued is skipped.
+    Returns the schedules newly enqueued, in order.
+
+    Every enqueued schedule is a WAITING trial until it is asked. A tuning job with a trial budget
+    enqueues one seed at a time, right before its ask (`enqueue_seed`), so the seeds count toward
+    the budget and none is left waiting."""
+    schedules = seed_schedules(space, encoder_depth=encoder_depth, llm_depth=llm_depth, reductions=reductions)
+    return [schedule for schedule in schedules if enqueue_seed(study, schedule, space)]
+
+
+def fail_waiting(study: optuna.Study) -> list[FrozenTrial]:
+    """Finish every WAITING trial (enqueued, never asked) as FAILED, so nothing is left waiting
+    in a study whose job has ended; returns them as finished. Optuna tells only running trials, so
+    each is asked (which takes the waiting ones first) and failed at once."""
+    failed = []
+    while any(t.state == TrialState.WAITING for t in study.get_trials(deepcopy=False)):
+        failed.append(study.tell(study.ask(), state=TrialState.FAIL))
+    return failed
 
 
 def _within_choices(schedule: Schedule, space: SearchSpace) -> Schedule:

@@ -8,7 +8,15 @@ from .items import MCQItem
 from .measure import Fidelity, Measurement, Profiler, Spread
 from .memory import MemoryReading, MemorySampler, NvmlStatus, nvml_status
 from .timing import Timing, time_call, time_once
-from .workload import PRESETS, Workload, WorkloadError, load_workload, resolve_workload, synthetic_samples
+from .workload import (
+    PRESETS,
+    Workload,
+    WorkloadError,
+    check_dataset,
+    load_workload,
+    resolve_workload,
+    synthetic_samples,
+)
 
 __all__ = [
     "PRESETS",
@@ -26,6 +34,7 @@ __all__ = [
     "Workload",
     "WorkloadError",
     "detect_hardware",
+    "check_dataset",
     "load_workload",
     "make_demo_dataset",
     "nvml_status",

@@ -28,7 +28,7 @@ import yaml
 
 from illava.inputs import IMAGE_MARKER, VIDEO_MARKER, Sample, synthetic_image, synthetic_video
 
-from .datasets import BUILTIN_DATASETS
+from .datasets import BUILTIN_DATASETS, read_dataset
 
 # Synthetic image sides must be multiples of the backbone's `size_multiple` (its adapter's: patch size
 # times merge size, 28 for Qwen2.5-VL, 32 for Qwen3-VL), so the image processor keeps them as they are
@@ -268,7 +268,16 @@ def resolve_workload(spec: str | Path | Workload | None) -> Workload:
 # Synthetic samples
 # ---------------------------------------------------------------------------------------------
 
+
 # Common English words (written for this module), so prompts tokenise like real questions rather than noise.
+def check_dataset(workload: Workload) -> None:
+    """Open the workload's dataset and check every row it will use (the first `samples`), images
+    decoded: a bad file or row fails with the `DatasetError` `profile` gives (file, row, field)
+    before a tuning job exists, not in each of its trials. Nothing to do without a dataset."""
+    if workload.dataset is not None:
+        read_dataset(workload.dataset, limit=workload.samples)
+
+
 _PROMPT_TEXT = """
 what where which how many color colour shape size left right top bottom middle corner edge near far
 above below behind front inside outside between next the a an of in on at with and or is are this that

@@ -181,3 +181,25 @@ def test_0002_keys_stored_hardware_by_what_it_was_measured_in(empty_database):
     with empty_database.engine.begin() as connection:
         migrate.downgrade(connection, "0001")
     assert rows() == [("cpu:Old CPU x4", profile), ("lab-box", profile)]
+
+
+def test_0003_adds_the_lease_and_its_downgrade_keeps_every_job_and_trial(empty_database):
+    empty_database.upgrade()
+    with empty_database.session() as session:
+        job = queries.create_job(
+            session, backbone=queries.get_or_create_backbone(session, "tiny"),
+            hardware=queries.get_or_create_hardware(session, {"key": "box"}),
+            workload=queries.get_or_create_workload(session, "w", {"name": "w"}),
+            n_trials=2, n_workers=1, sampler="tpe", seed=0, search_space={}, constraints={},
+        )  # fmt: skip
+        queries.acquire_lease(session, job.id, "host:1:ab", ttl_s=30, replacing=(None, None))
+        queries.record_trial(session, job, 0, state="failed", schedule={"method": "illava"}, error="x")
+    with empty_database.engine.begin() as connection:
+        migrate.downgrade(connection, "0002")
+    with empty_database.engine.connect() as connection:
+        assert connection.execute(text("SELECT count(*) FROM illava_trials")).scalar_one() == 1
+        columns = {c["name"] for c in inspect(connection).get_columns("illava_jobs")}
+    assert "lease_owner" not in columns and "lease_expires_at" not in columns
+    empty_database.upgrade()
+    with empty_database.session() as session:
+        assert queries.get_job(session, job.id).lease_owner is None

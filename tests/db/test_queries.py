@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 import pytest
 from sqlalchemy import func, select
 
-from db import AmbiguousId, NotFound, PublishedSchedule, Trial, TuningJob, queries
+from db import AmbiguousId, BudgetExhausted, LeaseLost, NotFound, PublishedSchedule, Trial, TuningJob, queries
 from db.queries import _insert_or_get
 
 CPU = {"kind": "cpu", "name": "Test CPU", "memory_mib": 1024, "threads": 2, "torch": "2.13.0", "cuda": None,
@@ -384,3 +384,51 @@ def test_get_published(database):
         assert row.schedule == published.schedule and row.backbone.name == "small"
         with pytest.raises(NotFound, match=f"no published schedule {published.id + 1}"):
             queries.get_published(session, published.id + 1)
+
+
+# ----------------------------------------------------------------------------- the driver's lease
+def test_a_lease_is_taken_only_from_the_state_the_taker_saw(database):
+    with database.session() as session:
+        job_id = make_job(session, n_trials=2).id
+    with database.session() as session:
+        assert queries.acquire_lease(session, job_id, "a", ttl_s=30, replacing=(None, None))
+        seen = (session.get(TuningJob, job_id).lease_owner, session.get(TuningJob, job_id).lease_expires_at)
+        assert seen[0] == "a" and seen[1] > datetime.now(UTC)
+    with database.session() as session:  # b judged the lease free before a took it: refused
+        assert not queries.acquire_lease(session, job_id, "b", ttl_s=30, replacing=(None, None))
+    with database.session() as session:  # a renewed after b looked: b's view is stale, refused again
+        queries.renew_lease(session, job_id, "a", ttl_s=30)
+    with database.session() as session:
+        assert not queries.acquire_lease(session, job_id, "b", ttl_s=30, replacing=seen)
+        assert session.get(TuningJob, job_id).lease_owner == "a"
+
+
+def test_a_driver_that_lost_its_lease_writes_nothing(database):
+    with database.session() as session:
+        job_id = make_job(session, n_trials=2).id
+        queries.acquire_lease(session, job_id, "a", ttl_s=30, replacing=(None, None))
+    with database.session() as session:
+        job = session.get(TuningJob, job_id)
+        assert queries.acquire_lease(session, job_id, "b", ttl_s=30, replacing=(job.lease_owner, job.lease_expires_at))
+    with pytest.raises(LeaseLost, match="driver b took it over"), database.session() as session:
+        queries.claim_trial(session, job_id, "a", 0, SCHEDULE, ttl_s=30)
+    with database.session() as session:
+        assert queries.list_trials(session, session.get(TuningJob, job_id)) == []
+        assert not queries.release_lease(session, job_id, "a")  # a cannot release b's lease
+        assert queries.release_lease(session, job_id, "b")
+    with pytest.raises(LeaseLost, match="its lease was released"), database.session() as session:
+        queries.renew_lease(session, job_id, "b", ttl_s=30)
+
+
+def test_the_budget_and_the_numbering_are_the_databases(database):
+    with database.session() as session:
+        job_id = make_job(session, n_trials=2).id
+        queries.acquire_lease(session, job_id, "a", ttl_s=30, replacing=(None, None))
+    with database.session() as session:
+        queries.claim_trial(session, job_id, "a", 0, SCHEDULE, ttl_s=30)
+    with pytest.raises(ValueError, match="already has a trial number 0"), database.session() as session:
+        queries.claim_trial(session, job_id, "a", 0, SCHEDULE, ttl_s=30)
+    with database.session() as session:
+        assert queries.claim_trial(session, job_id, "a", 1, SCHEDULE, ttl_s=30).state == "running"
+    with pytest.raises(BudgetExhausted, match="already has 2 trials, its budget is 2"), database.session() as session:
+        queries.claim_trial(session, job_id, "a", 2, SCHEDULE, ttl_s=30)
