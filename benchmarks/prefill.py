@@ -44,7 +44,7 @@ import illava.runtime  # noqa: E402
 from illava import PAPER_REDUCTIONS, Schedule  # noqa: E402
 from illava.backbones import Backbone, build_config, build_image_processor, build_tokenizer, load_backbone  # noqa: E402
 from illava.inputs import Sample, build_inputs, synthetic_image  # noqa: E402
-from profiler import Timing, time_call, time_once  # noqa: E402
+from profiler import Timing, paired_ratios, time_call, time_once  # noqa: E402
 from profiler.counts import ForwardCounts, count_call  # noqa: E402
 from profiler.hardware import cpu_model  # noqa: E402
 
@@ -173,11 +173,6 @@ def text_only_floor(backbone, repeats: int, warmup: int, device: torch.device) -
     return time_call(lambda: backbone.model(**batch, logits_to_keep=1), repeats=repeats, warmup=warmup, device=device)
 
 
-def paired_speedups(vanilla: Timing, merged: Timing) -> Timing:
-    """Speedup of each round (runs are interleaved, so round r of both saw the same machine state)."""
-    return Timing(tuple(v / m for v, m in zip(vanilla.samples, merged.samples)))
-
-
 def _count_cells(r: Result, base: Result) -> str:
     c, b = r.counts, base.counts
     return (
@@ -201,7 +196,7 @@ def table(results: list[Result]) -> str:
     for r in results:
         row = f"| {r.size}x{r.size} | {r.image_tokens} | {r.label} "
         if timed:
-            speedup = paired_speedups(base[r.size].total, r.total)
+            speedup = paired_ratios(base[r.size].total, r.total)
             row += (
                 f"| {r.encoder.median * 1e3:.1f} | {r.llm * 1e3:.1f} | {r.total.median * 1e3:.1f} ({r.total.spread:.0%}) "
                 f"| {speedup.median:.2f}x ({speedup.low:.2f}-{speedup.high:.2f}) | {r.predicted:.2f}x "

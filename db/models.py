@@ -167,6 +167,9 @@ class TuningJob(Base):
     # its lease holds without another check-in. NULL owner: no driver holds the job.
     lease_owner: Mapped[str | None] = mapped_column(String(200))
     lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # The speed the job optimises: "speedup" over the unmerged model (paired rounds) or "latency" in ms.
+    # Jobs stored before this column optimised latency, hence the server default.
+    objective: Mapped[str] = mapped_column(String(16), default="speedup", server_default="latency")
 
     # Many-to-one rows load with the job so a job read in a session stays usable after it closes.
     backbone: Mapped[Backbone] = relationship(lazy="joined", innerjoin=True)
@@ -204,6 +207,8 @@ class Trial(Base):
     error: Mapped[str | None] = mapped_column(Text)
     started_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # Over the unmerged model, median of the paired rounds (`metrics["speedup"]` has the spread).
+    speedup: Mapped[float | None] = mapped_column(Float)
 
     job: Mapped[TuningJob] = relationship(back_populates="trials")
 
@@ -229,6 +234,7 @@ class PublishedSchedule(Base):
     fidelity: Mapped[float | None] = mapped_column(Float)
     metrics: Mapped[dict[str, Any] | None] = mapped_column(_json())
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    speedup: Mapped[float | None] = mapped_column(Float)
 
     backbone: Mapped[Backbone] = relationship(lazy="joined", innerjoin=True)
     hardware: Mapped[HardwareProfileRow] = relationship(lazy="joined", innerjoin=True)

@@ -39,6 +39,8 @@ Row = TypeVar("Row", bound=Base)
 #: How a hardware profile stored before the model's dtype and attention were recorded is read
 #: (`illava.runtime.DEFAULT_DTYPE/DEFAULT_ATTENTION`; this package does not import torch).
 DEFAULT_DTYPE, DEFAULT_ATTENTION = "float32", "sdpa"
+#: The speeds a job may optimise (`optimizer.LATENCY_OBJECTIVES`; this package imports no optimizer).
+OBJECTIVES = ("speedup", "latency")
 _HEX = frozenset("0123456789abcdef")
 
 
@@ -192,8 +194,12 @@ def create_job(
     seed: int | None,
     search_space: Mapping[str, Any],
     constraints: Mapping[str, Any],
+    objective: str = "speedup",
 ) -> TuningJob:
-    """A new job, status "queued", id a uuid4 hex, Optuna study name `illava-<id>`."""
+    """A new job, status "queued", id a uuid4 hex, Optuna study name `illava-<id>`; `objective` is
+    the speed it optimises ("speedup" or "latency")."""
+    if objective not in OBJECTIVES:
+        raise ValueError(f"unknown objective {objective!r}; allowed: {', '.join(OBJECTIVES)}")
     if not isinstance(sampler, str) or not sampler.strip():
         raise ValueError(f"sampler must be a non-empty string, got {sampler!r}")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
@@ -213,6 +219,7 @@ def create_job(
         search_space=_document(search_space, "search_space"),
         constraints=_document(constraints, "constraints"),
         cancel_requested=False,
+        objective=objective,
         created_at=utcnow(),
     )
     session.add(job)
@@ -383,6 +390,7 @@ def record_trial(
     accuracy: float | None = None,
     retention: float | None = None,
     fidelity: float | None = None,
+    speedup: float | None = None,
     feasible: bool | None = None,
     error: str | None = None,
 ) -> Trial:
@@ -404,6 +412,7 @@ def record_trial(
         "accuracy": _number(accuracy, "accuracy"),
         "retention": _number(retention, "retention"),
         "fidelity": _number(fidelity, "fidelity"),
+        "speedup": _number(speedup, "speedup"),
         "feasible": feasible,
         "error": error,
         "finished_at": utcnow() if state in TRIAL_FINISHED else None,
@@ -458,6 +467,7 @@ def publish_front(session: Session, job: TuningJob, trials: Iterable[Trial]) -> 
             accuracy=trial.accuracy,
             retention=trial.retention,
             fidelity=trial.fidelity,
+            speedup=trial.speedup,
             metrics=trial.metrics,
             created_at=now,
         )

@@ -120,7 +120,16 @@ def _tuning_commands(commands) -> None:
     submit.add_argument("--seed", type=int, default=0)
     _runtime_args(submit)
     submit.add_argument("--wait", action="store_true", help="run in this process with a progress bar, print the front")
-    submit.add_argument("--latency-ms", type=float, help="with --wait: also print the best schedule under this target")
+    submit.add_argument(
+        "--objective", default="speedup", choices=["speedup", "latency"],
+        help="the speed the search optimises: the speedup over the unmerged model measured in the same "
+        "interleaved rounds (robust to a machine that drifts), or the median prefill in ms (default: %(default)s)",
+    )  # fmt: skip
+    target = submit.add_mutually_exclusive_group()
+    target.add_argument("--latency-ms", type=float, help="with --wait: also print the best schedule under this target")
+    target.add_argument("--speedup", type=float,
+                        help="with --wait: also print the most accurate schedule at least this many times faster "
+                        "than the unmerged model (a target that means the same on any machine)")  # fmt: skip
     submit.add_argument("--ray-address", help="a Ray cluster (default: $RAY_ADDRESS, else a local one)")
     submit.add_argument("--database", help=db_help)
     submit.set_defaults(run=_lazy("cmd_submit", "tune"))
@@ -146,7 +155,10 @@ def _tuning_commands(commands) -> None:
 
     best = commands.add_parser("best", help="the best published schedule under a latency target")
     best.add_argument("--backbone", required=True)
-    best.add_argument("--latency-ms", type=float, required=True)
+    target = best.add_mutually_exclusive_group(required=True)
+    target.add_argument("--latency-ms", type=float, help="at most this prefill latency, on the hardware tuned on")
+    target.add_argument("--speedup", type=float,
+                        help="at least this many times faster than the unmerged model measured in the same job")  # fmt: skip
     best.add_argument("--hardware", help="hardware key (see `illava-tune hardware`)")
     best.add_argument("--workload", help="workload name")
     _runtime_args(best, filters=True)

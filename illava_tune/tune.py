@@ -31,21 +31,43 @@ def _pct(value: float | None) -> str:
 
 
 def format_front(rows: list[dict[str, Any]]) -> str:
-    """The published schedules as a table, under the line saying what they were tuned on and in."""
+    """The published schedules as a table, under the lines saying what they were tuned on and in
+    and what the memory column is. `speedup` is over the unmerged model, median (min-max) of the
+    paired rounds; `~#N` marks a schedule whose speedup range overlaps #N's while neither is
+    more accurate: the measurement cannot tell the two apart on speed."""
     from illava import Schedule  # here: `illava-tune db ...` never imports torch
 
-    header = (f"{'id':>5}  {'latency ms':>10}  {'memory MiB':>10}  {'accuracy':>8}  {'retention':>9}  "
+    header = (f"{'id':>5}  {'latency ms':>10}  {'speedup':>16}  {'memory MiB':>10}  {'accuracy':>8}  {'retention':>9}  "
               f"{'fidelity':>8}  schedule")  # fmt: skip
     tuned = sorted({(row["hardware"], row["dtype"], row["attention"]) for row in rows})
     lines = [f"tuned on {key} (dtype {dtype}, attention {attention})" for key, dtype, attention in tuned]
+    sources = sorted({row.get("memory_source") for row in rows if row.get("memory_source")})
+    lines += [f"memory: {source}" for source in sources]
     lines += [header, "-" * len(header)]
     for row in rows:
         what = Schedule.from_dict(row["schedule"]).describe()
+        near = "".join(f" ~#{other['id']}" for other in rows if _indistinct(row, other))
         lines.append(
-            f"{row['id']:>5}  {_ms(row['latency_ms']):>10}  {_ms(row['memory_mib']):>10}  "
-            f"{_pct(row['accuracy']):>8}  {_pct(row['retention']):>9}  {_pct(row['fidelity']):>8}  {what}"
+            f"{row['id']:>5}  {_ms(row['latency_ms']):>10}  {_speedup(row):>16}  {_ms(row['memory_mib']):>10}  "
+            f"{_pct(row['accuracy']):>8}  {_pct(row['retention']):>9}  {_pct(row['fidelity']):>8}  {what}{near}"
         )
     return "\n".join(lines)
+
+
+def _speedup(row: dict[str, Any]) -> str:
+    if row.get("speedup") is None:
+        return "-"
+    if row.get("speedup_low") is None:
+        return f"{row['speedup']:.2f}x"
+    return f"{row['speedup']:.2f}x ({row['speedup_low']:.2f}-{row['speedup_high']:.2f})"
+
+
+def _indistinct(row: dict[str, Any], other: dict[str, Any]) -> bool:
+    """Whether `row` and `other` (two schedules of one front) differ on speed by less than their
+    measured spread, with the same quality: nothing measured says which is faster."""
+    if other is row or None in (row.get("speedup_low"), other.get("speedup_low")) or row["quality"] != other["quality"]:
+        return False
+    return row["speedup_low"] <= other["speedup_high"] and other["speedup_low"] <= row["speedup_high"]
 
 
 def _workload(args):
@@ -76,7 +98,7 @@ def cmd_submit(args) -> int:
     workload = _workload(args)
     job_id = jobs.submit(database, backbone=args.backbone, workload=workload, n_trials=args.trials,
                          n_workers=args.workers, space=space, constraints=constraints, sampler=args.sampler,
-                         seed=args.seed, dtype=args.dtype, attention=args.attn)  # fmt: skip
+                         seed=args.seed, dtype=args.dtype, attention=args.attn, objective=args.objective)  # fmt: skip
     print(job_id)
     if not args.wait:
         log = jobs.start_background(database, job_id)
@@ -109,11 +131,11 @@ def _run_in_foreground(database: Database, job_id: str, args) -> int:
             print(f"error: {error}", file=sys.stderr)
         return 1
     print(format_front(jobs.front(database, job_id)))
-    if getattr(args, "latency_ms", None):
+    latency_ms, speedup = getattr(args, "latency_ms", None), getattr(args, "speedup", None)
+    if latency_ms or speedup:
         status = jobs.status(database, job_id)
-        _print_best(
-            jobs.best(database, backbone=status.backbone, latency_ms=args.latency_ms, job=job_id), args.latency_ms
-        )
+        _print_best(jobs.best(database, backbone=status.backbone, latency_ms=latency_ms, speedup=speedup, job=job_id),
+                    latency_ms=latency_ms, speedup=speedup)  # fmt: skip
     return 0
 
 
@@ -209,21 +231,26 @@ def write_plot(rows: list[dict[str, Any]], path: Path) -> Path:
 def cmd_best(args) -> int:
     import jobs
 
-    choice = jobs.best(_database(args), backbone=args.backbone, latency_ms=args.latency_ms, hardware=args.hardware,
+    choice = jobs.best(_database(args), backbone=args.backbone, latency_ms=args.latency_ms, speedup=args.speedup,
+                       hardware=args.hardware,
                        workload=args.workload, max_memory_mib=args.max_memory_mib,
                        min_retention=args.min_retention, dtype=args.dtype, attention=args.attn)  # fmt: skip
-    _print_best(choice, args.latency_ms)
+    _print_best(choice, latency_ms=args.latency_ms, speedup=args.speedup)
     return 0
 
 
-def _print_best(choice, latency_ms: float) -> None:
+def _print_best(choice, *, latency_ms: float | None = None, speedup: float | None = None) -> None:
     import jobs
 
     row = choice.point.ref  # the published schedule row
+    target = f"under {latency_ms:.1f} ms" if latency_ms is not None else f"at least {speedup:.2f}x faster than unmerged"
     if choice.met:
-        print(f"\nbest schedule under {latency_ms:.1f} ms: #{row.id} (export: illava-tune export {row.id})")
-    else:
+        print(f"\nbest schedule {target}: #{row.id} (export: illava-tune export {row.id})")
+    elif latency_ms is not None:
         print(f"\nno schedule meets {latency_ms:.1f} ms; the fastest is #{row.id}, {choice.gap_ms:.1f} ms over")
+    else:
+        print(f"\nno schedule is {speedup:.2f}x faster than the unmerged model (measured in the same job); the "
+              f"fastest is #{row.id} at {row.speedup:.2f}x, {choice.gap_speedup:.2f}x short")  # fmt: skip
     print(format_front([jobs.published(row)]))
 
 

@@ -86,10 +86,11 @@ def submit(
     seed: int = 0,
     dtype: str = "float32",
     attention: str = "sdpa",
+    objective: str = "speedup",
 ) -> str:
     """Validate everything, then create the job (queued); returns its id. The job is tuned in
     `dtype` with `attention` (`illava.runtime`): its workers load the backbone so, and the job's
-    hardware group says so."""
+    hardware group says so. `objective` is its speed objective (`optimizer.Objectives`)."""
     from illava.runtime import check_attention, dtype_name
     from profiler import check_dataset, detect_hardware, resolve_workload
 
@@ -99,6 +100,7 @@ def submit(
         raise ValueError(f"--workers must be >= 1, got {n_workers}")
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; allowed: {', '.join(SAMPLERS)}")
+    objectives = Objectives(objective)
     workload = resolve_workload(workload)
     check_dataset(workload)
     space = space or SearchSpace()
@@ -117,14 +119,14 @@ def submit(
             hardware=queries.get_or_create_hardware(s, hardware.to_dict(), key=hardware.key()),
             workload=queries.get_or_create_workload(s, workload.name, workload.to_dict()),
             n_trials=n_trials, n_workers=n_workers, sampler=sampler, seed=seed,
-            search_space=space.to_dict(), constraints=constraints.to_dict(),
+            search_space=space.to_dict(), constraints=constraints.to_dict(), objective=objective,
         )  # fmt: skip
         job_id, study_name = job.id, job.study_name
     # The study exists from the start (optuna-dashboard shows the job at once), and Optuna's tables
     # are created here, one process at a time, rather than by drivers racing on a fresh database.
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # no "A new study created" line among ours
     with database.schema_lock():
-        make_study(database.optuna_storage_url, study_name, sampler=sampler, seed=seed, objectives=Objectives())
+        make_study(database.optuna_storage_url, study_name, sampler=sampler, seed=seed, objectives=objectives)
     return job_id
 
 
@@ -183,20 +185,29 @@ def front(database: Database, job_id: str) -> list[dict[str, Any]]:
 
 
 def published(row) -> dict[str, Any]:
+    """A published schedule as the CLI and the API show it: its figures, the spread of its paired
+    speedup (`speedup_low`/`speedup_high`, None before speedups were measured) and what its memory
+    figure is (`memory_source`)."""
+    metrics = row.metrics or {}
+    speedup = metrics.get("speedup") or {}
     return {
         "id": row.id, "job": row.job_id, "schedule": row.schedule, "latency_ms": row.latency_ms,
         "memory_mib": row.memory_mib, "accuracy": row.accuracy, "retention": row.retention,
         "fidelity": row.fidelity, "quality": row.accuracy if row.accuracy is not None else row.fidelity,
+        "speedup": row.speedup, "speedup_low": speedup.get("low"), "speedup_high": speedup.get("high"),
+        "memory_source": (metrics.get("peak_memory") or {}).get("objective_source"),
         "hardware": row.hardware.key, "dtype": queries.runtime_of(row.hardware.profile)[0],
         "attention": queries.runtime_of(row.hardware.profile)[1],
     }  # fmt: skip
 
 
-def best(database: Database, *, backbone: str, latency_ms: float, hardware: str | None = None,
-         workload: str | None = None, max_memory_mib: float | None = None, min_retention: float | None = None,
-         job: str | None = None, dtype: str | None = None, attention: str | None = None):  # fmt: skip
-    """The best published schedule under `latency_ms` (optionally only `job`'s, or only those tuned
-    in `dtype` / with `attention`); see `best_for_target`.
+def best(database: Database, *, backbone: str, latency_ms: float | None = None, speedup: float | None = None,
+         hardware: str | None = None, workload: str | None = None, max_memory_mib: float | None = None,
+         min_retention: float | None = None, job: str | None = None, dtype: str | None = None,
+         attention: str | None = None):  # fmt: skip
+    """The best published schedule for a target: under `latency_ms`, or at least `speedup` times
+    faster than the unmerged model measured in the same job (optionally only `job`'s, or only those
+    tuned in `dtype` / with `attention`); see `best_for_target`.
 
     Latencies are compared within one hardware group only: when the schedules that match come
     from several (devices, dtypes or attentions), this is a ValueError listing them, never a pick
@@ -220,8 +231,8 @@ def best(database: Database, *, backbone: str, latency_ms: float, hardware: str 
                 f"schedules of backbone {backbone!r} were tuned on {len(groups)} hardware groups, whose latencies "
                 f"do not compare: {'; '.join(groups)}. Choose one with --hardware (or --dtype / --attn)"
             )
-        return best_for_target([point(row) for row in rows], latency_ms=latency_ms, max_memory_mib=max_memory_mib,
-                               min_retention=min_retention)  # fmt: skip
+        return best_for_target([point(row) for row in rows], latency_ms=latency_ms, min_speedup=speedup,
+                               max_memory_mib=max_memory_mib, min_retention=min_retention)  # fmt: skip
 
 
 def _runs_in(profile: dict[str, Any], dtype: str | None, attention: str | None) -> bool:
@@ -243,8 +254,22 @@ def manifest(database: Database, schedule_id: int) -> dict[str, Any]:
             "workload": row.workload.spec,
             "hardware": row.hardware.profile,
             "metrics": row.metrics,
+            "reference": _reference(row, queries.get_job(s, row.job_id).objective),
             "provenance": {"job": row.job_id, "trial": row.trial_id, "illava-tune": version("illava-tune")},
         }
+
+
+def _reference(row, objective: str) -> dict[str, Any]:
+    """What the schedule's speed was measured against: the unmerged model, prefill interleaved
+    with the schedule's in the same rounds on the same worker, workload and hardware."""
+    metrics = row.metrics or {}
+    reference = metrics.get("reference_prefill_s") or {}
+    return {
+        "model": "unmerged",
+        "prefill_ms": None if reference.get("median") is None else reference["median"] * 1000.0,
+        "speedup": metrics.get("speedup"),
+        "job_objective": objective,
+    }
 
 
 def dump(manifest_dict: dict[str, Any], fmt: str) -> str:

@@ -113,7 +113,7 @@ class _Pool:
 
 
 def _study_setup(job) -> tuple[SearchSpace, Constraints, Objectives]:
-    return SearchSpace.from_dict(job.search_space), Constraints.from_dict(job.constraints), Objectives()
+    return SearchSpace.from_dict(job.search_space), Constraints.from_dict(job.constraints), Objectives(job.objective)
 
 
 def point(row) -> Point:
@@ -122,7 +122,7 @@ def point(row) -> Point:
     quality = row.accuracy if row.accuracy is not None else row.fidelity
     feasible = getattr(row, "feasible", True)
     return Point(row.latency_ms, row.memory_mib, quality, row.retention, feasible is not False,
-                 getattr(row, "state", "complete"), ref=row)  # fmt: skip
+                 getattr(row, "state", "complete"), speedup=getattr(row, "speedup", None), ref=row)  # fmt: skip
 
 
 def run(
@@ -397,7 +397,8 @@ class _Driver:
             queries.record_trial(
                 s, job, trial.number, state="complete", schedule=schedule.to_dict(), metrics=outcome,
                 latency_ms=summary.latency_ms, memory_mib=summary.memory_mib, accuracy=summary.accuracy,
-                retention=summary.retention, fidelity=summary.fidelity, feasible=self.constraints.feasible(summary),
+                retention=summary.retention, fidelity=summary.fidelity, speedup=summary.speedup,
+                feasible=self.constraints.feasible(summary),
             )  # fmt: skip
             return summary
 
@@ -424,7 +425,7 @@ class _Driver:
             if not complete:
                 queries.set_job_status(s, job, "failed", error=_no_trial_ran(trials))
                 return "failed"
-            front = pareto_front(point(t) for t in complete)
+            front = pareto_front((point(t) for t in complete), objective=job.objective)
             queries.publish_front(s, job, [p.ref for p in front])
             queries.set_job_status(s, job, "completed")
             return "completed"
@@ -475,7 +476,7 @@ def progress(database: Database, job_id: str, *, started: float | None = None) -
         trials = queries.list_trials(s, job)
         done = [t for t in trials if t.state != "running"]
         failed = sum(t.state == "failed" for t in trials)
-        front = pareto_front(point(t) for t in trials if t.state == "complete")
+        front = pareto_front((point(t) for t in trials if t.state == "complete"), objective=job.objective)
         begun = job.started_at.timestamp() if job.started_at else time.time()
         ended = job.finished_at.timestamp() if job.finished_at and job.status != "running" else time.time()
     elapsed = time.monotonic() - started if started is not None else max(ended - begun, 0.0)

@@ -12,8 +12,8 @@ measurements arrive as the plain dict ``profiler.Measurement.to_dict()`` gives.
     tell_result(study, trial, measurement.to_dict(), constraints=constraints)
 """
 
-from .front import Choice, NoMatchError, Point, best_for_target, pareto_front
-from .objectives import Constraints, Metrics, Objectives, metrics_summary, retention_of
+from .front import MEMORY_NOISE, Choice, NoMatchError, Point, best_for_target, pareto_front
+from .objectives import LATENCY_OBJECTIVES, Constraints, Metrics, Objectives, metrics_summary, retention_of
 from .space import SearchSpace, SearchSpaceError, parse_range, schedule_params
 from .study import (
     SAMPLERS,
@@ -30,6 +30,8 @@ from .study import (
 )
 
 __all__ = [
+    "LATENCY_OBJECTIVES",
+    "MEMORY_NOISE",
     "seed_reductions",
     "SAMPLERS",
     "SEED_ATTR",

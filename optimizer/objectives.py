@@ -29,6 +29,9 @@ class Metrics:
     retention: float | None  # accuracy / the unmerged model's accuracy, same session; labelled only
     quality: float
     fidelity: float | None = None  # first-token agreement with the unmerged model
+    # Median of the per-round ratios unmerged / this schedule, the two prefills interleaved on the
+    # same worker and inputs (None: measured before speedups were, or the reference itself).
+    speedup: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -37,13 +40,12 @@ class Metrics:
 def metrics_summary(measurement: Mapping[str, Any] | Any) -> Metrics:
     """`Metrics` of a ``profiler.Measurement`` (or its ``to_dict()``).
 
-    * latency_ms: ``prefill_s.median`` in milliseconds.
-    * memory_mib: ``peak_memory.torch_peak_bytes`` when present (CUDA: torch's allocator peak
-      during the run, tensors only, model weights included), else
-      ``peak_memory.peak_above_baseline_bytes`` (CPU: the process's resident-memory peak above
-      its level when the run began, so the already loaded weights are not counted), else None.
-      The two are different quantities; one study runs on one kind of device, so its numbers
-      stay comparable.
+    * latency_ms: ``prefill_s.median`` in milliseconds; speedup: ``speedup.median``.
+    * memory_mib: ``peak_memory.objective_bytes``, the deterministic figure the profiler names in
+      ``peak_memory.objective_source`` (CUDA: torch's allocator peak; CPU: the peak of live
+      tensor bytes, weights included, from torch's memory profiling), else
+      ``peak_memory.torch_peak_bytes`` (measurements stored before that field), else None. A
+      process's resident-set size is never read: it is noise at these sizes.
     * quality: accuracy when the workload is labelled (accuracy is not None), else
       ``fidelity.first_token_agreement``.
     """
@@ -57,9 +59,9 @@ def metrics_summary(measurement: Mapping[str, Any] | Any) -> Metrics:
     if latency_s is None:
         raise ValueError("measurement has no prefill_s.median, so no latency")
     memory = data["peak_memory"] or {}
-    peak = memory.get("torch_peak_bytes")
+    peak = memory.get("objective_bytes")
     if peak is None:
-        peak = memory.get("peak_above_baseline_bytes")
+        peak = memory.get("torch_peak_bytes")
     accuracy = _number(data.get("accuracy"), "accuracy")
     fidelity = _number((data.get("fidelity") or {}).get("first_token_agreement"), "fidelity.first_token_agreement")
     quality = accuracy if accuracy is not None else fidelity
@@ -72,6 +74,7 @@ def metrics_summary(measurement: Mapping[str, Any] | Any) -> Metrics:
         retention=_number(data.get("retention"), "retention"),
         quality=quality,
         fidelity=fidelity,
+        speedup=_number((data.get("speedup") or {}).get("median"), "speedup.median"),
     )
 
 
@@ -87,12 +90,32 @@ def _as_metrics(metrics: Metrics | Mapping[str, Any] | Any) -> Metrics:
     return metrics if isinstance(metrics, Metrics) else metrics_summary(metrics)
 
 
+#: The speed objectives a job can optimise (`Objectives.latency`).
+LATENCY_OBJECTIVES = ("speedup", "latency")
+
+
 @dataclass(frozen=True)
 class Objectives:
-    """Three objectives: minimise latency_ms, minimise memory_mib, maximise quality."""
+    """Three objectives: speed, memory_mib (minimised) and quality (maximised).
 
-    names: ClassVar[tuple[str, ...]] = ("latency_ms", "memory_mib", "quality")
-    directions: ClassVar[tuple[str, ...]] = ("minimize", "minimize", "maximize")
+    Speed is `latency`: "speedup" (the default; maximised) is the paired speedup over the unmerged
+    model, whose prefill runs are interleaved with the schedule's on the same worker, so a machine
+    that slows down in the middle of a job slows both and the ratio stays; "latency" (minimised)
+    is the median prefill in ms, which drifts with the machine and means something only on it."""
+
+    latency: str = "speedup"
+
+    def __post_init__(self) -> None:
+        if self.latency not in LATENCY_OBJECTIVES:
+            raise ValueError(f"unknown objective {self.latency!r}; allowed: {', '.join(LATENCY_OBJECTIVES)}")
+
+    @property
+    def names(self) -> tuple[str, str, str]:
+        return ("speedup" if self.latency == "speedup" else "latency_ms", "memory_mib", "quality")
+
+    @property
+    def directions(self) -> tuple[str, str, str]:
+        return ("maximize" if self.latency == "speedup" else "minimize", "minimize", "maximize")
 
     def values(self, metrics: Metrics | Mapping[str, Any]) -> tuple[float, float, float]:
         """Objective values for Optuna, in `names` order. Raises ValueError for a missing or

@@ -234,19 +234,23 @@ def _frozen(study: optuna.Study, trial: optuna.Trial | int) -> FrozenTrial:
     raise ValueError(f"study {study.study_name!r} has no trial number {number}")
 
 
-def points_from_study(study: optuna.Study) -> list[Point]:
+def points_from_study(study: optuna.Study, objectives: Objectives | None = None) -> list[Point]:
     """Every trial of `study` as a `Point` (``ref`` = trial number); trials without values
-    (running, failed) keep NaN values and their state, so `pareto_front` skips them."""
-    objectives = Objectives()
+    (running, failed) keep NaN values and their state, so `pareto_front` skips them. With the
+    speedup objective the point's ``speedup`` is set and its ``latency_ms`` is NaN (the study
+    holds no latency)."""
+    objectives = objectives or Objectives()
     points = []
     for trial in study.get_trials(deepcopy=False):
         values = trial.values if trial.values is not None else [math.nan] * len(objectives.names)
-        latency, memory, quality = values
+        speed, memory, quality = values
+        latency, speedup = (math.nan, speed) if objectives.latency == "speedup" else (speed, None)
         points.append(
             Point(
                 latency_ms=latency,
                 memory_mib=memory,
                 quality=quality,
+                speedup=speedup,
                 feasible=all(v <= 0 for v in trial.constraints.values()),
                 state=trial.state.name.lower(),
                 ref=trial.number,

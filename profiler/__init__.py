@@ -6,8 +6,8 @@ from .datasets import DatasetError, make_demo_dataset, parse_choice, read_datase
 from .hardware import HardwareProfile, detect_hardware
 from .items import MCQItem
 from .measure import Fidelity, Measurement, Profiler, Spread
-from .memory import MemoryReading, MemorySampler, NvmlStatus, nvml_status
-from .timing import Timing, time_call, time_once
+from .memory import MemoryReading, MemorySampler, NvmlStatus, TensorPeak, nvml_status, tensor_peak
+from .timing import Timing, paired_ratios, time_call, time_once
 from .workload import (
     PRESETS,
     Workload,
@@ -30,6 +30,7 @@ __all__ = [
     "NvmlStatus",
     "Profiler",
     "Spread",
+    "TensorPeak",
     "Timing",
     "Workload",
     "WorkloadError",
@@ -38,10 +39,12 @@ __all__ = [
     "load_workload",
     "make_demo_dataset",
     "nvml_status",
+    "paired_ratios",
     "parse_choice",
     "read_dataset",
     "resolve_workload",
     "synthetic_samples",
+    "tensor_peak",
     "time_call",
     "time_once",
     "write_dataset",

@@ -1,9 +1,19 @@
 """Measure one schedule on one workload: latency with its spread, the encoder / merger / LLM
 breakdown, decode speed, tokens, peak memory, accuracy and fidelity against the unmerged model.
 
-The unmerged ("vanilla") reference of a workload is measured once per `Profiler` and reused, so
-every retention and fidelity figure compares against a baseline from the same session, machine
-and inputs. Inputs are built before any timed region.
+Latency is paired: the timed prefills of a schedule are interleaved round-robin with the unmerged
+("vanilla") reference's on the same inputs (round r: the reference, then the schedule), and
+`Measurement.speedup` is the spread of the per-round ratios, so drift of the machine over a job
+lands on both sides of every ratio. The reference's outputs, for accuracy, retention and fidelity,
+are computed once per workload and `Profiler` and reused: a baseline from the same session,
+machine and inputs. Inputs are built before any timed region.
+
+Memory: on CUDA the allocator's peak over the schedule's runs (a prefill as timed, then the
+generations, timed and for the outputs; the paired prefills run before, so the reference's runs do
+not count in it); on CPU the peak of live tensor bytes (weights, buffers and inputs included) of
+one untimed generate on the first batch, read from torch's profiler (`profiler.memory.tensor_peak`):
+deterministic, where the process's resident set is not. ``peak_memory["objective_bytes"]`` is the
+figure to minimise, ``peak_memory["objective_source"]`` says which figure it is.
 
 Accuracy on a labelled multiple-choice dataset is scored by comparing the logits of the option
 letters at the answer position (the first generated token): one forward per sample, no parsing,
@@ -39,15 +49,15 @@ from .accuracy import answer_style, choose_by_text, letter_ids
 from .datasets import parse_choice, read_dataset
 from .hardware import HardwareProfile, detect_hardware, resolve_device
 from .items import MCQItem
-from .memory import MemorySampler
-from .timing import Timing, time_once
+from .memory import MemoryReading, MemorySampler, tensor_peak
+from .timing import Timing, paired_ratios, time_once
 from .workload import Workload, batches, synthetic_samples
 
 
 # ----------------------------------------------------------------------------------- results
 @dataclass(frozen=True)
 class Spread:
-    """Seconds (or a rate) over repeated runs: median, p90 and the whole range."""
+    """Seconds (or a rate, or a ratio) over repeated runs: median, p90 and the whole range."""
 
     median: float
     p90: float
@@ -88,7 +98,7 @@ class Measurement:
     workload: dict[str, Any]
     hardware: dict[str, Any]
     versions: dict[str, str]
-    prefill_s: Spread  # time to first token at the workload's batch size
+    prefill_s: Spread  # time to first token at the workload's batch size (this schedule's runs of the paired rounds)
     encoder_s: Spread  # vision blocks (patch embedding to patch merger)
     merger_s: Spread  # the patch merger (projector)
     llm_s: Spread  # everything else of the prefill: embedding, LLM layers, lm_head
@@ -104,6 +114,11 @@ class Measurement:
     # How `accuracy` was read (see SCORES): accuracies read differently do not compare. None without labels
     # (and in measurements stored before this field existed).
     accuracy_score: str | None = None
+    # Paired latency (see the module doc): per-round ratios reference seconds / schedule seconds, and the
+    # reference's prefill seconds of those same rounds (as many runs as `prefill_s`). None for the reference
+    # itself, and in measurements stored before these fields existed.
+    speedup: Spread | None = None
+    reference_prefill_s: Spread | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -116,6 +131,9 @@ class Measurement:
         data = dict(data)
         for name in ("prefill_s", "encoder_s", "merger_s", "llm_s"):
             data[name] = Spread(**data[name])
+        for name in ("speedup", "reference_prefill_s"):
+            if data.get(name) is not None:
+                data[name] = Spread(**data[name])
         data["fidelity"] = Fidelity(**data["fidelity"])
         return cls(**data)
 
@@ -190,6 +208,17 @@ class _StepClock(StoppingCriteria):
 
 
 # ----------------------------------------------------------------------------------- references
+@dataclass
+class _Prefills:
+    """Timed prefill rounds: the measured model's seconds with its encoder and merger parts, and the
+    unmerged reference's seconds of the same rounds (empty when the reference is the one measured)."""
+
+    totals: list[float] = dataclasses.field(default_factory=list)
+    encoders: list[float] = dataclasses.field(default_factory=list)
+    mergers: list[float] = dataclasses.field(default_factory=list)
+    references: list[float] = dataclasses.field(default_factory=list)
+
+
 @dataclass
 class _Outputs:
     """What a schedule produced on every sample of a workload."""
@@ -269,7 +298,8 @@ class Profiler:
 
     # ------------------------------------------------------------------ public
     def measure(self, schedule: Schedule | dict | str, workload: Workload) -> Measurement:
-        """Measure `schedule` on `workload` (the vanilla reference first, once per workload)."""
+        """Measure `schedule` on `workload`, its prefills timed in rounds with the unmerged
+        reference's (whose outputs are computed first, once per workload)."""
         schedule = Schedule.coerce(schedule)
         key = json.dumps(workload.to_dict(), sort_keys=True)
         samples, items = self._items(workload)
@@ -289,21 +319,23 @@ class Profiler:
 
     @torch.inference_mode()
     def _run(self, schedule: Schedule | None, workload, inputs, items, reference) -> tuple[Measurement, _Outputs]:
-        """One measurement; `schedule=None` is the reference: the untouched model, not the patched
-        one with nothing to merge (that one is measured like any other schedule) -- except under
+        """One measurement; `schedule=None` is the reference: the untouched model -- except under
         ``illava_packed`` attention, whose fair reference is the engine removing nothing
-        (`illava.apply_reference`)."""
-        illava.remove(self.model)
-        if schedule is not None:
-            illava.apply(self.model, schedule)
-        else:
-            illava.apply_reference(self.model)
+        (`illava.apply_reference`). A schedule that removes nothing is that same model (a job's
+        "unmerged" trial is what a deployment runs without illava, timed against itself: its
+        speedup is 1 within the pairing's noise); the engine's own overhead is what
+        `benchmarks/prefill.py` counts."""
+        self._use(schedule)
         try:
+            prefills = self._time_prefill(inputs[0], schedule)
+            # Sampled after the paired prefills, so the reference's runs stay out of this schedule's peak;
+            # one more (untimed) prefill as timed keeps that forward in it.
             with MemorySampler(self.device) as sampler:
-                prefill, encoder, merger = self._time_prefill(inputs[0])
+                self.model(**inputs[0], logits_to_keep=1)
                 image_tokens, layer_tokens = self._token_counts(inputs[0])
                 steps, e2e = self._time_generate(inputs[0], workload.output_tokens)
                 outputs = self._outputs(inputs, items, workload.output_tokens)
+            memory = self._with_tensor_peak(sampler.reading, inputs[0], workload.output_tokens)
         finally:
             illava.remove(self.model)
         schedule = schedule or Schedule.vanilla()
@@ -322,38 +354,62 @@ class Profiler:
             workload=workload.to_dict(),
             hardware=self.hardware.to_dict(),
             versions=_versions(),
-            prefill_s=Spread.of(prefill),
-            encoder_s=Spread.of(encoder),
-            merger_s=Spread.of(merger),
-            llm_s=Spread.of([p - e - m for p, e, m in zip(prefill, encoder, merger)]),
+            prefill_s=Spread.of(prefills.totals),
+            encoder_s=Spread.of(prefills.encoders),
+            merger_s=Spread.of(prefills.mergers),
+            llm_s=Spread.of([p - e - m for p, e, m in zip(prefills.totals, prefills.encoders, prefills.mergers)]),
             decode_tokens_per_s=batch * (len(steps) - 1) / decode_s if decode_s > 0 else None,
             samples_per_s=batch / e2e,
             image_tokens_to_llm=image_tokens,
             tokens_per_llm_layer=layer_tokens,
-            peak_memory=sampler.reading.to_dict(),
+            peak_memory=memory.to_dict(),
             accuracy=accuracy,
             retention=retention,
             fidelity=fidelity,
             n_samples=len(outputs.correct),
             accuracy_score=self.score if items else None,
+            speedup=_paired_speedup(prefills),
+            reference_prefill_s=Spread.of(prefills.references) if prefills.references else None,
         )
         return measurement, outputs
 
-    def _time_prefill(self, batch) -> tuple[list[float], list[float], list[float]]:
+    def _use(self, schedule: Schedule | None) -> None:
+        """Switch the model to `schedule`, or (None, or nothing to remove) to the unmerged reference
+        `_run` describes."""
+        if schedule is not None and not schedule.removes_nothing:
+            illava.apply(self.model, schedule)  # removes what was applied first
+        else:
+            illava.apply_reference(self.model)
+
+    def _time_prefill(self, batch, schedule: Schedule | None) -> _Prefills:
+        """`self.warmup` untimed rounds, then `self.repeats` timed ones, of the prefill of `batch`.
+        With a schedule, every round runs the unmerged reference first, then the schedule, on the
+        same batch; the stage marks of the reference's runs are dropped. Leaves `schedule` applied."""
         adapter = self.backbone.adapter
         clock = _StageClock(adapter.vision_timing_modules(adapter.inner_model(self.model)), self.device)
-        totals, encoders, mergers = [], [], []
+        prefills = _Prefills()
+
+        def prefill() -> object:
+            return self.model(**batch, logits_to_keep=1)
+
         try:
             for run in range(self.warmup + self.repeats):
-                total = time_once(lambda: self.model(**batch, logits_to_keep=1), self.device)
+                if schedule is not None:
+                    self._use(None)
+                    reference = time_once(prefill, self.device)
+                    clock.take()  # the reference's marks: not this schedule's breakdown
+                    self._use(schedule)
+                total = time_once(prefill, self.device)
                 encoder, merger = clock.take()
                 if run >= self.warmup:
-                    totals.append(total)
-                    encoders.append(encoder)
-                    mergers.append(merger)
+                    prefills.totals.append(total)
+                    prefills.encoders.append(encoder)
+                    prefills.mergers.append(merger)
+                    if schedule is not None:
+                        prefills.references.append(reference)
         finally:
             clock.close()
-        return totals, encoders, mergers
+        return prefills
 
     def _time_generate(self, batch, output_tokens: int) -> tuple[list[float], float]:
         """Step timestamps of one greedy generation of exactly `output_tokens`, and its wall time."""
@@ -365,6 +421,21 @@ class Profiler:
             lambda: self.model.generate(**batch, **kwargs, stopping_criteria=StoppingCriteriaList([clock])), self.device
         )
         return clock.stamps, seconds
+
+    def _with_tensor_peak(self, reading: MemoryReading, batch, output_tokens: int) -> MemoryReading:
+        """On CPU, `reading` with the tensor peak of one untimed greedy generation of `output_tokens`
+        on `batch` (what a deployment runs), weights, buffers and inputs included; a failure of the
+        tracking goes to the note. On CUDA, `reading` as it is (the allocator's peak is the figure)."""
+        if self.device.type != "cpu":
+            return reading
+        kwargs = dict(max_new_tokens=output_tokens, min_new_tokens=output_tokens, do_sample=False)
+        resident = [*self.model.parameters(), *self.model.buffers(), *(v for v in batch.values() if torch.is_tensor(v))]
+        try:
+            peak = tensor_peak(lambda: self.model.generate(**batch, **kwargs), resident)
+        except RuntimeError as err:
+            note = f"cpu tensor peak unavailable: {err}"
+            return dataclasses.replace(reading, note="; ".join(n for n in (reading.note, note) if n))
+        return reading.with_tensor_peak(peak)
 
     def _outputs(self, inputs, items: list[MCQItem] | None, output_tokens: int) -> _Outputs:
         logits, greedy, predictions, correct = [], [], [], []
@@ -401,7 +472,7 @@ class Profiler:
 
     def _token_counts(self, batch) -> tuple[float, float]:
         """(image tokens entering the LLM, mean tokens per LLM layer) per sample, for `batch`: from
-        the stats of the last (timed) prefill when patched, from the inputs when not."""
+        the stats of the last prefill when patched, from the inputs when not."""
         if not illava.is_applied(self.model):
             adapter = self.backbone.adapter
             image = adapter.image_tokens(adapter.inner_model(self.model), batch)
@@ -410,6 +481,12 @@ class Profiler:
         image = float(stats.llm_image_tokens[0].float().mean())
         layers = float(torch.stack(stats.llm_sequence).float().mean())
         return image, layers
+
+
+def _paired_speedup(prefills: _Prefills) -> Spread | None:
+    if not prefills.references:
+        return None
+    return Spread.of(paired_ratios(Timing(tuple(prefills.references)), Timing(tuple(prefills.totals))).samples)
 
 
 def _fidelity(reference: _Outputs, outputs: _Outputs) -> Fidelity:

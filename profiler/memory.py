@@ -6,15 +6,27 @@ On CPU it reads this process's resident set size. On CUDA it reads the device me
 is used (on a MIG slice: that instance's), which is what an operator sees in nvidia-smi and what
 decides whether a second model fits, and also torch's allocator peaks, which count tensors only.
 Without NVML the CUDA sampler still gives the torch peaks and says why the NVML fields are None.
+
+The resident set of a CPU process moves with what the allocator and the interpreter keep or hand
+back, so its peak differs between runs of the same work (0.0 vs 0.8 MiB above the baseline). What a
+CPU deployment pays for tensors is read instead by `tensor_peak`: one untimed run under torch's
+profiler with memory profiling on, whose allocation and free events, in order, give the peak of
+live tensor bytes exactly. The same work gives the same bytes, also in another process; it depends
+on the torch build and thread count (some kernels size their workspace per thread). Which figure a
+search minimises is `MemoryReading.objective_bytes`.
 """
 
 from __future__ import annotations
 
+import gc
 import os
+import sys
+import tempfile
 import threading
 import time
-from contextlib import ExitStack
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import asdict, dataclass, replace
 from types import TracebackType
 from typing import Any
 
@@ -70,6 +82,13 @@ class MemoryReading:
     and any other process on the same GPU or MIG instance) or "none" (no source; see `note`).
     `samples` counts the background thread's reads (the reads at enter and exit are extra), so 0
     means the thread never sampled. `torch_*` are CUDA only: the allocator's peaks during the run.
+    `tensor_*` are CPU only, from `tensor_peak` (None where it did not run or failed; see `note`):
+    the peak of live tensor bytes of one untimed run, the resident tensors (weights, buffers,
+    inputs) included, and those resident bytes alone.
+
+    `objective_bytes` is the one figure a search minimises, with `objective_source` saying which
+    it is: on CUDA the allocator peak (`torch_peak_bytes`), on CPU the tensor peak; None (both)
+    when that figure is missing.
     """
 
     device: str
@@ -83,6 +102,9 @@ class MemoryReading:
     torch_reserved_peak_bytes: int | None = None
     nvml_device: str | None = None
     note: str = ""
+    tensor_peak_bytes: int | None = None
+    tensor_resident_bytes: int | None = None
+    tensor_peak_source: str | None = None
 
     @property
     def peak_above_baseline_bytes(self) -> int | None:
@@ -90,8 +112,33 @@ class MemoryReading:
             return None
         return self.peak_bytes - self.baseline_bytes
 
+    @property
+    def objective_bytes(self) -> int | None:
+        return self._objective()[0]
+
+    @property
+    def objective_source(self) -> str | None:
+        return self._objective()[1]
+
+    def _objective(self) -> tuple[int | None, str | None]:
+        if self.device.startswith("cuda"):
+            return (self.torch_peak_bytes, CUDA_OBJECTIVE) if self.torch_peak_bytes is not None else (None, None)
+        return (self.tensor_peak_bytes, CPU_OBJECTIVE) if self.tensor_peak_bytes is not None else (None, None)
+
+    def with_tensor_peak(self, peak: TensorPeak) -> MemoryReading:
+        """This reading with the CPU tensor peak of a run `tensor_peak` tracked."""
+        return replace(
+            self, tensor_peak_bytes=peak.peak_bytes, tensor_resident_bytes=peak.resident_bytes,
+            tensor_peak_source=TENSOR_PEAK_SOURCE,
+        )  # fmt: skip
+
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "peak_above_baseline_bytes": self.peak_above_baseline_bytes}
+        return {
+            **asdict(self),
+            "peak_above_baseline_bytes": self.peak_above_baseline_bytes,
+            "objective_bytes": self.objective_bytes,
+            "objective_source": self.objective_source,
+        }
 
 
 class _RssProbe:
@@ -303,3 +350,117 @@ class MemorySampler:
         except Exception as err:
             notes.append(f"torch peak unavailable: {type(err).__name__}: {err}")
             return None, None
+
+
+# ----------------------------------------------------------------------------------- tensor peak
+CUDA_OBJECTIVE = "cuda allocator peak (measured)"
+CPU_OBJECTIVE = "cpu tensor peak (measured, torch profiler)"
+TENSOR_PEAK_SOURCE = "torch profiler, CPU tensors: weights, buffers and inputs + the run's peak"
+
+# What torch writes to stderr around a profiled run that says nothing about it: kineto's start and
+# stop marks, and the CPU allocator's note that it cannot report frees of blocks allocated before.
+_PROFILER_NOISE = ("SyncActivityProfilerHandler", "Memory block of unknown size was allocated before")
+
+
+@dataclass(frozen=True)
+class TensorPeak:
+    """CPU tensor bytes of one run: those live throughout it, and the most its own allocations held at once."""
+
+    resident_bytes: int  # weights, buffers, inputs: distinct storages
+    run_peak_bytes: int
+
+    @property
+    def peak_bytes(self) -> int:
+        return self.resident_bytes + self.run_peak_bytes
+
+
+def storage_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    """Bytes of the distinct storages behind `tensors`: tied weights and views are counted once."""
+    sizes: dict[tuple[str, int], int] = {}
+    for tensor in tensors:
+        storage = tensor.untyped_storage()
+        sizes[(str(tensor.device), storage.data_ptr())] = storage.nbytes()
+    return sum(sizes.values())
+
+
+def tensor_peak(run: Callable[[], object], resident: Iterable[torch.Tensor]) -> TensorPeak:
+    """Call `run` once under torch's profiler with memory profiling on: the peak of CPU tensor bytes
+    live during it, as `resident` (tensors live before and after it, such as weights, buffers and
+    inputs) plus the most the run's own allocations held at once.
+
+    Exact to the byte: the CPU allocator reports every allocation and free to the profiler, kernel
+    workspaces included (a `TorchDispatchMode` sees only what ops return, not the buffers kernels
+    such as SDPA's allocate inside), and replaying the events in order gives the live bytes after
+    each one. Deterministic: the same work makes the same allocations in the same order, and the
+    garbage collector is paused during the run, so that when it would have run (which depends on
+    what the process did before) cannot move a free (a full collection first costs 0.3 s in a
+    process holding a model). Tensors are freed by reference counting: the peak of a `tiny`
+    generate is the same with the collector paused and with it running after every allocation.
+    Frees of blocks allocated before the run are not counted (their bytes are not either). Slower
+    than an untracked run (a `tiny` generate: 0.23 s instead of 0.06 s): keep it out of timed
+    regions. Raises RuntimeError when this torch's profiler gives no allocation events.
+    """
+    resident_bytes = storage_bytes(resident)
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        with _quiet_stderr(), torch.profiler.profile(activities=activities, profile_memory=True) as profile:
+            run()
+    finally:
+        if collecting:
+            gc.enable()
+    try:
+        tree = profile.profiler.kineto_results.experimental_event_tree()
+        allocation = torch._C._profiler._ExtraFields_Allocation
+    except AttributeError as err:
+        raise RuntimeError(f"torch {torch.__version__}'s profiler gives no allocation events: {err}") from None
+    events = [event for event in _walk(tree) if isinstance(event.extra_fields, allocation)]
+    events.sort(key=lambda event: event.start_time_ns)  # stable: one thread's events keep their order
+    live: dict[int, int] = {}
+    now = peak = 0
+    for event in events:
+        fields = event.extra_fields
+        if fields.device.type != "cpu":
+            continue
+        if fields.alloc_size > 0:
+            live[fields.ptr] = fields.alloc_size
+            now += fields.alloc_size
+            peak = max(peak, now)
+        elif fields.ptr in live:
+            now -= live.pop(fields.ptr)
+    return TensorPeak(resident_bytes, peak)
+
+
+def _walk(roots: Iterable[Any]) -> Iterator[Any]:
+    """Every event of the profiler's tree (depth first)."""
+    stack = list(roots)
+    while stack:
+        event = stack.pop()
+        yield event
+        stack.extend(event.children)
+
+
+@contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """Send what is written to file descriptor 2 meanwhile to a temporary file, then write it back
+    to `sys.stderr` without torch's profiler noise (`_PROFILER_NOISE`): nothing else is lost."""
+    sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+    except OSError:  # no stderr to guard
+        yield
+        return
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            lines = sink.read().decode(errors="replace").splitlines(keepends=True)
+            kept = "".join(line for line in lines if not any(noise in line for noise in _PROFILER_NOISE))
+            if kept:
+                sys.stderr.write(kept)

@@ -33,6 +33,18 @@ class Timing:
         return (self.high - self.low) / self.median if self.median else 0.0
 
 
+def paired_ratios(reference: Timing, other: Timing) -> Timing:
+    """Ratio ``reference / other`` of each round of two interleaved timings: the speedup of `other`
+    over `reference` when both are seconds. Round r of both saw the same machine state, so drift
+    (clock boost, a busy neighbour) cancels in the ratio, which it does not in a ratio of medians."""
+    if len(reference.samples) != len(other.samples):
+        raise ValueError(
+            f"paired timings need one run of each per round, got {len(reference.samples)} reference runs "
+            f"and {len(other.samples)} others"
+        )
+    return Timing(tuple(r / o for r, o in zip(reference.samples, other.samples, strict=True)))
+
+
 def _sync(device: torch.device | None) -> None:
     if device is not None and device.type == "cuda":
         torch.cuda.synchronize(device)

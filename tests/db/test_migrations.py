@@ -183,7 +183,7 @@ def test_0002_keys_stored_hardware_by_what_it_was_measured_in(empty_database):
     assert rows() == [("cpu:Old CPU x4", profile), ("lab-box", profile)]
 
 
-def test_0003_adds_the_lease_and_its_downgrade_keeps_every_job_and_trial(empty_database):
+def test_0003_0004_add_the_lease_and_the_objective_and_their_downgrades_keep_every_job_and_trial(empty_database):
     empty_database.upgrade()
     with empty_database.session() as session:
         job = queries.create_job(
@@ -202,4 +202,6 @@ def test_0003_adds_the_lease_and_its_downgrade_keeps_every_job_and_trial(empty_d
     assert "lease_owner" not in columns and "lease_expires_at" not in columns
     empty_database.upgrade()
     with empty_database.session() as session:
-        assert queries.get_job(session, job.id).lease_owner is None
+        again = queries.get_job(session, job.id)
+        assert again.lease_owner is None
+        assert again.objective == "latency"  # what every job stored before 0004 optimised

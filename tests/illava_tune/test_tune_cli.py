@@ -3,9 +3,11 @@ best, export, then the exported manifest applied to a model."""
 
 import json
 
+import pytest
 import torch
 
 import illava
+import jobs
 from db import Database
 from illava.backbones import load_backbone
 from illava.inputs import Sample, build_inputs, synthetic_image
@@ -20,7 +22,7 @@ def test_submit_to_export_round_trip(tmp_path, monkeypatch, capsys):
     (tmp_path / "w.yaml").write_text("name: cli\nimage_size: [224, 224]\nsamples: 2\noutput_tokens: 2\n")
 
     assert (
-        main(["submit", "--backbone", "tiny", "--workload", "w.yaml", "--trials", "4", "--reduction", "0.6:0.9"]) == 0
+        main(["submit", "--backbone", "tiny", "--workload", "w.yaml", "--trials", "3", "--reduction", "0.6:0.9"]) == 0
     )
     job_id = capsys.readouterr().out.strip()
     assert wait_for(Database(url), job_id, timeout_s=300) == "completed"  # the detached driver ran it
@@ -28,14 +30,31 @@ def test_submit_to_export_round_trip(tmp_path, monkeypatch, capsys):
     assert main(["jobs"]) == 0
     assert job_id[:12] in capsys.readouterr().out
     assert main(["status", job_id[:8]]) == 0
-    assert "completed; 4/4 trials (0 failed)" in capsys.readouterr().out
+    assert "completed; 3/3 trials (0 failed)" in capsys.readouterr().out
 
     assert main(["pareto", job_id[:8], "--plot", str(tmp_path / "front.png")]) == 0
     front = capsys.readouterr().out
     assert "latency ms" in front and (tmp_path / "front.png").stat().st_size > 1000
     assert front.splitlines()[0].endswith(" float32/sdpa (dtype float32, attention sdpa)")  # what it was tuned in
-    rows = [line.split() for line in front.splitlines()[3:]]
+    lines = front.splitlines()
+    assert lines[1] == "memory: cpu tensor peak (measured, torch profiler)"  # what the memory column is
+    rows = [line.split() for line in lines[lines.index(next(x for x in lines if x.startswith("---"))) + 1 :]]
     fastest_id, fastest_ms = int(rows[0][0]), float(rows[0][1])
+    published = {row["id"]: row for row in jobs.front(Database(url), job_id)}
+    assert rows[0][2] == f"{published[fastest_id]['speedup']:.2f}x"  # the paired speedup, then its range
+
+    # A speedup target: the most accurate schedule at least that much faster than the job's unmerged model.
+    slowest = min(row["speedup"] for row in published.values())
+    assert main(["best", "--backbone", "tiny", "--speedup", str(slowest)]) == 0
+    out = capsys.readouterr().out
+    most_accurate = max((row for row in published.values() if row["speedup"] >= slowest),
+                        key=lambda row: (row["quality"], -row["memory_mib"], row["speedup"]))  # fmt: skip
+    assert f"at least {slowest:.2f}x faster than unmerged: #{most_accurate['id']}" in out
+    fastest_speedup = max(published.values(), key=lambda row: row["speedup"])
+    assert main(["best", "--backbone", "tiny", "--speedup", str(fastest_speedup["speedup"] + 5)]) == 0
+    out = capsys.readouterr().out
+    assert f"no schedule is {fastest_speedup['speedup'] + 5:.2f}x faster than the unmerged model" in out
+    assert f"the fastest is #{fastest_speedup['id']} at {fastest_speedup['speedup']:.2f}x, 5.00x short" in out
 
     assert main(["best", "--backbone", "tiny", "--latency-ms", str(fastest_ms + 0.5)]) == 0  # the table rounds to 0.1
     assert "best schedule under" in capsys.readouterr().out
@@ -46,6 +65,10 @@ def test_submit_to_export_round_trip(tmp_path, monkeypatch, capsys):
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert manifest["backbone"]["name"] == "tiny" and manifest["provenance"]["job"] == job_id
     assert manifest["workload"]["name"] == "cli" and manifest["metrics"]["prefill_s"]["median"] > 0
+    reference = manifest["reference"]  # what the speedup was measured against
+    assert reference["model"] == "unmerged" and reference["job_objective"] == "speedup"
+    assert reference["prefill_ms"] == manifest["metrics"]["reference_prefill_s"]["median"] * 1000
+    assert reference["speedup"]["median"] == pytest.approx(published[fastest_id]["speedup"])
     assert main(["export", str(fastest_id), "--format", "yaml"]) == 0
     assert "schedule:" in capsys.readouterr().out
 

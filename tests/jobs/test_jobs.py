@@ -55,15 +55,17 @@ def test_a_job_runs_end_to_end_and_publishes_optunas_front(backend, tmp_path):
         assert all(t.state == "complete" for t in trials)
         assert any(t.schedule["reduction"] == 0.0 for t in trials)  # the study starts from the unmerged model
         front = jobs.front(database, job_id)
-        assert front
-        points = [(r["latency_ms"], r["memory_mib"], -r["quality"]) for r in front]
+        assert front and all(r["speedup"] is not None and r["memory_source"] for r in front)
+        points = [(-r["speedup"], r["memory_mib"], -r["quality"]) for r in front]  # the default objective
         for a in points:  # non-dominated
             assert not any(all(x <= y for x, y in zip(b, a)) and b != a for b in points)
         study = optuna.load_study(study_name=f"illava-{job_id}", storage=database.optuna_storage_url)
+        assert study.metric_names == ["speedup", "memory_mib", "quality"]
         by_trial = {t.number: t for t in trials}
         with database.session() as s:
             published = {p.trial_id for p in queries.find_schedules(s, backbone="tiny") if p.job_id == job_id}
-        assert {by_trial[t.number].id for t in study.best_trials} == published
+        # Optuna's front, less the points another beats on speed and quality within the memory noise.
+        assert published <= {by_trial[t.number].id for t in study.best_trials}
         status = jobs.status(database, job_id)
         p = status.progress
         assert (status.state, p.done, p.total, p.front_size) == ("completed", N_TRIALS, N_TRIALS, len(front))

@@ -44,10 +44,13 @@ def _measurement(*, cuda: bool, accuracy: float | None, retention: float | None,
     )
 
 
-def test_summary_of_a_cpu_measurement_uses_rss_above_baseline():
-    metrics = metrics_summary(_measurement(cuda=False, accuracy=0.6, retention=0.9).to_dict())
-    assert metrics == Metrics(
-        latency_ms=125.0, memory_mib=300.0, accuracy=0.6, retention=0.9, quality=0.6, fidelity=0.75
+def test_summary_of_a_cpu_measurement_uses_its_deterministic_figure_never_resident_memory():
+    data = _measurement(cuda=False, accuracy=0.6, retention=0.9).to_dict()
+    assert metrics_summary(data).memory_mib is None  # 300 MiB of resident memory above baseline: noise, unused
+    data["peak_memory"]["objective_bytes"] = 96 * MIB
+    data["speedup"] = {"median": 1.25, "p90": 1.3, "low": 1.2, "high": 1.31, "cv": 0.03, "runs": 5}
+    assert metrics_summary(data) == Metrics(
+        latency_ms=125.0, memory_mib=96.0, accuracy=0.6, retention=0.9, quality=0.6, fidelity=0.75, speedup=1.25
     )
 
 
@@ -63,7 +66,7 @@ def test_summary_without_memory_source_has_no_memory_and_objectives_refuse_it():
     metrics = metrics_summary(data)
     assert metrics.memory_mib is None
     with pytest.raises(ValueError, match=r"\['memory_mib'\] missing"):
-        Objectives().values(metrics)
+        Objectives("latency").values(metrics)
 
 
 @pytest.mark.parametrize(
@@ -84,8 +87,21 @@ def test_summary_rejects_malformed_measurements(change, says):
         metrics_summary([1, 2])
 
 
-def test_objectives_are_latency_memory_quality():
+def test_the_default_speed_objective_is_the_paired_speedup():
     objectives = Objectives()
+    assert (objectives.names, objectives.directions) == (
+        ("speedup", "memory_mib", "quality"), ("maximize", "minimize", "maximize")
+    )  # fmt: skip
+    metrics = Metrics(latency_ms=10.0, memory_mib=500.0, accuracy=0.4, retention=0.8, quality=0.4, speedup=1.5)
+    assert objectives.values(metrics) == (1.5, 500.0, 0.4)
+    with pytest.raises(ValueError, match="speedup"):
+        objectives.values(Metrics(10.0, 1.0, None, None, 0.5))  # measured without a paired reference
+    with pytest.raises(ValueError, match="unknown objective 'fast'"):
+        Objectives("fast")
+
+
+def test_objectives_are_latency_memory_quality():
+    objectives = Objectives(latency="latency")
     assert objectives.names == ("latency_ms", "memory_mib", "quality")
     assert objectives.directions == ("minimize", "minimize", "maximize")
     metrics = Metrics(latency_ms=10.0, memory_mib=500.0, accuracy=0.4, retention=0.8, quality=0.4)

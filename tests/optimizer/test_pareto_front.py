@@ -107,3 +107,39 @@ def test_an_empty_front_has_no_answer():
         best_for_target([Point(1, 1, 1, feasible=False)], latency_ms=10)
     with pytest.raises(ValueError, match="without a memory reading"):
         Point.from_metrics(Metrics(1.0, None, None, None, 0.5))
+
+
+def test_a_slower_less_accurate_schedule_is_not_kept_on_the_front_by_memory_within_noise():
+    # The README's front of an earlier release: schedules 4 and 5 slower and less accurate than the
+    # unmerged model, kept only by memory readings a fraction of a MiB lower.
+    unmerged = Point(20.3, 300.0, 0.86, speedup=1.0, ref="unmerged")
+    slower = Point(21.3, 299.0, 0.84, speedup=0.95, ref="slower, 1 MiB less")  # 0.3% less memory: noise
+    leaner = Point(22.5, 240.0, 0.84, speedup=0.90, ref="slower, 20% less memory")  # a real saving
+    fast = Point(16.9, 280.0, 0.64, speedup=1.2, ref="fast")
+    for objective in ("latency", "speedup"):
+        front = pareto_front([unmerged, slower, leaner, fast], objective=objective)
+        assert [p.ref for p in front] == ["fast", "unmerged", "slower, 20% less memory"]
+    # Optuna's strict dominance (no noise) keeps the 1-MiB one.
+    assert "slower, 1 MiB less" in [p.ref for p in pareto_front([unmerged, slower], memory_noise=0.0)]
+
+
+SPEEDS = [
+    Point(40, 300, 0.86, speedup=1.0, ref="unmerged"),
+    Point(30, 250, 0.84, speedup=1.35, ref="1.35x"),
+    Point(25, 240, 0.80, speedup=1.6, ref="1.6x"),
+    Point(20, 230, 0.64, speedup=2.0, ref="2x"),
+]
+
+
+def test_a_speedup_target_picks_the_most_accurate_schedule_that_fast():
+    assert best_for_target(SPEEDS, min_speedup=1.5) == Choice(point=SPEEDS[2], met=True)
+    assert best_for_target(SPEEDS, min_speedup=1.0).point.ref == "unmerged"  # the most accurate is fast enough
+    missed = best_for_target(SPEEDS, min_speedup=2.5)
+    assert (missed.point.ref, missed.met, missed.gap_ms) == ("2x", False, 0.0)
+    assert missed.gap_speedup == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="exactly one target"):
+        best_for_target(SPEEDS, min_speedup=1.5, latency_ms=30)
+    with pytest.raises(ValueError, match="exactly one target"):
+        best_for_target(SPEEDS)
+    with pytest.raises(NoMatchError, match="without a paired speedup"):
+        best_for_target([Point(10, 10, 0.5)], min_speedup=1.2)

@@ -140,3 +140,17 @@ def test_cuda_sampler_nvml_used_covers_the_torch_peak():
     assert reading.peak_bytes >= reading.torch_peak_bytes
     assert reading.peak_above_baseline_bytes >= 0.95 * size
     assert reading.nvml_device.startswith(("GPU-", "MIG-"))
+
+
+def test_the_objective_is_the_allocator_peak_on_cuda_and_the_tensor_peak_on_cpu():
+    from profiler import TensorPeak
+
+    cuda = MemoryReading("cuda:0", "nvml", 100, 350, 4, 0.005, 0.1, torch_peak_bytes=300).to_dict()
+    assert (cuda["objective_bytes"], cuda["objective_source"]) == (300, "cuda allocator peak (measured)")
+    cpu = MemoryReading("cpu", "rss", 100, 350, 4, 0.005, 0.1)
+    assert cpu.objective_bytes is None and cpu.objective_source is None  # the resident set is never the objective
+    tracked = cpu.with_tensor_peak(TensorPeak(resident_bytes=1000, run_peak_bytes=24)).to_dict()
+    assert tracked["objective_bytes"] == tracked["tensor_peak_bytes"] == 1024
+    assert tracked["tensor_resident_bytes"] == 1000 and tracked["peak_above_baseline_bytes"] == 250
+    assert tracked["objective_source"] == "cpu tensor peak (measured, torch profiler)"
+    assert tracked["tensor_peak_source"].startswith("torch profiler")

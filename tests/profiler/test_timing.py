@@ -41,3 +41,12 @@ def test_cuda_timing_waits_for_the_queued_kernels():
     assert kernel_s > 0.001
     # Launching returns at once; only a synchronised clock sees the kernel's duration.
     assert time_once(lambda: torch.cuda._sleep(50_000_000), device) >= 0.8 * kernel_s
+
+
+def test_paired_ratios_divide_round_by_round():
+    from profiler import Timing, paired_ratios
+
+    ratios = paired_ratios(Timing((0.2, 0.3, 0.4)), Timing((0.1, 0.2, 0.1)))
+    assert ratios.samples == pytest.approx((2.0, 1.5, 4.0)) and ratios.median == pytest.approx(2.0)
+    with pytest.raises(ValueError, match="one run of each per round, got 2 reference runs and 1 others"):
+        paired_ratios(Timing((0.2, 0.3)), Timing((0.1,)))
