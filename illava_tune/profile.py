@@ -30,9 +30,13 @@ def _ms(seconds: float) -> str:
 
 def format_report(reference: Measurement, result: Measurement) -> str:
     """Side by side: the unmerged reference and the schedule, with the ratio where it means something."""
+    # The reference's times from the rounds interleaved with the schedule's, and their per-round ratios.
+    paired = result.reference_prefill_s or reference.prefill_s
+    speedup = result.speedup
+    ratio = (f"speedup {speedup.median:.2f}x ({speedup.low:.2f}-{speedup.high:.2f}, paired)" if speedup is not None
+             else f"speedup {paired.median / result.prefill_s.median:.2f}x")  # fmt: skip
     rows = [
-        ("prefill ms (median)", _ms(reference.prefill_s.median), _ms(result.prefill_s.median),
-         f"speedup {reference.prefill_s.median / result.prefill_s.median:.2f}x"),
+        ("prefill ms (median)", _ms(paired.median), _ms(result.prefill_s.median), ratio),
         ("prefill ms (p90)", _ms(reference.prefill_s.p90), _ms(result.prefill_s.p90), ""),
         ("prefill spread (cv)", f"{reference.prefill_s.cv:.1%}", f"{result.prefill_s.cv:.1%}", ""),
         ("  encoder ms", _ms(reference.encoder_s.median), _ms(result.encoder_s.median), ""),
@@ -42,7 +46,7 @@ def format_report(reference: Measurement, result: Measurement) -> str:
         ("samples/s (end to end)", f"{reference.samples_per_s:.2f}", f"{result.samples_per_s:.2f}", ""),
         ("image tokens -> LLM", f"{reference.image_tokens_to_llm:.0f}", f"{result.image_tokens_to_llm:.0f}", ""),
         ("tokens per LLM layer", f"{reference.tokens_per_llm_layer:.1f}", f"{result.tokens_per_llm_layer:.1f}", ""),
-        ("peak memory MiB", _mib(reference), _mib(result), ""),
+        ("peak memory MiB", _mib(reference), _mib(result), result.peak_memory.get("objective_source") or ""),
         ("accuracy", _pct(reference.accuracy), _pct(result.accuracy),
          f"retention {result.retention:.1%}" if result.retention is not None else ""),
         ("first-token agreement", "", f"{result.fidelity.first_token_agreement:.1%}", ""),
@@ -64,9 +68,9 @@ def _pct(value: float | None) -> str:
 
 
 def _mib(m: Measurement) -> str:
-    memory = m.peak_memory
-    peak = memory.get("torch_peak_bytes") or memory.get("peak_above_baseline_bytes") or memory.get("peak_bytes")
-    return "-" if peak is None else f"{peak / 2**20:.0f}"
+    """The memory figure a search minimises (`peak_memory["objective_bytes"]`, deterministic), in MiB."""
+    peak = m.peak_memory.get("objective_bytes")
+    return "-" if peak is None else f"{peak / 2**20:.1f}"
 
 
 def run_profile(args) -> int:

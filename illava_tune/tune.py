@@ -33,8 +33,8 @@ def _pct(value: float | None) -> str:
 def format_front(rows: list[dict[str, Any]]) -> str:
     """The published schedules as a table, under the lines saying what they were tuned on and in
     and what the memory column is. `speedup` is over the unmerged model, median (min-max) of the
-    paired rounds; `~#N` marks a schedule whose speedup range overlaps #N's while neither is
-    more accurate: the measurement cannot tell the two apart on speed."""
+    paired rounds; `~#N` marks a schedule whose speedup range overlaps #N's: the measurement cannot
+    tell the two apart on speed."""
     from illava import Schedule  # here: `illava-tune db ...` never imports torch
 
     header = (f"{'id':>5}  {'latency ms':>10}  {'speedup':>16}  {'memory MiB':>10}  {'accuracy':>8}  {'retention':>9}  "
@@ -64,8 +64,8 @@ def _speedup(row: dict[str, Any]) -> str:
 
 def _indistinct(row: dict[str, Any], other: dict[str, Any]) -> bool:
     """Whether `row` and `other` (two schedules of one front) differ on speed by less than their
-    measured spread, with the same quality: nothing measured says which is faster."""
-    if other is row or None in (row.get("speedup_low"), other.get("speedup_low")) or row["quality"] != other["quality"]:
+    measured spread (their speedup ranges overlap): nothing measured says which is faster."""
+    if other is row or None in (row.get("speedup_low"), other.get("speedup_low")):
         return False
     return row["speedup_low"] <= other["speedup_high"] and other["speedup_low"] <= row["speedup_high"]
 
@@ -251,7 +251,11 @@ def _print_best(choice, *, latency_ms: float | None = None, speedup: float | Non
     else:
         print(f"\nno schedule is {speedup:.2f}x faster than the unmerged model (measured in the same job); the "
               f"fastest is #{row.id} at {row.speedup:.2f}x, {choice.gap_speedup:.2f}x short")  # fmt: skip
-    print(format_front([jobs.published(row)]))
+    shown = jobs.published(row)
+    if shown["speedup_low"] is not None and shown["speedup_low"] <= 1.0 <= shown["speedup_high"]:
+        print(f"(#{row.id}'s speedup range, {_speedup(shown)}, includes 1: on this machine it is not measurably "
+              "faster than the unmerged model)")  # fmt: skip
+    print(format_front([shown]))
 
 
 def cmd_export(args) -> int:

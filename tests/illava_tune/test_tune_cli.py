@@ -94,3 +94,23 @@ def test_status_of_an_unknown_job_is_a_clear_error(tmp_path, capsys):
     assert main(["db", "upgrade", "--database", url]) == 0
     assert main(["status", "feedbeef", "--database", url]) == 2
     assert "feedbeef" in capsys.readouterr().err
+
+
+def test_pareto_marks_schedules_whose_speedups_the_measurement_cannot_tell_apart():
+    from illava_tune.tune import format_front
+
+    def row(ident, speedup, low, high, quality):
+        return {"id": ident, "schedule": illava.Schedule.vanilla().to_dict(), "latency_ms": 10.0, "memory_mib": 20.0,
+                "accuracy": quality, "retention": None, "fidelity": None, "quality": quality, "speedup": speedup,
+                "speedup_low": low, "speedup_high": high, "memory_source": "cpu tensor peak (measured, torch profiler)",
+                "hardware": "cpu:x", "dtype": "float32", "attention": "sdpa"}  # fmt: skip
+
+    table = format_front([row(1, 1.02, 0.67, 1.15, 0.86), row(2, 1.03, 0.82, 1.23, 0.64), row(3, 1.6, 1.5, 1.7, 0.5)])
+    lines = table.splitlines()
+    assert lines[:2] == [
+        "tuned on cpu:x (dtype float32, attention sdpa)",
+        "memory: cpu tensor peak (measured, torch profiler)",
+    ]
+    marks = {line.split()[0]: line.rsplit("unmerged", 1)[1].strip() for line in lines[4:]}
+    assert marks == {"1": "~#2", "2": "~#1", "3": ""}  # 1 and 2 overlap; 3 is measurably faster than both
+    assert "1.02x (0.67-1.15)" in lines[4]
