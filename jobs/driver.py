@@ -394,6 +394,12 @@ class _Driver:
                 queries.record_trial(s, job, trial.number, state="failed", schedule=schedule.to_dict(), error=outcome)
                 return None
             summary = metrics_summary(outcome)
+            try:
+                self.objectives.values(summary)
+            except ValueError as error:  # measured, but not on what the job ranks by: a failed trial
+                queries.record_trial(s, job, trial.number, state="failed", schedule=schedule.to_dict(),
+                                     metrics=outcome, error=f"cannot be ranked: {error}")  # fmt: skip
+                return None
             queries.record_trial(
                 s, job, trial.number, state="complete", schedule=schedule.to_dict(), metrics=outcome,
                 latency_ms=summary.latency_ms, memory_mib=summary.memory_mib, accuracy=summary.accuracy,
