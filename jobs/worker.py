@@ -9,8 +9,9 @@ from typing import Any
 import illava
 
 #: Trial numbers the worker deliberately fails, for fault-injection tests and drills:
-#: ``ILLAVA_TUNE_FAULTS="raise:3,crash:5"`` raises in trial 3 and kills the worker process in
-#: trial 5. Read by the driver and handed to the actors, never set in normal use.
+#: ``ILLAVA_TUNE_FAULTS="raise:3,crash:5,unranked:6"`` raises in trial 3, kills the worker process
+#: in trial 5 and returns trial 6's measurement without its speedup (what the job ranks by). Read by
+#: the driver and handed to the actors, never set in normal use.
 FAULTS_ENV = "ILLAVA_TUNE_FAULTS"
 
 
@@ -19,8 +20,8 @@ def parse_faults(text: str | None) -> dict[int, str]:
     for part in (text or "").split(","):
         if part.strip():
             kind, _, number = part.strip().partition(":")
-            if kind not in ("raise", "crash") or not number.isdigit():
-                raise ValueError(f"{FAULTS_ENV}: {part!r} is not raise:N or crash:N")
+            if kind not in ("raise", "crash", "unranked") or not number.isdigit():
+                raise ValueError(f"{FAULTS_ENV}: {part!r} is not raise:N, crash:N or unranked:N")
             faults[int(number)] = kind
     return faults
 
@@ -47,4 +48,5 @@ class TrialWorker:
             raise RuntimeError(f"injected fault in trial {number}")
         if fault == "crash":
             os._exit(1)
-        return self.profiler.measure(schedule, self.workload).to_dict()
+        measured = self.profiler.measure(schedule, self.workload).to_dict()
+        return {**measured, "speedup": None} if fault == "unranked" else measured

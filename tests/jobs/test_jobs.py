@@ -72,7 +72,7 @@ def test_a_job_runs_end_to_end_and_publishes_optunas_front(backend, tmp_path):
 
 
 def test_failing_and_crashing_trials_are_recorded_and_the_job_completes(tmp_path, monkeypatch):
-    monkeypatch.setenv("ILLAVA_TUNE_FAULTS", "raise:2,crash:3")
+    monkeypatch.setenv("ILLAVA_TUNE_FAULTS", "raise:2,crash:3,unranked:4")
     database = Database(f"sqlite:///{tmp_path / 'faults.db'}")
     job_id = submit(database, tmp_path)
     assert jobs.run(database, job_id) == "completed"
@@ -80,8 +80,10 @@ def test_failing_and_crashing_trials_are_recorded_and_the_job_completes(tmp_path
     assert len(trials) == N_TRIALS
     assert trials[2].state == "failed" and "injected fault in trial 2" in trials[2].error
     assert trials[3].state == "failed" and "worker died" in trials[3].error
-    assert sum(t.state == "complete" for t in trials.values()) == N_TRIALS - 2
-    assert jobs.status(database, job_id).progress.failed == 2
+    assert trials[4].state == "failed" and "cannot be ranked" in trials[4].error and "speedup" in trials[4].error
+    assert trials[4].metrics is not None  # what was measured is kept
+    assert sum(t.state == "complete" for t in trials.values()) == N_TRIALS - 3
+    assert jobs.status(database, job_id).progress.failed == 3
 
 
 @pytest.mark.parametrize(
