@@ -13,7 +13,7 @@ import os
 import subprocess
 import sys
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +41,7 @@ class JobStatus:
     heartbeat_age_s: float | None  # seconds since the driver last checked in (None: never ran)
     progress: Progress  # trials done / total, failed, front size, elapsed, estimate of what is left
     driver: str | None = None  # the driver holding the job's lease ("host:pid:token"), if any
-    lease_left_s: float | None = None  # seconds until that lease expires (negative: expired)
+    lease_expires_at: datetime | None = None  # when that lease runs out without a renewal
 
     @property
     def driver_note(self) -> str | None:
@@ -51,10 +51,9 @@ class JobStatus:
             return None
         if self.driver is None:
             return f"no driver holds job {self.id[:8]}: `illava-tune resume {self.id[:8]}` continues it"
-        if self.lease_left_s is not None and self.lease_left_s > 0 and not holder_is_gone(self.driver):
+        if self.lease_expires_at is not None and self.lease_expires_at > utcnow() and not holder_is_gone(self.driver):
             return None
-        expires = None if self.lease_left_s is None else utcnow() + timedelta(seconds=self.lease_left_s)
-        return describe_lease(self.id, self.driver, expires)
+        return describe_lease(self.id, self.driver, self.lease_expires_at)
 
 
 def _check_backbone(backbone: str, workload, space: SearchSpace) -> tuple[int, int]:
@@ -156,12 +155,11 @@ def status(database: Database, job_id: str) -> JobStatus:
         head = (job.id, job.status, job.backbone.name, job.workload.name, job.error)
         now = utcnow()
         beat = (now - job.heartbeat_at).total_seconds() if job.heartbeat_at else None
-        left = (job.lease_expires_at - now).total_seconds() if job.lease_expires_at else None
-        driver = job.lease_owner
+        driver, expires = job.lease_owner, job.lease_expires_at
     p = progress(database, head[0])
     if head[1] != "running":
         p = dataclasses.replace(p, eta_s=None)
-    return JobStatus(*head, beat, p, driver=driver, lease_left_s=left)
+    return JobStatus(*head, beat, p, driver=driver, lease_expires_at=expires)
 
 
 def cancel(database: Database, job_id: str) -> str:

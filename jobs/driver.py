@@ -345,6 +345,8 @@ class _Driver:
     def _next_seed(self) -> None:
         """Enqueue the next seed schedule the study has not seen, unless a trial is already waiting
         (the next ask takes that one)."""
+        if not self.seeds:  # every seed is in the study: nothing to look up
+            return
         if any(t.state == optuna.trial.TrialState.WAITING for t in self.study.get_trials(deepcopy=False)):
             return
         while self.seeds and not enqueue_seed(self.study, self.seeds.pop(0), self.space):
