@@ -5,6 +5,9 @@
     ...  # model.generate(...) / model(...) now merge image tokens
     illava.remove(model)  # the original model again
 
+A deployment applies a tuned schedule exported by the tuning service: ``illava.apply(model,
+illava.load_manifest(url_or_path, cache=...))`` (standard library HTTP; `illava.manifests`).
+
 Three kinds of part, each extended by adding a module and registering it: the engine
 (`illava.engine`: everything that does not depend on the model family), backbone adapters
 (`illava.adapters`: one per family) and reduction methods (`illava.methods`).
@@ -21,8 +24,9 @@ import torch
 from .adapters import BackboneAdapter, adapter_for, adapter_for_config, register_adapter, supported_models
 from .engine import model as _engine
 from .engine.attention import is_packed
-from .errors import ScheduleError, UnsupportedModelError
+from .errors import ManifestError, ManifestWarning, ScheduleError, UnsupportedModelError
 from .flops import Flops
+from .manifests import Fetched, fetch_manifest, load_manifest
 from .methods import ReductionMethod, get_method, method_names, register_method
 from .runtime import ATTENTIONS, DTYPES, RuntimeMismatchWarning, model_runtime, warn_if_mismatched
 from .schedule import PAPER_REDUCTIONS, SCHEMA_VERSION, LayerStep, Plan, Schedule, read_document
@@ -33,8 +37,11 @@ __all__ = [
     "PAPER_REDUCTIONS",
     "SCHEMA_VERSION",
     "BackboneAdapter",
+    "Fetched",
     "Flops",
     "LayerStep",
+    "ManifestError",
+    "ManifestWarning",
     "Plan",
     "ReductionMethod",
     "RuntimeMismatchWarning",
@@ -46,9 +53,11 @@ __all__ = [
     "apply",
     "apply_reference",
     "depths",
+    "fetch_manifest",
     "get_method",
     "is_applied",
     "last_stats",
+    "load_manifest",
     "method_names",
     "model_runtime",
     "paper_default_for",
