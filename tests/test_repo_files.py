@@ -7,15 +7,13 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_docker_compose_runs_the_postgres_the_readme_points_at():
+def test_the_readme_points_at_the_compose_files_postgres():
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
     postgres = compose["services"]["postgres"]
     env = postgres["environment"]
-    url = f"postgresql://{env['POSTGRES_USER']}:{env['POSTGRES_PASSWORD']}@127.0.0.1:5433/{env['POSTGRES_DB']}"
+    url = f"postgresql://{env['POSTGRES_USER']}:$POSTGRES_PASSWORD@127.0.0.1:5433/{env['POSTGRES_DB']}"
     assert postgres["ports"] == ["127.0.0.1:5433:5432"]
     assert url in (ROOT / "README.md").read_text()
-    assert set(compose["volumes"]) == {"illava-postgres"}
-    assert postgres["healthcheck"]["test"][0] == "CMD-SHELL"
 
 
 def test_ci_runs_the_readme_test_command():
