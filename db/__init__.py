@@ -9,15 +9,19 @@ the JSON their own packages produce; nothing here imports those packages.
 
 from . import queries
 from .database import DEFAULT_URL, Database, normalize_url
-from .errors import AmbiguousId, BudgetExhausted, DatabaseError, LeaseHeld, LeaseLost, NotFound, SchemaError
+from .errors import AmbiguousId, BudgetExhausted, Conflict, DatabaseError, LeaseHeld, LeaseLost, NotFound, SchemaError
 from .migrate import VERSION_TABLE, head_revision
 from .models import (
     JOB_FINISHED,
     JOB_STATES,
+    SCHEDULE_STATUSES,
+    TOKEN_SCOPES,
     TRIAL_FINISHED,
     TRIAL_STATES,
+    ApiToken,
     Backbone,
     Base,
+    ChangeCounter,
     HardwareProfileRow,
     JobState,
     PublishedSchedule,
@@ -31,13 +35,18 @@ __all__ = [
     "DEFAULT_URL",
     "JOB_FINISHED",
     "JOB_STATES",
+    "SCHEDULE_STATUSES",
+    "TOKEN_SCOPES",
     "TRIAL_FINISHED",
     "TRIAL_STATES",
     "VERSION_TABLE",
     "AmbiguousId",
+    "ApiToken",
     "Backbone",
     "BudgetExhausted",
     "Base",
+    "ChangeCounter",
+    "Conflict",
     "Database",
     "DatabaseError",
     "HardwareProfileRow",

@@ -34,6 +34,11 @@ class AmbiguousId(NotFound):
         LookupError.__init__(self, f"{kind} id prefix {key!r} is ambiguous: it matches {shown}; give more characters")
 
 
+class Conflict(ValueError):
+    """The action conflicts with the row's state (cancel a finished job, publish a failed trial,
+    retire a candidate): the message says what the state is and what is possible."""
+
+
 class LeaseLost(DatabaseError):
     """A driver's lease on its job is gone (another driver took the job, or it was released): the
     driver must stop before it writes anything more for the job."""

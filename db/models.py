@@ -28,6 +28,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    true,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
@@ -38,6 +39,10 @@ JOB_STATES: tuple[JobState, ...] = ("queued", "running", "completed", "failed", 
 JOB_FINISHED: tuple[JobState, ...] = ("completed", "failed", "cancelled")
 TRIAL_STATES: tuple[TrialState, ...] = ("running", "complete", "failed")
 TRIAL_FINISHED: tuple[TrialState, ...] = ("complete", "failed")
+ScheduleStatus = Literal["candidate", "published", "retired"]
+SCHEDULE_STATUSES: tuple[ScheduleStatus, ...] = ("candidate", "published", "retired")
+TokenScope = Literal["read", "write"]
+TOKEN_SCOPES: tuple[TokenScope, ...] = ("read", "write")
 
 TABLE_PREFIX = "illava_"
 
@@ -214,11 +219,20 @@ class Trial(Base):
 
 
 class PublishedSchedule(Base):
-    """A point of a finished job's Pareto front, copied out of its trial so queries by backbone,
-    hardware and workload need no join through jobs and trials."""
+    """A schedule deployments may be given: a point of a job's Pareto front (or a trial a user chose),
+    copied out of its trial so queries by backbone, hardware and workload need no join through jobs
+    and trials.
+
+    Its `status` is its lifecycle: a point of a front is a "candidate"; `publish` makes it
+    "published", the set `best` and the HTTP service answer deployments from; `retire` withdraws it
+    ("retired", kept for the record). `on_front` says whether it is on its job's latest front: a
+    published schedule stays published when a resumed job's front moves on."""
 
     __tablename__ = "illava_published"
-    __table_args__ = (Index("ix_illava_published_lookup", "backbone_id", "hardware_id", "workload_id"),)
+    __table_args__ = (
+        Index("ix_illava_published_lookup", "backbone_id", "hardware_id", "workload_id"),
+        CheckConstraint(_one_of("status", SCHEDULE_STATUSES), name="status"),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     job_id: Mapped[str] = mapped_column(ForeignKey("illava_jobs.id", ondelete="CASCADE"), index=True)
@@ -235,7 +249,39 @@ class PublishedSchedule(Base):
     metrics: Mapped[dict[str, Any] | None] = mapped_column(_json())
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     speedup: Mapped[float | None] = mapped_column(Float)
+    status: Mapped[str] = mapped_column(String(16), default="candidate", server_default="candidate", index=True)
+    on_front: Mapped[bool] = mapped_column(Boolean, default=True, server_default=true())
+    published_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    retired_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
     backbone: Mapped[Backbone] = relationship(lazy="joined", innerjoin=True)
     hardware: Mapped[HardwareProfileRow] = relationship(lazy="joined", innerjoin=True)
     workload: Mapped[WorkloadRow] = relationship(lazy="joined", innerjoin=True)
+
+
+class ApiToken(Base):
+    """A token the HTTP service accepts. The token itself (`ilt_<key>_<secret>`) is shown once when
+    it is created; only `key` (public, to find the row) and the sha256 of the secret are stored.
+    A "write" token may also read. A revoked token is kept, with `revoked_at`, for the record."""
+
+    __tablename__ = "illava_tokens"
+    __table_args__ = (CheckConstraint(_one_of("scope", TOKEN_SCOPES), name="scope"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    key: Mapped[str] = mapped_column(String(32), unique=True)
+    name: Mapped[str] = mapped_column(String(200))
+    scope: Mapped[str] = mapped_column(String(8))
+    secret_sha256: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+
+class ChangeCounter(Base):
+    """A counter per kind of change (`name`, "schedules"), bumped in the transaction that makes the
+    change: a server holding answers in memory compares one small row to know they are current."""
+
+    __tablename__ = "illava_changes"
+
+    name: Mapped[str] = mapped_column(String(32), primary_key=True)
+    version: Mapped[int] = mapped_column(Integer)

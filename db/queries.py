@@ -15,18 +15,22 @@ from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
-from sqlalchemy import ColumnElement, delete, func, select, update
+from sqlalchemy import ColumnElement, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from .errors import AmbiguousId, BudgetExhausted, LeaseLost, NotFound
+from .errors import AmbiguousId, BudgetExhausted, Conflict, LeaseLost, NotFound
 from .models import (
     JOB_FINISHED,
     JOB_STATES,
+    SCHEDULE_STATUSES,
+    TOKEN_SCOPES,
     TRIAL_FINISHED,
     TRIAL_STATES,
+    ApiToken,
     Backbone,
     Base,
+    ChangeCounter,
     HardwareProfileRow,
     PublishedSchedule,
     Trial,
@@ -437,45 +441,118 @@ def list_trials(session: Session, job: TuningJob, state: str | None = None) -> l
     return list(session.scalars(query))
 
 
-# ----------------------------------------------------------------------------- published schedules
+# ----------------------------------------------------------------------------- schedules and their lifecycle
+#: The change counter every write to the schedules bumps (`schedules_version`).
+SCHEDULES = "schedules"
+
+
+def _check_publishable(job: TuningJob, trial: Trial) -> None:
+    if trial.job_id != job.id:
+        raise ValueError(f"trial {trial.number} belongs to job {trial.job_id}, not {job.id}")
+    if trial.state != "complete":
+        raise Conflict(f"trial {trial.number} of job {job.id} is {trial.state}; only complete trials publish")
+    if trial.latency_ms is None or trial.memory_mib is None:
+        raise Conflict(f"trial {trial.number} of job {job.id} has no latency_ms or memory_mib to publish")
+
+
+def _schedule_row(job: TuningJob, trial: Trial, **values: Any) -> PublishedSchedule:
+    return PublishedSchedule(
+        job_id=job.id, trial_id=trial.id, backbone_id=job.backbone_id, hardware_id=job.hardware_id,
+        workload_id=job.workload_id, schedule=trial.schedule, latency_ms=trial.latency_ms,
+        memory_mib=trial.memory_mib, accuracy=trial.accuracy, retention=trial.retention, fidelity=trial.fidelity,
+        speedup=trial.speedup, metrics=trial.metrics, created_at=utcnow(), **values,
+    )  # fmt: skip
+
+
 def publish_front(session: Session, job: TuningJob, trials: Iterable[Trial]) -> list[PublishedSchedule]:
-    """Publish `trials` (the job's Pareto front) in place of whatever the job published before.
-    Each must be a complete trial of this job with latency and memory measured."""
+    """Store `trials` (the job's Pareto front) as its candidate schedules, in place of its previous
+    front. Each must be a complete trial of this job with latency and memory measured.
+
+    A schedule a user published or retired keeps its row, id and status: if its trial is on the new
+    front it stays `on_front`, else it is marked off the front (published is a user's choice, never
+    undone by a resumed job). Candidates no longer on the front are deleted."""
     chosen = list(trials)
     for trial in chosen:
-        if trial.job_id != job.id:
-            raise ValueError(f"trial {trial.number} belongs to job {trial.job_id}, not {job.id}")
-        if trial.state != "complete":
-            raise ValueError(f"trial {trial.number} of job {job.id} is {trial.state}; only complete trials publish")
-        if trial.latency_ms is None or trial.memory_mib is None:
-            raise ValueError(f"trial {trial.number} of job {job.id} has no latency_ms or memory_mib to publish")
+        _check_publishable(job, trial)
     numbers = [trial.number for trial in chosen]
     if len(set(numbers)) != len(numbers):
         raise ValueError(f"the same trial is listed twice in the front: numbers {sorted(numbers)}")
-    session.execute(delete(PublishedSchedule).where(PublishedSchedule.job_id == job.id))
-    now = utcnow()
-    published = [
-        PublishedSchedule(
-            job_id=job.id,
-            trial_id=trial.id,
-            backbone_id=job.backbone_id,
-            hardware_id=job.hardware_id,
-            workload_id=job.workload_id,
-            schedule=trial.schedule,
-            latency_ms=trial.latency_ms,
-            memory_mib=trial.memory_mib,
-            accuracy=trial.accuracy,
-            retention=trial.retention,
-            fidelity=trial.fidelity,
-            speedup=trial.speedup,
-            metrics=trial.metrics,
-            created_at=now,
-        )
-        for trial in sorted(chosen, key=lambda t: t.number)
-    ]
-    session.add_all(published)
+    on_front = {trial.id for trial in chosen}
+    kept: dict[int, PublishedSchedule] = {}
+    for row in session.scalars(select(PublishedSchedule).where(PublishedSchedule.job_id == job.id)):
+        if row.status == "candidate" and row.trial_id not in on_front:
+            session.delete(row)
+        else:
+            row.on_front = row.trial_id in on_front
+            kept[row.trial_id] = row
+    front = [kept.get(trial.id) or _schedule_row(job, trial, status="candidate", on_front=True) for trial in chosen]
+    session.add_all(front)
+    bump_version(session, SCHEDULES)
     session.flush()
-    return sorted(published, key=lambda row: (row.latency_ms, row.id))
+    return sorted(front, key=lambda row: (row.latency_ms, row.id))
+
+
+def job_front(session: Session, job: TuningJob) -> list[PublishedSchedule]:
+    """The schedules on the job's latest front, whatever their status, fastest first."""
+    query = select(PublishedSchedule).where(PublishedSchedule.job_id == job.id, PublishedSchedule.on_front)
+    return list(session.scalars(query.order_by(PublishedSchedule.latency_ms, PublishedSchedule.id)))
+
+
+def publish_schedule(session: Session, schedule_id: int) -> PublishedSchedule:
+    """Make the schedule `published`: `best` and the service answer deployments with it (a retired
+    one comes back). Publishing a published schedule changes nothing."""
+    row = get_published(session, schedule_id)
+    if row.status != "published":
+        row.status, row.published_at, row.retired_at = "published", utcnow(), None
+        bump_version(session, SCHEDULES)
+        session.flush()
+    return row
+
+
+def publish_trial(session: Session, job: TuningJob, number: int) -> PublishedSchedule:
+    """Publish trial `number` of `job`: its schedule row if it has one (it is on the front), else a
+    new row off the front. Raises `Conflict` for a trial that is not complete or not measured."""
+    trial = _first(session, Trial, Trial.job_id == job.id, Trial.number == number)
+    if trial is None:
+        raise NotFound("trial", number, f"job {job.id} has trials 0..{len(list_trials(session, job)) - 1}")
+    _check_publishable(job, trial)
+    row = _first(session, PublishedSchedule, PublishedSchedule.trial_id == trial.id)
+    if row is None:
+        row = _schedule_row(job, trial, status="candidate", on_front=False)
+        session.add(row)
+        session.flush()
+    return publish_schedule(session, row.id)
+
+
+def retire_schedule(session: Session, schedule_id: int) -> PublishedSchedule:
+    """Withdraw a published schedule: deployments are no longer given it. Raises `Conflict` for a
+    schedule that is not published; retiring a retired one changes nothing."""
+    row = get_published(session, schedule_id)
+    if row.status == "candidate":
+        raise Conflict(f"schedule {row.id} is a candidate, not published: there is nothing to retire")
+    if row.status == "published":
+        row.status, row.retired_at = "retired", utcnow()
+        bump_version(session, SCHEDULES)
+        session.flush()
+    return row
+
+
+def bump_version(session: Session, name: str) -> None:
+    """Count one change of kind `name` (in the caller's transaction)."""
+    statement = update(ChangeCounter).where(ChangeCounter.name == name).values(version=ChangeCounter.version + 1)
+    statement = statement.execution_options(synchronize_session=False)
+    if session.execute(statement).rowcount:
+        return
+    try:
+        with session.begin_nested():
+            session.add(ChangeCounter(name=name, version=1))
+    except IntegrityError:  # a concurrent writer counted the first change
+        session.execute(statement)
+
+
+def version_of(session: Session, name: str) -> int:
+    """How many changes of kind `name` were counted (0: none yet)."""
+    return session.scalar(select(ChangeCounter.version).where(ChangeCounter.name == name)) or 0
 
 
 def find_schedules(
@@ -484,11 +561,19 @@ def find_schedules(
     backbone: Backbone | str,
     hardware: HardwareProfileRow | str | None = None,
     workload: WorkloadRow | str | None = None,
+    status: str | Sequence[str] = "published",
 ) -> list[PublishedSchedule]:
-    """Published schedules of `backbone` (a row or its name), optionally only on `hardware` (a row
-    or its key) and `workload` (a row, or a name: every workload of that name), fastest first.
-    A name or key that matches nothing raises `NotFound` listing the known ones."""
-    query = select(PublishedSchedule).where(PublishedSchedule.backbone_id == _backbone_id(session, backbone))
+    """Schedules of `backbone` (a row or its name) in `status` (one or several of
+    `SCHEDULE_STATUSES`), optionally only on `hardware` (a row or its key) and `workload` (a row,
+    or a name: every workload of that name), fastest first. A name or key that matches nothing
+    raises `NotFound` listing the known ones."""
+    statuses = (status,) if isinstance(status, str) else tuple(status)
+    unknown = [s for s in statuses if s not in SCHEDULE_STATUSES]
+    if unknown or not statuses:
+        raise ValueError(f"unknown schedule status {unknown or statuses}; allowed: {', '.join(SCHEDULE_STATUSES)}")
+    query = select(PublishedSchedule).where(
+        PublishedSchedule.backbone_id == _backbone_id(session, backbone), PublishedSchedule.status.in_(statuses)
+    )
     if hardware is not None:
         query = query.where(PublishedSchedule.hardware_id == _hardware_id(session, hardware))
     if workload is not None:
@@ -529,8 +614,54 @@ def _workload_ids(session: Session, workload: WorkloadRow | str) -> Sequence[int
 
 
 def get_published(session: Session, schedule_id: int) -> PublishedSchedule:
-    """The published schedule with this id, or `NotFound`."""
+    """The schedule (candidate, published or retired) with this id, or `NotFound`."""
     row = session.get(PublishedSchedule, schedule_id)
     if row is None:
-        raise NotFound("published schedule", schedule_id)
+        raise NotFound("schedule", schedule_id)
     return row
+
+
+# ----------------------------------------------------------------------------- the service's tokens
+def create_token(session: Session, *, key: str, name: str, scope: str, secret_sha256: str) -> ApiToken:
+    """Store a token by its public `key` and the sha256 (hex) of its secret; never the secret."""
+    if scope not in TOKEN_SCOPES:
+        raise ValueError(f"unknown token scope {scope!r}; allowed: {', '.join(TOKEN_SCOPES)}")
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"a token name must be a non-empty string, got {name!r}")
+    if len(secret_sha256) != 64 or not set(secret_sha256) <= _HEX:
+        raise ValueError("secret_sha256 must be the 64 hex digits of a sha256")
+    token = ApiToken(key=key, name=name.strip(), scope=scope, secret_sha256=secret_sha256, created_at=utcnow())
+    session.add(token)
+    session.flush()
+    return token
+
+
+def find_token(session: Session, key: str) -> ApiToken | None:
+    """The token with this public key (revoked or not), or None."""
+    return _first(session, ApiToken, ApiToken.key == key)
+
+
+def list_tokens(session: Session) -> list[ApiToken]:
+    """Every token, oldest first, revoked ones included."""
+    return list(session.scalars(select(ApiToken).order_by(ApiToken.created_at, ApiToken.id)))
+
+
+def revoke_token(session: Session, key_or_name: str) -> ApiToken:
+    """Revoke the live token whose key or name is `key_or_name`. `NotFound` when there is none,
+    `Conflict` when a name belongs to several live tokens (revoke by key)."""
+    live = select(ApiToken).where(ApiToken.revoked_at.is_(None))
+    matches = list(session.scalars(live.where(ApiToken.key == key_or_name))) or list(
+        session.scalars(live.where(ApiToken.name == key_or_name))
+    )
+    if not matches:
+        raise NotFound("live token", key_or_name, "`illava-tune token list` shows them")
+    if len(matches) > 1:
+        raise Conflict(f"{len(matches)} live tokens are named {key_or_name!r}: revoke one by its key")
+    matches[0].revoked_at = utcnow()
+    session.flush()
+    return matches[0]
+
+
+def touch_token(session: Session, token_id: int, when: datetime) -> None:
+    """Record that the token was used at `when`."""
+    session.execute(update(ApiToken).where(ApiToken.id == token_id).values(last_used_at=when))

@@ -153,7 +153,7 @@ def _tuning_commands(commands) -> None:
     jobs.add_argument("--database", help=db_help)
     jobs.set_defaults(run=_lazy("cmd_jobs", "tune"))
 
-    best = commands.add_parser("best", help="the best published schedule under a latency target")
+    best = commands.add_parser("best", help="the best published schedule for a latency or speedup target")
     best.add_argument("--backbone", required=True)
     target = best.add_mutually_exclusive_group(required=True)
     target.add_argument("--latency-ms", type=float, help="at most this prefill latency, on the hardware tuned on")
@@ -164,6 +164,8 @@ def _tuning_commands(commands) -> None:
     _runtime_args(best, filters=True)
     best.add_argument("--max-memory-mib", type=float)
     best.add_argument("--min-retention", type=float)
+    best.add_argument("--candidates", action="store_true",
+                      help="choose among the candidates on fronts too, not only the published schedules")  # fmt: skip
     best.add_argument("--database", help=db_help)
     best.set_defaults(run=_lazy("cmd_best", "tune"))
 
@@ -174,12 +176,65 @@ def _tuning_commands(commands) -> None:
     export.add_argument("--database", help=db_help)
     export.set_defaults(run=_lazy("cmd_export", "tune"))
 
+    _service_commands(commands, db_help)
+
     database = commands.add_parser("db", help="database schema: upgrade, check, or stamp (record a revision)")
     database.add_argument("action", choices=["upgrade", "check", "stamp"])
     database.add_argument("revision", nargs="?",
                           help="stamp only: the revision the tables are at, recorded without migrating (default: head)")  # fmt: skip
     database.add_argument("--database", help=db_help)
     database.set_defaults(run=_lazy("cmd_db", "tune"))
+
+
+def _service_commands(commands, db_help: str) -> None:
+    publish = commands.add_parser("publish", help="give a schedule to deployments (best, the service and pull)")
+    publish.add_argument("schedule_id", type=int, nargs="?", help="a schedule id (from pareto or best)")
+    publish.add_argument("--job", help="with --trial: publish this job's trial (on its front or not)")
+    publish.add_argument("--trial", type=int, help="the trial number to publish")
+    publish.add_argument("--database", help=db_help)
+    publish.set_defaults(run=_lazy("cmd_publish", "service"))
+    retire = commands.add_parser("retire", help="withdraw a published schedule from deployments")
+    retire.add_argument("schedule_id", type=int)
+    retire.add_argument("--database", help=db_help)
+    retire.set_defaults(run=_lazy("cmd_retire", "service"))
+
+    serve = commands.add_parser("serve", help="the HTTP schedule service deployments pull from")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--public-reads", action="store_true", help="reads need no token (writes always do)")
+    serve.add_argument(
+        "--ray-address", help="the Ray cluster submitted jobs run on (default: $RAY_ADDRESS, else local)"
+    )
+    serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    serve.add_argument("--database", help=db_help)
+    serve.set_defaults(run=_lazy("cmd_serve", "service"))
+
+    token = commands.add_parser("token", help="tokens of the schedule service: create, list, revoke")
+    token.add_argument("action", choices=["create", "list", "revoke"])
+    token.add_argument("token", nargs="?", help="revoke: the token's key or name")
+    token.add_argument("--scope", choices=["read", "write"], default="read",
+                       help="create: read (schedules, jobs) or write (submit, cancel, resume, publish, retire; "
+                       "reads too) (default: %(default)s)")  # fmt: skip
+    token.add_argument("--name", dest="name", help="create: a name to know it by (default: SCOPE-KEY)")
+    token.add_argument("--database", help=db_help)
+    token.set_defaults(run=_lazy("cmd_token", "service"))
+
+    pull = commands.add_parser("pull", help="fetch the best published schedule's manifest from the service")
+    pull.add_argument("--server", required=True, help="the service's URL, e.g. http://tuner:8000")
+    pull.add_argument("--schedule", type=int, help="a schedule id instead of a target")
+    pull.add_argument("--backbone")
+    target = pull.add_mutually_exclusive_group()
+    target.add_argument("--latency-ms", type=float, help="at most this prefill latency")
+    target.add_argument("--speedup", type=float, help="at least this many times faster than the unmerged model")
+    pull.add_argument("--hardware", help="hardware key")
+    pull.add_argument("--workload", help="workload name")
+    _runtime_args(pull, filters=True)
+    pull.add_argument("--max-memory-mib", type=float)
+    pull.add_argument("--min-retention", type=float)
+    pull.add_argument("--candidates", action="store_true", help="choose among unpublished candidates too")
+    pull.add_argument("-o", "--output", required=True, help="the manifest file; rewritten only when the answer changed")
+    pull.add_argument("--token", help="a read token (default: $ILLAVA_TOKEN)")
+    pull.set_defaults(run=_lazy("cmd_pull", "service"))
 
 
 def _train_demo(argv: list[str]) -> int:

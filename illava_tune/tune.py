@@ -1,4 +1,5 @@
-"""`illava-tune submit | jobs | status | cancel | resume | pareto | best | export | db`: thin over `jobs`."""
+"""`illava-tune submit | jobs | status | cancel | resume | pareto | best | export | db`: thin over `jobs`
+(the service's commands are in `illava_tune.service`)."""
 
 from __future__ import annotations
 
@@ -45,7 +46,9 @@ def format_front(rows: list[dict[str, Any]]) -> str:
     lines += [f"memory: {source}" for source in sources]
     lines += [header, "-" * len(header)]
     for row in rows:
-        what = Schedule.from_dict(row["schedule"]).describe()
+        what = Schedule.from_dict(row["schedule"]).describe() + (
+            "" if row.get("status", "candidate") == "candidate" else f" [{row['status']}]"
+        )
         near = "".join(f" ~#{other['id']}" for other in rows if _indistinct(row, other))
         lines.append(
             f"{row['id']:>5}  {_ms(row['latency_ms']):>10}  {_speedup(row):>16}  {_ms(row['memory_mib']):>10}  "
@@ -70,35 +73,65 @@ def _indistinct(row: dict[str, Any], other: dict[str, Any]) -> bool:
     return row["speedup_low"] <= other["speedup_high"] and other["speedup_low"] <= row["speedup_high"]
 
 
-def _workload(args):
-    """The named preset or file (default: per backbone), with --dataset and --limit applied."""
+def workload_for(backbone: str, workload: str | dict | None = None, *, dataset: str | None = None,
+                 limit: int | None = None):  # fmt: skip
+    """The workload a job or profile runs: the named preset, file or (from the API) spec dict, else
+    the backbone's default, with `dataset` and `limit` applied."""
     import dataclasses
 
-    from profiler import resolve_workload
+    from profiler import Workload, resolve_workload
     from profiler.datasets import BUILTIN_DATASETS
     from profiler.workload import default_workload
 
-    workload = resolve_workload(args.workload or default_workload(args.backbone))
-    if args.dataset:
-        dataset = args.dataset if args.dataset in BUILTIN_DATASETS else str(Path(args.dataset).resolve())
-        workload = dataclasses.replace(workload, dataset=dataset)
-    if args.limit is not None:
-        workload = dataclasses.replace(workload, samples=args.limit)
-    return workload
+    if isinstance(workload, dict):
+        resolved = Workload.from_dict(workload)
+    else:
+        resolved = resolve_workload(workload or default_workload(backbone))
+    if dataset:
+        dataset = dataset if dataset in BUILTIN_DATASETS else str(Path(dataset).resolve())
+        resolved = dataclasses.replace(resolved, dataset=dataset)
+    if limit is not None:
+        resolved = dataclasses.replace(resolved, samples=limit)
+    return resolved
+
+
+def submit_job(database: Database, *, backbone: str = "demo", workload: str | dict | None = None,
+               dataset: str | None = None, limit: int | None = None, trials: int = 12, workers: int = 1,
+               reduction: str = "0.5:0.95", encoder_share: str = "0:0.8", min_retention: float | None = None,
+               max_memory_mib: float | None = None, max_latency_ms: float | None = None, sampler: str = "tpe",
+               seed: int = 0, dtype: str = "float32", attn: str = "sdpa", objective: str = "speedup") -> str:  # fmt: skip
+    """`illava-tune submit`'s arguments (and the API's submit body) to a queued job; every error is
+    a `jobs.InvalidInput` naming the argument."""
+    import jobs
+    from jobs import about_field
+    from optimizer import Constraints, SearchSpace, parse_range
+
+    with about_field("reduction"):
+        reduction_range = parse_range(reduction)
+    with about_field("encoder_share"):
+        share_range = parse_range(encoder_share)
+    with about_field("search_space"):
+        space = SearchSpace(reduction=reduction_range, encoder_share=share_range)
+    with about_field("constraints"):
+        constraints = Constraints(min_retention=min_retention, max_memory_mib=max_memory_mib,
+                                  max_latency_ms=max_latency_ms)  # fmt: skip
+    with about_field("workload"):
+        resolved = workload_for(backbone, workload, dataset=dataset, limit=limit)
+    return jobs.submit(database, backbone=backbone, workload=resolved, n_trials=trials, n_workers=workers,
+                       space=space, constraints=constraints, sampler=sampler, seed=seed, dtype=dtype,
+                       attention=attn, objective=objective)  # fmt: skip
 
 
 def cmd_submit(args) -> int:
     import jobs
-    from optimizer import Constraints, SearchSpace, parse_range
 
     database = _database(args, create=True)
-    space = SearchSpace(reduction=parse_range(args.reduction), encoder_share=parse_range(args.encoder_share))
-    constraints = Constraints(min_retention=args.min_retention, max_memory_mib=args.max_memory_mib,
-                              max_latency_ms=args.max_latency_ms)  # fmt: skip
-    workload = _workload(args)
-    job_id = jobs.submit(database, backbone=args.backbone, workload=workload, n_trials=args.trials,
-                         n_workers=args.workers, space=space, constraints=constraints, sampler=args.sampler,
-                         seed=args.seed, dtype=args.dtype, attention=args.attn, objective=args.objective)  # fmt: skip
+    job_id = submit_job(database, backbone=args.backbone, workload=args.workload, dataset=args.dataset,
+                        limit=args.limit, trials=args.trials, workers=args.workers, reduction=args.reduction,
+                        encoder_share=args.encoder_share, min_retention=args.min_retention,
+                        max_memory_mib=args.max_memory_mib, max_latency_ms=args.max_latency_ms,
+                        sampler=args.sampler, seed=args.seed, dtype=args.dtype, attn=args.attn,
+                        objective=args.objective)  # fmt: skip
     print(job_id)
     if not args.wait:
         log = jobs.start_background(database, job_id)
@@ -134,8 +167,9 @@ def _run_in_foreground(database: Database, job_id: str, args) -> int:
     latency_ms, speedup = getattr(args, "latency_ms", None), getattr(args, "speedup", None)
     if latency_ms or speedup:
         status = jobs.status(database, job_id)
-        _print_best(jobs.best(database, backbone=status.backbone, latency_ms=latency_ms, speedup=speedup, job=job_id),
-                    latency_ms=latency_ms, speedup=speedup)  # fmt: skip
+        choice = jobs.best(database, backbone=status.backbone, latency_ms=latency_ms, speedup=speedup, job=job_id,
+                           candidates=True)  # fmt: skip
+        _print_best(choice, latency_ms=latency_ms, speedup=speedup)
     return 0
 
 
@@ -149,17 +183,14 @@ def cmd_resume(args) -> int:
 
 
 def cmd_jobs(args) -> int:
-    from db import queries
+    import jobs
 
-    database = _database(args)
-    with database.session() as s:
-        rows = [
-            (j.id, j.status, j.backbone.name, j.workload.name, j.n_trials, j.created_at) for j in queries.list_jobs(s)
-        ]
+    rows = jobs.list_jobs(_database(args))
     if not rows:
         print("no jobs yet: `illava-tune submit --backbone tiny --trials 8 --wait`")
-    for job_id, state, backbone, workload, trials, created in rows:
-        print(f"{job_id[:12]}  {state:<10} {backbone:<10} {workload:<14} {trials:>4} trials  {created:%Y-%m-%d %H:%M}")
+    for job in rows:
+        print(f"{job.id[:12]}  {job.state:<10} {job.backbone:<10} {job.workload:<14} {job.n_trials:>4} trials  "
+              f"{job.created_at:%Y-%m-%d %H:%M}")  # fmt: skip
     return 0
 
 
@@ -198,23 +229,32 @@ def cmd_pareto(args) -> int:
 
 
 def write_plot(rows: list[dict[str, Any]], path: Path) -> Path:
-    """Latency against quality, memory as marker size: PNG with matplotlib (HTML if plotly is there)."""
-    quality = [r["quality"] for r in rows]
-    latency = [r["latency_ms"] for r in rows]
+    """Latency against quality as a PNG at `path` (and an interactive HTML beside it if plotly is there)."""
     try:
         import plotly.express as px
 
-        fig = px.scatter(x=latency, y=quality, size=[r["memory_mib"] or 1 for r in rows],
-                         labels={"x": "prefill latency (ms)", "y": "accuracy / fidelity"}, hover_name=[str(r["id"]) for r in rows])  # fmt: skip
-        html = path.with_suffix(".html")
-        fig.write_html(html)
+        fig = px.scatter(x=[r["latency_ms"] for r in rows], y=[r["quality"] for r in rows],
+                         size=[r["memory_mib"] or 1 for r in rows],
+                         labels={"x": "prefill latency (ms)", "y": "accuracy / fidelity"},
+                         hover_name=[str(r["id"]) for r in rows])  # fmt: skip
+        fig.write_html(path.with_suffix(".html"))
     except ImportError:
         pass
+    path.write_bytes(front_png(rows))
+    return path
+
+
+def front_png(rows: list[dict[str, Any]]) -> bytes:
+    """The front as a PNG (matplotlib, no display needed): latency against quality, points labelled by id."""
+    import io
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    quality = [r["quality"] for r in rows]
+    latency = [r["latency_ms"] for r in rows]
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.scatter(latency, quality)
     for r, x, y in zip(rows, latency, quality):
@@ -223,9 +263,10 @@ def write_plot(rows: list[dict[str, Any]], path: Path) -> Path:
     ax.set_ylabel("accuracy (or first-token agreement)")
     ax.set_title("Pareto front")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    out = io.BytesIO()
+    fig.savefig(out, format="png", dpi=120)
     plt.close(fig)
-    return path
+    return out.getvalue()
 
 
 def cmd_best(args) -> int:
@@ -234,7 +275,8 @@ def cmd_best(args) -> int:
     choice = jobs.best(_database(args), backbone=args.backbone, latency_ms=args.latency_ms, speedup=args.speedup,
                        hardware=args.hardware,
                        workload=args.workload, max_memory_mib=args.max_memory_mib,
-                       min_retention=args.min_retention, dtype=args.dtype, attention=args.attn)  # fmt: skip
+                       min_retention=args.min_retention, dtype=args.dtype, attention=args.attn,
+                       candidates=args.candidates)  # fmt: skip
     _print_best(choice, latency_ms=args.latency_ms, speedup=args.speedup)
     return 0
 
@@ -244,8 +286,13 @@ def _print_best(choice, *, latency_ms: float | None = None, speedup: float | Non
 
     row = choice.point.ref  # the published schedule row
     target = f"under {latency_ms:.1f} ms" if latency_ms is not None else f"at least {speedup:.2f}x faster than unmerged"
+    then = (
+        f"export: illava-tune export {row.id}"
+        if row.status == "published"
+        else f"publish: illava-tune publish {row.id}"
+    )
     if choice.met:
-        print(f"\nbest schedule {target}: #{row.id} (export: illava-tune export {row.id})")
+        print(f"\nbest schedule {target}: #{row.id} ({then})")
     elif latency_ms is not None:
         print(f"\nno schedule meets {latency_ms:.1f} ms; the fastest is #{row.id}, {choice.gap_ms:.1f} ms over")
     else:

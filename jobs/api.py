@@ -12,6 +12,8 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -20,7 +22,7 @@ from typing import Any
 import optuna
 
 import illava
-from db import Database, queries
+from db import Conflict, Database, LeaseHeld, NotFound, queries
 from db.models import utcnow
 from illava import Schedule
 from optimizer import Constraints, Objectives, SearchSpace, best_for_target, make_study, seed_reductions
@@ -29,6 +31,26 @@ from .driver import Progress, point, progress
 from .lease import describe_lease, holder_is_gone
 
 SAMPLERS = ("tpe", "nsga2", "random")
+
+
+class InvalidInput(ValueError):
+    """A submitted value that cannot be tuned: `field` names it (as the API's body does), the
+    message says what is wrong and what is allowed."""
+
+    def __init__(self, field: str, message: str) -> None:
+        self.field = field
+        super().__init__(message)
+
+
+@contextmanager
+def about_field(field: str) -> Iterator[None]:
+    """Errors raised inside are about `field`: they become `InvalidInput`s naming it."""
+    try:
+        yield
+    except InvalidInput:
+        raise
+    except (ValueError, FileNotFoundError, LookupError) as err:
+        raise InvalidInput(field, err.args[0] if isinstance(err, KeyError) and err.args else str(err)) from err
 
 
 @dataclass(frozen=True)
@@ -94,23 +116,33 @@ def submit(
     from profiler import check_dataset, detect_hardware, resolve_workload
 
     if n_trials < 1:
-        raise ValueError(f"--trials must be >= 1, got {n_trials}")
+        raise InvalidInput("trials", f"--trials must be >= 1, got {n_trials}")
     if n_workers < 1:
-        raise ValueError(f"--workers must be >= 1, got {n_workers}")
+        raise InvalidInput("workers", f"--workers must be >= 1, got {n_workers}")
     if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; allowed: {', '.join(SAMPLERS)}")
-    objectives = Objectives(objective)
-    workload = resolve_workload(workload)
-    check_dataset(workload)
+        raise InvalidInput("sampler", f"unknown sampler {sampler!r}; allowed: {', '.join(SAMPLERS)}")
+    with about_field("objective"):
+        objectives = Objectives(objective)
+    with about_field("workload"):
+        workload = resolve_workload(workload)
+    with about_field("dataset"):
+        check_dataset(workload)
     space = space or SearchSpace()
-    encoder_depth, llm_depth = _check_backbone(backbone, workload, space)
-    space.check_fits(encoder_depth=encoder_depth, llm_depth=llm_depth)
+    with about_field("backbone"):
+        encoder_depth, llm_depth = _check_backbone(backbone, workload, space)
+    with about_field("search_space"):
+        space.check_fits(encoder_depth=encoder_depth, llm_depth=llm_depth)
+        for reduction in seed_reductions(space):
+            Schedule.paper_default(reduction, encoder_depth=encoder_depth, llm_depth=llm_depth)
     constraints = constraints or Constraints()
-    constraints.check_satisfiable()
-    for reduction in seed_reductions(space):
-        Schedule.paper_default(reduction, encoder_depth=encoder_depth, llm_depth=llm_depth)
+    with about_field("constraints"):
+        constraints.check_satisfiable()
     device = "cuda" if _has_cuda() else "cpu"
-    hardware = detect_hardware(device, dtype=dtype_name(dtype), attention=check_attention(attention, device))
+    with about_field("dtype"):
+        dtype = dtype_name(dtype)
+    with about_field("attention"):
+        attention = check_attention(attention, device)
+    hardware = detect_hardware(device, dtype=dtype, attention=attention)
     with database.session() as s:
         job = queries.create_job(
             s,
@@ -135,15 +167,17 @@ def _has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def start_background(database: Database, job_id: str, log_dir: Path = Path(".illava-jobs")) -> Path:
-    """Run the driver in a detached process (`python -m jobs run JOB`); returns its log file."""
+def start_background(database: Database, job_id: str, log_dir: Path = Path(".illava-jobs"), *,
+                     force: bool = False) -> Path:  # fmt: skip
+    """Run the driver in a detached process (`python -m jobs run JOB`); returns its log file. It
+    connects to the Ray cluster at `RAY_ADDRESS` (else starts a local one)."""
     log_dir.mkdir(parents=True, exist_ok=True)
     log = log_dir / f"{job_id}.log"
     # The URL goes by the environment, not the command line, where `ps` would show its password.
     env = {**os.environ, "DATABASE_URL": database.url}
     with log.open("ab") as out:
         subprocess.Popen(
-            [sys.executable, "-m", "jobs", "run", job_id], env=env,
+            [sys.executable, "-m", "jobs", "run", job_id, *(["--force"] if force else [])], env=env,
             stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
         )  # fmt: skip
     return log
@@ -162,34 +196,77 @@ def status(database: Database, job_id: str) -> JobStatus:
     return JobStatus(*head, beat, p, driver=driver, lease_expires_at=expires)
 
 
+@dataclass(frozen=True)
+class JobSummary:
+    """A job as `list_jobs` shows it: what it tunes, its state, and when it was created."""
+
+    id: str
+    state: str
+    backbone: str
+    workload: str
+    n_trials: int
+    objective: str
+    created_at: datetime
+
+
+def list_jobs(database: Database, *, limit: int = 50, state: str | None = None) -> list[JobSummary]:
+    """The newest jobs first (optionally only those in `state`)."""
+    with database.session() as s:
+        return [
+            JobSummary(j.id, j.status, j.backbone.name, j.workload.name, j.n_trials, j.objective, j.created_at)
+            for j in queries.list_jobs(s, limit, status=state)
+        ]
+
+
 def cancel(database: Database, job_id: str) -> str:
-    """Ask a running job to stop (its driver checks between trials); a queued job stops at once."""
+    """Ask a running job to stop (its driver checks between trials); a queued job stops at once.
+    A finished job is a `Conflict`."""
     with database.session() as s:
         job = queries.get_job(s, job_id)
         if job.status in ("completed", "cancelled", "failed"):
-            raise ValueError(f"job {job.id} is already {job.status}")
+            raise Conflict(f"job {job.id} is already {job.status}: there is nothing to cancel")
         queries.request_cancel(s, job)
         if job.status == "queued":
             queries.set_job_status(s, job, "cancelled")
         return job.id
 
 
-def front(database: Database, job_id: str) -> list[dict[str, Any]]:
-    """The job's published schedules (its Pareto front), fastest first."""
+def resume_background(database: Database, job_id: str, *, force: bool = False,
+                      start: Callable[..., object] | None = None) -> str:  # fmt: skip
+    """Continue a job whose driver stopped, in a detached driver (`start_background`); returns its
+    id. What the driver would refuse is refused here, so the caller hears it now and not in a log:
+    a `Conflict` when there is nothing to resume (completed, cancelled), `LeaseHeld` while another
+    driver owns the job (with `force`, one whose lease expired is taken over; see `jobs.lease.take`).
+    `start(database, job_id, force=...)` starts the driver (default: `start_background`)."""
     with database.session() as s:
         job = queries.get_job(s, job_id)
-        rows = [row for row in queries.find_schedules(s, backbone=job.backbone.name) if row.job_id == job.id]
-        return [published(row) for row in rows]  # fastest first
+        state, owner, expires = job.id, job.lease_owner, job.lease_expires_at
+        if job.status in ("completed", "cancelled"):
+            raise Conflict(f"job {job.id} is {job.status}: there is nothing to resume")
+    if owner is not None and not holder_is_gone(owner):
+        expired = expires is None or expires <= utcnow()
+        if not (force and expired):
+            raise LeaseHeld(describe_lease(state, owner, expires), owner, expires)
+    (start or start_background)(database, state, force=force)
+    return state
+
+
+def front(database: Database, job_id: str) -> list[dict[str, Any]]:
+    """The schedules on the job's Pareto front (candidates, or published or retired since), fastest first."""
+    with database.session() as s:
+        return [published(row) for row in queries.job_front(s, queries.get_job(s, job_id))]
 
 
 def published(row) -> dict[str, Any]:
-    """A published schedule as the CLI and the API show it: its figures, the spread of its paired
-    speedup (`speedup_low`/`speedup_high`, None before speedups were measured) and what its memory
-    figure is (`memory_source`)."""
+    """A schedule as the CLI and the API show it: its figures, the spread of its paired speedup
+    (`speedup_low`/`speedup_high`, None before speedups were measured), what its memory figure is
+    (`memory_source`) and where it is in its lifecycle (`status`: candidate, published, retired)."""
     metrics = row.metrics or {}
     speedup = metrics.get("speedup") or {}
     return {
-        "id": row.id, "job": row.job_id, "schedule": row.schedule, "latency_ms": row.latency_ms,
+        "id": row.id, "job": row.job_id, "status": row.status, "on_front": row.on_front,
+        "backbone": row.backbone.name, "workload": row.workload.name, "schedule": row.schedule,
+        "latency_ms": row.latency_ms,
         "memory_mib": row.memory_mib, "accuracy": row.accuracy, "retention": row.retention,
         "fidelity": row.fidelity, "quality": row.accuracy if row.accuracy is not None else row.fidelity,
         "speedup": row.speedup, "speedup_low": speedup.get("low"), "speedup_high": speedup.get("high"),
@@ -202,35 +279,77 @@ def published(row) -> dict[str, Any]:
 def best(database: Database, *, backbone: str, latency_ms: float | None = None, speedup: float | None = None,
          hardware: str | None = None, workload: str | None = None, max_memory_mib: float | None = None,
          min_retention: float | None = None, job: str | None = None, dtype: str | None = None,
-         attention: str | None = None):  # fmt: skip
-    """The best published schedule for a target: under `latency_ms`, or at least `speedup` times
-    faster than the unmerged model measured in the same job (optionally only `job`'s, or only those
-    tuned in `dtype` / with `attention`); see `best_for_target`.
+         attention: str | None = None, candidates: bool = False):  # fmt: skip
+    """The best schedule for a target: under `latency_ms`, or at least `speedup` times faster than
+    the unmerged model measured in the same job (optionally only `job`'s, or only those tuned in
+    `dtype` / with `attention`); see `best_for_target`. It is chosen among the published schedules,
+    what deployments are given; with `candidates`, among every schedule on a front too (retired ones
+    never). No schedule to choose from is a `NoSchedules` error saying what there is.
 
     Latencies are compared within one hardware group only: when the schedules that match come
-    from several (devices, dtypes or attentions), this is a ValueError listing them, never a pick
-    across them."""
+    from several (devices, dtypes or attentions), this is an `InvalidInput` about `hardware`
+    listing them, never a pick across them."""
+    statuses = ("published", "candidate") if candidates else ("published",)
     with database.session() as s:
-        rows = queries.find_schedules(s, backbone=backbone, hardware=hardware, workload=workload)
+        try:
+            rows = queries.find_schedules(s, backbone=backbone, hardware=hardware, workload=workload, status=statuses)
+        except NotFound as err:  # an unknown backbone, hardware or workload name: err.kind says which
+            raise InvalidInput(err.kind, str(err)) from err
         if job is not None:
             rows = [row for row in rows if row.job_id == queries.get_job(s, job).id]
         if dtype is not None or attention is not None:
             rows = [row for row in rows if _runs_in(row.hardware.profile, dtype, attention)]
         if not rows:
             wanted = "".join(
-                f", {label} {value}" for label, value in (("dtype", dtype), ("attention", attention)) if value
-            )
-            raise ValueError(
-                f"no published schedules for backbone {backbone!r}{wanted}; run `illava-tune submit` first"
-            )
+                f", {label} {value}"
+                for label, value in (("hardware", hardware), ("workload", workload), ("dtype", dtype),
+                                     ("attention", attention), ("job", job)) if value
+            )  # fmt: skip
+            hint = "run `illava-tune submit` first"
+            if not candidates:
+                waiting = len(queries.find_schedules(s, backbone=backbone, status="candidate"))
+                if waiting:
+                    hint = (f"{waiting} candidate schedule{'s' * (waiting > 1)} of {backbone!r} wait on fronts: "
+                            "publish one (`illava-tune publish ID`), or ask for candidates")  # fmt: skip
+            what = "schedules" if candidates else "published schedules"
+            raise NoSchedules(f"no {what} for backbone {backbone!r}{wanted}; {hint}")
         groups = sorted({row.hardware.key for row in rows})
         if len(groups) > 1:
-            raise ValueError(
+            raise InvalidInput(
+                "hardware",
                 f"schedules of backbone {backbone!r} were tuned on {len(groups)} hardware groups, whose latencies "
-                f"do not compare: {'; '.join(groups)}. Choose one with --hardware (or --dtype / --attn)"
+                f"do not compare: {'; '.join(groups)}. Choose one with --hardware (or --dtype / --attn)",
             )
         return best_for_target([point(row) for row in rows], latency_ms=latency_ms, min_speedup=speedup,
                                max_memory_mib=max_memory_mib, min_retention=min_retention)  # fmt: skip
+
+
+class NoSchedules(LookupError):
+    """No schedule to choose from for a `best` query (none published, or none at all)."""
+
+
+def publish(database: Database, schedule_id: int | None = None, *, job: str | None = None,
+            trial: int | None = None) -> dict[str, Any]:  # fmt: skip
+    """Publish a schedule by its id, or trial `trial` of `job` (on the front or not): `best`, the
+    service and `pull` give it to deployments. A trial that did not complete is a `Conflict`."""
+    if (schedule_id is None) == (job is None or trial is None):
+        raise ValueError("publish takes a schedule id, or a job and a trial number")
+    with database.session() as s:
+        if schedule_id is not None:
+            return published(queries.publish_schedule(s, schedule_id))
+        return published(queries.publish_trial(s, queries.get_job(s, job), trial))  # type: ignore[arg-type]
+
+
+def retire(database: Database, schedule_id: int) -> dict[str, Any]:
+    """Withdraw a published schedule; deployments asking `best` get the next best published one."""
+    with database.session() as s:
+        return published(queries.retire_schedule(s, schedule_id))
+
+
+def schedule(database: Database, schedule_id: int) -> dict[str, Any]:
+    """One schedule (any status) as `published` shows it."""
+    with database.session() as s:
+        return published(queries.get_published(s, schedule_id))
 
 
 def _runs_in(profile: dict[str, Any], dtype: str | None, attention: str | None) -> bool:
@@ -253,7 +372,12 @@ def manifest(database: Database, schedule_id: int) -> dict[str, Any]:
             "hardware": row.hardware.profile,
             "metrics": row.metrics,
             "reference": _reference(row, queries.get_job(s, row.job_id).objective),
-            "provenance": {"job": row.job_id, "trial": row.trial_id, "illava-tune": version("illava-tune")},
+            "provenance": {
+                "schedule": row.id,
+                "job": row.job_id,
+                "trial": row.trial_id,
+                "illava-tune": version("illava-tune"),
+            },  # fmt: skip
         }
 
 

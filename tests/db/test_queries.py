@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 import pytest
 from sqlalchemy import func, select
 
-from db import AmbiguousId, BudgetExhausted, LeaseLost, NotFound, PublishedSchedule, Trial, TuningJob, queries
+from db import AmbiguousId, BudgetExhausted, Conflict, LeaseLost, NotFound, PublishedSchedule, Trial, TuningJob, queries
 from db.queries import _insert_or_get
 
 CPU = {"kind": "cpu", "name": "Test CPU", "memory_mib": 1024, "threads": 2, "torch": "2.13.0", "cuda": None,
@@ -355,7 +355,7 @@ def test_find_schedules_filters(database):
 
     def ids(**filters):
         with database.session() as session:
-            return [p.id for p in queries.find_schedules(session, **filters)]
+            return [p.id for p in queries.find_schedules(session, status="candidate", **filters)]
 
     cpu, gpu, multi, tiny = (fronts[job.id] for job in (cpu_job, gpu_job, multi_job, tiny_job))
     assert ids(backbone="small") == gpu + cpu + multi  # fastest first: 2, 10, 30, 50
@@ -382,8 +382,82 @@ def test_get_published(database):
     with database.session() as session:
         row = queries.get_published(session, published.id)
         assert row.schedule == published.schedule and row.backbone.name == "small"
-        with pytest.raises(NotFound, match=f"no published schedule {published.id + 1}"):
+        with pytest.raises(NotFound, match=f"no schedule {published.id + 1}"):
             queries.get_published(session, published.id + 1)
+
+
+def test_a_schedule_is_a_candidate_until_published_and_retire_withdraws_it(database):
+    with database.session() as session:
+        job = make_job(session)
+        fast, slow = queries.publish_front(session, job, [complete(session, job, n, latency_ms=5 + n) for n in (0, 1)])
+        assert (fast.status, fast.on_front, fast.published_at) == ("candidate", True, None)
+        assert queries.find_schedules(session, backbone="small") == []  # nothing published yet
+        version = queries.version_of(session, queries.SCHEDULES)
+        queries.publish_schedule(session, slow.id)
+        assert queries.version_of(session, queries.SCHEDULES) == version + 1
+        queries.publish_schedule(session, slow.id)  # again: nothing changes, no new version
+        assert queries.version_of(session, queries.SCHEDULES) == version + 1
+        assert [row.id for row in queries.find_schedules(session, backbone="small")] == [slow.id]
+        with pytest.raises(Conflict, match=f"schedule {fast.id} is a candidate, not published"):
+            queries.retire_schedule(session, fast.id)
+        retired = queries.retire_schedule(session, slow.id)
+        assert retired.status == "retired" and retired.retired_at is not None
+        assert queries.find_schedules(session, backbone="small") == []
+        assert [r.id for r in queries.find_schedules(session, backbone="small", status="retired")] == [slow.id]
+        assert queries.publish_schedule(session, slow.id).retired_at is None  # a retired one comes back
+        with pytest.raises(ValueError, match="unknown schedule status"):
+            queries.find_schedules(session, backbone="small", status="live")
+
+
+def test_a_new_front_keeps_what_a_user_published_and_drops_stale_candidates(database):
+    with database.session() as session:
+        job = make_job(session)
+        trials = [complete(session, job, n, latency_ms=10.0 - n) for n in range(3)]
+        first = {row.trial_id: row for row in queries.publish_front(session, job, trials[:2])}
+        queries.publish_schedule(session, first[trials[0].id].id)
+        second = queries.publish_front(session, job, [trials[2]])  # the resumed job's front moved on
+        kept = queries.get_published(session, first[trials[0].id].id)
+        assert (kept.status, kept.on_front) == ("published", False)
+        assert [row.id for row in queries.job_front(session, job)] == [second[0].id]
+        with pytest.raises(NotFound):
+            queries.get_published(session, first[trials[1].id].id)  # a candidate off the front is gone
+        again = queries.publish_front(session, job, [trials[0], trials[2]])  # back on the front: same row
+        assert first[trials[0].id].id in {row.id for row in again} and kept.on_front
+
+
+def test_publish_a_trial_off_the_front_and_refuse_one_that_did_not_complete(database):
+    with database.session() as session:
+        job = make_job(session)
+        queries.publish_front(session, job, [complete(session, job, 0, latency_ms=3)])
+        off_front = complete(session, job, 1, latency_ms=4)
+        queries.record_trial(session, job, 2, state="failed", schedule=SCHEDULE, error="oom")
+        row = queries.publish_trial(session, job, 1)
+        assert (row.trial_id, row.status, row.on_front) == (off_front.id, "published", False)
+        assert queries.publish_trial(session, job, 1).id == row.id
+        with pytest.raises(Conflict, match="trial 2 of job .* is failed; only complete trials publish"):
+            queries.publish_trial(session, job, 2)
+        with pytest.raises(NotFound, match="no trial 7"):
+            queries.publish_trial(session, job, 7)
+
+
+def test_tokens_store_no_secret_and_revoke_by_key_or_name(database):
+    digest = hashlib.sha256(b"secret").hexdigest()
+    with database.session() as session:
+        token = queries.create_token(session, key="k1", name="fleet", scope="read", secret_sha256=digest)
+        queries.create_token(session, key="k2", name="ci", scope="write", secret_sha256=digest)
+        queries.create_token(session, key="k3", name="ci", scope="read", secret_sha256=digest)
+        assert queries.find_token(session, "k1").id == token.id and queries.find_token(session, "nope") is None
+        with pytest.raises(ValueError, match="unknown token scope 'admin'"):
+            queries.create_token(session, key="k4", name="x", scope="admin", secret_sha256=digest)
+        with pytest.raises(ValueError, match="64 hex digits"):
+            queries.create_token(session, key="k4", name="x", scope="read", secret_sha256="secret")
+        assert queries.revoke_token(session, "fleet").revoked_at is not None
+        with pytest.raises(NotFound, match="no live token 'fleet'"):
+            queries.revoke_token(session, "fleet")
+        with pytest.raises(Conflict, match="2 live tokens are named 'ci'"):
+            queries.revoke_token(session, "ci")
+        assert queries.revoke_token(session, "k3").key == "k3"
+        assert [t.key for t in queries.list_tokens(session)] == ["k1", "k2", "k3"]
 
 
 # ----------------------------------------------------------------------------- the driver's lease

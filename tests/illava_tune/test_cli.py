@@ -50,11 +50,11 @@ def test_profile_defaults_to_the_trained_demo_backbone_scored_on_its_benchmark(c
 
 def test_submit_defaults_to_the_demo_backbone_and_its_labelled_workload():
     from illava_tune.cli import build_parser
-    from illava_tune.tune import _workload
+    from illava_tune.tune import workload_for
 
     args = build_parser().parse_args(["submit"])
     assert args.backbone == "demo"
-    workload = _workload(args)
+    workload = workload_for(args.backbone, args.workload, dataset=args.dataset, limit=args.limit)
     assert workload.name == "demo-vqa" and workload.dataset == "demo"
 
 

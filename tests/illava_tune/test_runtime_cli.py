@@ -53,18 +53,53 @@ def test_a_job_records_its_dtype_and_attention_and_best_filters_on_them(two_jobs
                 "illava_packed",
             )
 
-    assert main(["best", "--backbone", "tiny", "--latency-ms", "1e6", "--database", url]) == 2
+    assert main(["best", "--backbone", "tiny", "--candidates", "--latency-ms", "1e6", "--database", url]) == 2
     err = capsys.readouterr().err
     assert "2 hardware groups" in err and "bfloat16/illava_packed" in err and "float32/sdpa" in err
 
-    assert main(["best", "--backbone", "tiny", "--latency-ms", "1e6", "--dtype", "bfloat16", "--database", url]) == 0
+    assert (
+        main(
+            [
+                "best",
+                "--backbone",
+                "tiny",
+                "--candidates",
+                "--latency-ms",
+                "1e6",
+                "--dtype",
+                "bfloat16",
+                "--database",
+                url,
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "bfloat16/illava_packed (dtype bfloat16, attention illava_packed)" in out and "float32/sdpa" not in out
     chosen = int(re.search(r"best schedule under [\d.]+ ms: #(\d+)", out)[1])
-    assert main(["best", "--backbone", "tiny", "--latency-ms", "1e6", "--attn", "sdpa", "--database", url]) == 0
+    assert (
+        main(["best", "--backbone", "tiny", "--candidates", "--latency-ms", "1e6", "--attn", "sdpa", "--database", url])
+        == 0
+    )
     assert "float32/sdpa (dtype float32, attention sdpa)" in capsys.readouterr().out
-    assert main(["best", "--backbone", "tiny", "--latency-ms", "1e6", "--dtype", "float16", "--database", url]) == 2
-    assert "no published schedules for backbone 'tiny', dtype float16" in capsys.readouterr().err
+    assert (
+        main(
+            [
+                "best",
+                "--backbone",
+                "tiny",
+                "--candidates",
+                "--latency-ms",
+                "1e6",
+                "--dtype",
+                "float16",
+                "--database",
+                url,
+            ]
+        )
+        == 2
+    )
+    assert "no schedules for backbone 'tiny', dtype float16" in capsys.readouterr().err
 
     assert main(["pareto", packed_job[:8], "--plot", str(tmp_path / "p.png"), "--database", url]) == 0
     assert capsys.readouterr().out.startswith("tuned on cpu:")

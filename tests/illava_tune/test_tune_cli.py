@@ -1,5 +1,5 @@
 """The tuning commands as a user types them: submit (background driver), jobs, status, pareto,
-best, export, then the exported manifest applied to a model."""
+best among the candidates, publish, best, export, then the exported manifest applied to a model."""
 
 import json
 
@@ -45,21 +45,30 @@ def test_submit_to_export_round_trip(tmp_path, monkeypatch, capsys):
 
     # A speedup target: the most accurate schedule at least that much faster than the job's unmerged model.
     slowest = min(row["speedup"] for row in published.values())
-    assert main(["best", "--backbone", "tiny", "--speedup", str(slowest)]) == 0
+    assert main(["best", "--backbone", "tiny", "--candidates", "--speedup", str(slowest)]) == 0
     out = capsys.readouterr().out
     most_accurate = max((row for row in published.values() if row["speedup"] >= slowest),
                         key=lambda row: (row["quality"], -row["memory_mib"], row["speedup"]))  # fmt: skip
     assert f"at least {slowest:.2f}x faster than unmerged: #{most_accurate['id']}" in out
     fastest_speedup = max(published.values(), key=lambda row: row["speedup"])
-    assert main(["best", "--backbone", "tiny", "--speedup", str(fastest_speedup["speedup"] + 5)]) == 0
+    assert main(["best", "--backbone", "tiny", "--candidates", "--speedup", str(fastest_speedup["speedup"] + 5)]) == 0
     out = capsys.readouterr().out
     assert f"no schedule is {fastest_speedup['speedup'] + 5:.2f}x faster than the unmerged model" in out
     assert f"the fastest is #{fastest_speedup['id']} at {fastest_speedup['speedup']:.2f}x, 5.00x short" in out
 
+    # Deployments are given published schedules only: none yet, and the error says how to get one.
+    assert main(["best", "--backbone", "tiny", "--latency-ms", str(fastest_ms + 0.5)]) == 2
+    err = capsys.readouterr().err
+    assert f"no published schedules for backbone 'tiny'; {len(published)} candidate schedule" in err
+    assert "illava-tune publish ID" in err
+    assert main(["publish", str(fastest_id)]) == 0
+    assert f"published schedule #{fastest_id}" in capsys.readouterr().out
     assert main(["best", "--backbone", "tiny", "--latency-ms", str(fastest_ms + 0.5)]) == 0  # the table rounds to 0.1
-    assert "best schedule under" in capsys.readouterr().out
+    assert f"best schedule under {fastest_ms + 0.5:.1f} ms: #{fastest_id} (export:" in capsys.readouterr().out
     assert main(["best", "--backbone", "tiny", "--latency-ms", str(fastest_ms / 10)]) == 0
     assert f"the fastest is #{fastest_id}" in capsys.readouterr().out  # unmet target: the gap is reported
+    assert main(["pareto", job_id[:8], "--plot", str(tmp_path / "front.png")]) == 0
+    assert "[published]" in capsys.readouterr().out
 
     assert main(["export", str(fastest_id), "--format", "json", "-o", "manifest.json"]) == 0
     manifest = json.loads((tmp_path / "manifest.json").read_text())

@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 import jobs
-from db import Database, LeaseHeld, queries
+from db import SCHEDULE_STATUSES, Database, LeaseHeld, queries
 from illava_tune.cli import main as cli
 from profiler import DatasetError, read_dataset
 from tests.db.conftest import fresh_database
@@ -158,7 +158,7 @@ def test_a_job_whose_every_trial_failed_is_failed(tmp_path, monkeypatch, capsys)
     with database.session() as s:
         (job,) = queries.list_jobs(s)
         assert job.status == "failed" and "no trial could be measured (2 failed)" in job.error
-        assert queries.find_schedules(s, backbone="tiny") == []
+        assert queries.find_schedules(s, backbone="tiny", status=SCHEDULE_STATUSES) == []
 
 
 # ----------------------------------------------------------------------------------- bad datasets
