@@ -205,3 +205,36 @@ def test_0003_0004_add_the_lease_and_the_objective_and_their_downgrades_keep_eve
         again = queries.get_job(session, job.id)
         assert again.lease_owner is None
         assert again.objective == "latency"  # what every job stored before 0004 optimised
+
+
+def test_0005_makes_stored_fronts_candidates_and_its_downgrade_keeps_them(empty_database):
+    with empty_database.engine.begin() as connection:
+        migrate.upgrade(connection, "0004")
+    with empty_database.engine.begin() as connection:  # a front stored at 0004, by hand (the models are at head)
+        for statement in (
+            "INSERT INTO illava_backbones (id, name) VALUES (1, 'tiny')",
+            "INSERT INTO illava_hardware (id, key, profile) VALUES (1, 'box', '{}')",
+            "INSERT INTO illava_workloads (id, name, spec, fingerprint) VALUES (1, 'w', '{}', 'f')",
+            "INSERT INTO illava_jobs (id, study_name, backbone_id, hardware_id, workload_id, status, n_trials, "
+            "n_workers, sampler, search_space, constraints, created_at, cancel_requested, objective) VALUES "
+            "('ab', 'illava-ab', 1, 1, 1, 'completed', 1, 1, 'tpe', '{}', '{}', '2026-12-01 00:00:00+00', false, "
+            "'speedup')",
+            "INSERT INTO illava_trials (id, job_id, number, state, schedule, started_at) VALUES "
+            "(1, 'ab', 0, 'complete', '{}', '2026-12-01 00:00:00+00')",
+            "INSERT INTO illava_published (id, job_id, trial_id, backbone_id, hardware_id, workload_id, schedule, "
+            "latency_ms, memory_mib, created_at) VALUES (1, 'ab', 1, 1, 1, 1, '{}', 1.0, 1.0, '2026-12-01 00:00:00+00')",
+        ):
+            connection.execute(text(statement))
+    empty_database.upgrade()
+    with empty_database.session() as session:
+        row = queries.get_published(session, 1)
+        assert (row.status, row.on_front, row.published_at) == ("candidate", True, None)  # never published for you
+        assert queries.find_schedules(session, backbone="tiny") == []
+        queries.create_token(session, key="k", name="n", scope="read", secret_sha256="0" * 64)
+    with empty_database.engine.begin() as connection:
+        migrate.downgrade(connection, "0004")
+    with empty_database.engine.connect() as connection:
+        assert connection.execute(text("SELECT count(*) FROM illava_published")).scalar_one() == 1
+        assert "illava_tokens" not in inspect(connection).get_table_names()
+    empty_database.upgrade()
+    assert schema_diffs(empty_database) == []

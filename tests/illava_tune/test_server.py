@@ -324,3 +324,47 @@ def test_readyz_says_when_the_schema_is_not_current(tmp_path):
     assert answer.status_code == 503 and "illava-tune db upgrade" in answer.json()["detail"]
     database.upgrade()
     assert client.get("/readyz").json()["status"] == "ready"
+
+
+# ------------------------------------------------------------------------------------------- CLI
+def test_the_token_publish_and_retire_commands(tmp_path, capsys):
+    from illava_tune.cli import main
+
+    url = f"sqlite:///{tmp_path / 'cli.db'}"
+    assert main(["token", "create", "--scope", "write", "--name", "ci", "--database", url]) == 0
+    out, err = capsys.readouterr()
+    token = out.strip()
+    assert token.startswith("ilt_") and "shown once" in err and token not in err
+    database = Database(url)
+    assert tokens.verify(database, token).scope == "write"
+    assert main(["token", "list", "--database", url]) == 0
+    listed = capsys.readouterr().out
+    assert "write  ci" in listed and "live" in listed and token.split("_", 2)[2] not in listed
+    assert main(["token", "revoke", "ci", "--database", url]) == 0 and tokens.verify(database, token) is None
+    assert main(["token", "revoke", "ci", "--database", url]) == 2
+    assert "no live token 'ci'" in capsys.readouterr().err
+
+    job_id, (fast, _, _) = seed_front(database)
+    assert main(["retire", str(fast), "--database", url]) == 2
+    assert f"schedule {fast} is a candidate, not published" in capsys.readouterr().err
+    assert main(["publish", "--job", job_id[:8], "--trial", "3", "--database", url]) == 2
+    err = capsys.readouterr().err
+    assert "trial 3 of job" in err and "is failed; only complete trials publish" in err
+    assert main(["publish", str(fast), "--database", url]) == 0
+    assert f"published schedule #{fast}" in capsys.readouterr().out
+    assert main(["retire", str(fast), "--database", url]) == 0
+    assert f"retired schedule #{fast}" in capsys.readouterr().out
+    assert main(["publish", "--database", url]) == 2  # neither an id nor a trial
+    assert "publish a schedule by id" in capsys.readouterr().err
+
+
+def test_pull_without_a_service_or_a_target_is_one_clear_line(tmp_path, capsys):
+    from illava_tune.cli import main
+
+    # `pull` is a client: an unreachable server without a cached copy is one clear line, exit 2.
+    target = tmp_path / "schedule.json"
+    argv = ["pull", "--server", "http://127.0.0.1:9", "--backbone", "tiny", "--speedup", "1.2", "-o", str(target)]
+    assert main(argv) == 2
+    assert "cannot reach" in capsys.readouterr().err and not target.exists()
+    assert main(["pull", "--server", "http://127.0.0.1:9", "-o", str(target)]) == 2  # no target
+    assert "pull takes --schedule ID, or --backbone with one target" in capsys.readouterr().err
