@@ -37,7 +37,7 @@ from typing import Any
 
 from .errors import ScheduleError
 from .methods import MethodParams, ReductionMethod, get_method, method_names
-from .methods.base import is_int, is_real
+from .methods.base import is_int, is_real, split_evenly
 
 SCHEMA_VERSION = 2
 #: Schema versions `Schedule.from_dict` reads.
@@ -82,14 +82,6 @@ def map_layers(layers: tuple[int, ...], ref_depth: int, depth: int, *, max_index
         limit = max_index - (len(mapped) - 1 - i)
         mapped[i] = min(mapped[i], limit)
     return tuple(mapped)
-
-
-def _split_evenly(total: int, parts: int) -> list[int]:
-    """`total` split into `parts` integers that differ by at most one, larger ones first."""
-    if parts == 0:
-        return []
-    base, extra = divmod(total, parts)
-    return [base + (1 if i < extra else 0) for i in range(parts)]
 
 
 @dataclass(frozen=True)
@@ -233,6 +225,8 @@ class Schedule:
                 problems.append(str(error))
             except TypeError as error:  # a dataclass rejecting a value it cannot hold
                 problems.append(f"params of method {self.method!r}: {error}")
+        if not problems:
+            problems.extend(method.check_schedule(self))
         if not problems and self.reduction > 0:
             in_blocks = method.encoder_stage == "blocks"
             if self.encoder_share > 0 and in_blocks and not self.encoder_layers:
@@ -313,11 +307,12 @@ class Schedule:
             between = self._step(-1, tokens, encoder_total)
             tokens -= encoder_total
         else:
-            for layer, removed in zip(self.encoder_layers, _split_evenly(encoder_total, len(self.encoder_layers))):
+            for layer, removed in zip(self.encoder_layers, split_evenly(encoder_total, len(self.encoder_layers))):
                 encoder_steps.append(self._step(layer, tokens, removed))
                 tokens -= removed
         llm_steps = []
-        for layer, removed in zip(self.llm_layers, _split_evenly(llm_total, len(self.llm_layers))):
+        split = self.reduction_method.llm_split(self.params, tokens, llm_total, len(self.llm_layers))
+        for layer, removed in zip(self.llm_layers, split):
             llm_steps.append(self._step(layer, tokens, removed))
             tokens -= removed
         return Plan(n_tokens=n_tokens, encoder=tuple(encoder_steps), llm=tuple(llm_steps), between=between)

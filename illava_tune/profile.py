@@ -15,13 +15,14 @@ from profiler.workload import default_workload
 
 def build_schedule(profiler: Profiler, *, method: str, reduction: float, encoder_share: float | None,
                    schedule_file: str | None) -> Schedule:  # fmt: skip
-    """A schedule file wins; otherwise the paper's default layers for this backbone's depths."""
+    """A schedule file wins; otherwise the paper's default layers for this backbone's depths, placed
+    on the stages `method` acts at (FastV: its first LLM layer only; DivPrune: all before the LLM)."""
     if schedule_file:
         return Schedule.coerce(Path(schedule_file))
-    overrides = {"method": method}
-    if encoder_share is not None:
-        overrides["encoder_share"] = encoder_share
-    return illava.paper_default_for(profiler.model, reduction, **overrides)
+    from illava.methods import get_method
+
+    placed = get_method(method).placement(illava.paper_default_for(profiler.model, reduction))
+    return placed if encoder_share is None else placed.with_(encoder_share=encoder_share)
 
 
 def _ms(seconds: float) -> str:

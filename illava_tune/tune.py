@@ -97,7 +97,8 @@ def workload_for(backbone: str, workload: str | dict | None = None, *, dataset: 
 
 def submit_job(database: Database, *, backbone: str = "demo", workload: str | dict | None = None,
                dataset: str | None = None, limit: int | None = None, trials: int = 12, workers: int = 1,
-               reduction: str = "0.5:0.95", encoder_share: str = "0:0.8", min_retention: float | None = None,
+               reduction: str = "0.5:0.95", encoder_share: str = "0:0.8", methods: str = "illava",
+               min_retention: float | None = None,
                max_memory_mib: float | None = None, max_latency_ms: float | None = None, sampler: str = "tpe",
                seed: int = 0, dtype: str = "float32", attn: str = "sdpa", objective: str = "speedup") -> str:  # fmt: skip
     """`illava-tune submit`'s arguments (and the API's submit body) to a queued job; every error is
@@ -110,8 +111,11 @@ def submit_job(database: Database, *, backbone: str = "demo", workload: str | di
         reduction_range = parse_range(reduction)
     with about_field("encoder_share"):
         share_range = parse_range(encoder_share)
+    with about_field("methods"):
+        chosen = tuple(name.strip() for name in str(methods).split(",") if name.strip())
+        SearchSpace(methods=chosen)
     with about_field("search_space"):
-        space = SearchSpace(reduction=reduction_range, encoder_share=share_range)
+        space = SearchSpace(reduction=reduction_range, encoder_share=share_range, methods=chosen)
     with about_field("constraints"):
         constraints = Constraints(min_retention=min_retention, max_memory_mib=max_memory_mib,
                                   max_latency_ms=max_latency_ms)  # fmt: skip
@@ -128,7 +132,7 @@ def cmd_submit(args) -> int:
     database = _database(args, create=True)
     job_id = submit_job(database, backbone=args.backbone, workload=args.workload, dataset=args.dataset,
                         limit=args.limit, trials=args.trials, workers=args.workers, reduction=args.reduction,
-                        encoder_share=args.encoder_share, min_retention=args.min_retention,
+                        encoder_share=args.encoder_share, methods=args.methods, min_retention=args.min_retention,
                         max_memory_mib=args.max_memory_mib, max_latency_ms=args.max_latency_ms,
                         sampler=args.sampler, seed=args.seed, dtype=args.dtype, attn=args.attn,
                         objective=args.objective)  # fmt: skip

@@ -155,9 +155,27 @@ class SearchSpace:
             if reduction == 0.0:
                 return Schedule.vanilla()
             method = trial.suggest_categorical("method", list(self.methods))
-            encoder_share = trial.suggest_float("encoder_share", *self.bounds(self.encoder_share))
-            encoder_layers = _suggest_layers(trial, "encoder", self.encoder_layer_count, encoder_depth - 1)
-            llm_layers = _suggest_layers(trial, "llm", self.llm_layer_count, llm_depth - 2)
+            stages = get_method(method)
+            before, inside = stages.acts_before_llm, stages.acts_at("llm")
+            # A method acting on one side of the LLM only draws nothing for the other (conditional
+            # parameters): its share is fixed and its unused layers are empty.
+            if before and inside:
+                encoder_share = trial.suggest_float("encoder_share", *self.bounds(self.encoder_share))
+            else:
+                encoder_share = 1.0 if before else 0.0
+            in_blocks = before and stages.encoder_stage == "blocks"
+            encoder_layers = (
+                _suggest_layers(trial, "encoder", self.encoder_layer_count, encoder_depth - 1) if in_blocks else ()
+            )
+            cap = stages.max_llm_layers
+            llm_count = (
+                self.llm_layer_count
+                if cap is None
+                else None
+                if cap == 1
+                else (1, min(cap, self.bounds(self.llm_layer_count)[1]))
+            )
+            llm_layers = _suggest_layers(trial, "llm", llm_count, llm_depth - 2) if inside else ()
             params = self._suggest_params(trial, method)
         return Schedule(
             method=method,
@@ -220,21 +238,28 @@ def schedule_params(schedule: Schedule, space: SearchSpace) -> dict[str, Any]:
     own = schedule.params.to_dict()
     if "group_size" in own and own["group_size"] not in space.group_size:
         problems.append(f"group_size {own['group_size']} is not among the space's choices {list(space.group_size)}")
-    if not schedule.encoder_layers or not schedule.llm_layers:
-        problems.append("suggest always merges in at least one encoder block and one decoder layer")
+    stages = get_method(schedule.method) if schedule.method in space.methods else None
+    in_blocks = stages is not None and stages.acts_before_llm and stages.encoder_stage == "blocks"
+    if (in_blocks and not schedule.encoder_layers) or (
+        stages is not None and stages.acts_at("llm") and not schedule.llm_layers
+    ):
+        problems.append(
+            "suggest always merges in at least one encoder block and one decoder layer where the method acts"
+        )
     if own.get("seed", 0) != 0:
         problems.append(f"seed {own['seed']} is not searched (suggest always uses 0)")
     if problems:
         raise SearchSpaceError("this schedule cannot be reproduced by the search space: " + "; ".join(problems))
-    params: dict[str, Any] = {
-        "reduction": float(schedule.reduction),
-        "method": schedule.method,
-        "encoder_share": float(schedule.encoder_share),
-        "encoder_layer_count": len(schedule.encoder_layers),
-    }
-    params.update({f"encoder_layer_{i}": layer for i, layer in enumerate(schedule.encoder_layers)})
-    params["llm_layer_count"] = len(schedule.llm_layers)
-    params.update({f"llm_layer_{i}": layer for i, layer in enumerate(schedule.llm_layers)})
+    params: dict[str, Any] = {"reduction": float(schedule.reduction), "method": schedule.method}
+    if stages.acts_before_llm and stages.acts_at("llm"):
+        params["encoder_share"] = float(schedule.encoder_share)
+    if in_blocks:
+        params["encoder_layer_count"] = len(schedule.encoder_layers)
+        params.update({f"encoder_layer_{i}": layer for i, layer in enumerate(schedule.encoder_layers)})
+    if stages.acts_at("llm"):
+        if stages.max_llm_layers != 1:
+            params["llm_layer_count"] = len(schedule.llm_layers)
+        params.update({f"llm_layer_{i}": layer for i, layer in enumerate(schedule.llm_layers)})
     if "recycle_share" in own:
         params["recycle_share"] = float(own["recycle_share"])
     if "group_size" in own:
@@ -243,8 +268,9 @@ def schedule_params(schedule: Schedule, space: SearchSpace) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------------- helpers
-def _suggest_layers(trial: optuna.Trial, stage: str, count_range: IntRange, max_index: int) -> tuple[int, ...]:
-    count = trial.suggest_int(f"{stage}_layer_count", *SearchSpace.bounds(count_range))
+def _suggest_layers(trial: optuna.Trial, stage: str, count_range: IntRange | None, max_index: int) -> tuple[int, ...]:
+    # None: one layer, not drawn (a method that merges after a single layer has nothing to learn there).
+    count = 1 if count_range is None else trial.suggest_int(f"{stage}_layer_count", *SearchSpace.bounds(count_range))
     slots = [trial.suggest_int(f"{stage}_layer_{i}", 0, max_index) for i in range(count)]
     # Identity mapping: sorts nothing itself, only makes sorted slots distinct within [0, max_index].
     return map_layers(tuple(sorted(slots)), 1, 1, max_index=max_index)

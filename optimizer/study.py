@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from illava.methods import get_method
 from illava.schedule import PAPER_REDUCTIONS, Schedule
 
 from .front import Point
@@ -172,7 +173,8 @@ def fail_waiting(study: optuna.Study) -> list[FrozenTrial]:
 def _within_choices(schedule: Schedule, space: SearchSpace) -> Schedule:
     method = schedule.method if schedule.method in space.methods else space.methods[0]
     low, high = space.bounds(space.encoder_share)
-    schedule = schedule.with_(method=method, encoder_share=min(max(schedule.encoder_share, low), high))
+    schedule = schedule.with_(encoder_share=min(max(schedule.encoder_share, low), high))
+    schedule = get_method(method).placement(schedule)  # onto the stages the space's method acts at
     own = schedule.params.to_dict()
     if "group_size" not in own:
         return schedule

@@ -271,6 +271,22 @@ def prefill(model, seq: Sequence, segments: list[SegmentPlan], cache, use_cache,
     return seq
 
 
+def last_token_attention(
+    query: torch.Tensor, key: torch.Tensor, valid: torch.Tensor, scale: float | None
+) -> torch.Tensor:
+    """(B, L) the attention probability each token receives from its sample's last valid token
+    (softmax over the sample's valid tokens, heads averaged); `query` (B, H, L, D), `key`
+    (B, Hk, L, D) post-rotary. One query row per sample: no L x L buffer, nothing read back."""
+    batch, heads, length, dim = query.shape
+    last = torch.where(valid, torch.arange(length, device=valid.device), -1).amax(dim=-1)  # (B,)
+    q_last = query[torch.arange(batch, device=query.device), :, last]  # (B, H, D)
+    if key.shape[1] != heads:  # grouped-query attention: each key head serves several query heads
+        key = key.repeat_interleave(heads // key.shape[1], dim=1)
+    logits = torch.einsum("bhd,bhld->bhl", q_last.float(), key.float()) * (scale or dim**-0.5)
+    logits = logits.masked_fill(~valid[:, None, :], float("-inf"))
+    return logits.softmax(dim=-1).mean(dim=1)
+
+
 def _image_tokens(segments: list[SegmentPlan], batch: int, count) -> list[int]:
     tokens = [0] * batch
     for segment in segments:
@@ -302,10 +318,13 @@ def _merge(seq: Sequence, captured, layer: int, step: int, segments: list[Segmen
     def heads(t: torch.Tensor) -> torch.Tensor:  # (B, H, L, D) -> (H, T, D)
         return t.transpose(0, 1).reshape(t.shape[1], batch * length, -1)[:, index]
 
+    text = None
+    if captured and method.uses_text_importance:
+        text = last_token_attention(captured.query, captured.key, seq.valid, scale).reshape(-1)[index]
     request = StageRequest(
         stage="llm", layer=layer, hidden=rows(seq.hidden),
         query=heads(captured.query) if captured else None, key=heads(captured.key) if captured else None,
-        segments=specs, unit=1, scale=scale, causal=True,
+        segments=specs, unit=1, scale=scale, causal=True, text_importance=text,
     )  # fmt: skip
     merge_map = method.merge(params, request)
     check_map(merge_map, specs, f"decoder layer {layer}")

@@ -259,6 +259,15 @@ def encode(
     features, extras = adapter.vision_project(inner, run)  # (U, C_out) per unit, in run order
     if any(step is not None and step.removed for step in between):
         with timer:
+            if (
+                run.drop_before_merge is not None
+            ):  # what the family discards anyway goes first (the plan counts without it)
+                keep = MergeMap(keep=run.drop_before_merge)
+                features = keep.apply(features)
+                extras = {
+                    name: keep.apply(t.reshape(t.shape[0], -1)).view(-1, *t.shape[1:]) for name, t in extras.items()
+                }
+                _drop(run)
             features, extras = _between(run, features, extras, between, method, params)
     encoded = adapter.vision_place(inner, call, run, features, extras)
     encoded.encoder_units = encoder_units

@@ -1,8 +1,9 @@
 """Reduction methods, registered by name (the way transformers registers attention functions).
 
 A method is a `ReductionMethod` value with named stage calls (see `base` for the contract). The
-built-ins are ``illava`` (the paper), ``prune`` (its selection without recycling) and ``random``
-(seeded random dropping). Adding one is a module with a `ReductionMethod` subclass and a
+built-ins are ``illava`` (the paper), ``prune`` (its selection without recycling), ``random``
+(seeded random dropping), and peers: ``fastv`` and ``pdrop`` (text-guided pruning in the LLM) and
+``divprune`` (a diverse subset before the LLM). Adding one is a module with a `ReductionMethod` subclass and a
 `register_method` call; schedules then name it and validate its parameters.
 """
 
@@ -10,6 +11,8 @@ from __future__ import annotations
 
 from ..errors import ScheduleError
 from .base import STAGES, MethodParams, ReductionMethod, SegmentSpec, StageRequest
+from .divprune import DivPrune
+from .fastv import FastV, PyramidDrop
 from .illava import Illava, IllavaParams
 from .prune import Prune
 from .random_drop import RandomDrop, RandomParams
@@ -45,15 +48,18 @@ def method_names() -> tuple[str, ...]:
     return tuple(_METHODS)
 
 
-for _builtin in (Illava(), Prune(), RandomDrop()):
+for _builtin in (Illava(), Prune(), RandomDrop(), FastV(), PyramidDrop(), DivPrune()):
     register_method(_builtin)
 
 __all__ = [
     "STAGES",
+    "DivPrune",
+    "FastV",
     "Illava",
     "IllavaParams",
     "MethodParams",
     "Prune",
+    "PyramidDrop",
     "RandomDrop",
     "RandomParams",
     "ReductionMethod",

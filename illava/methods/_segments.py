@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import torch
 
-from ..merge import MergeMap, attention_importance, windowed_importance
+from ..merge import MergeMap, SegmentBatch, attention_importance, batched_merge, windowed_importance
 from .base import SegmentSpec, StageRequest
 
 
@@ -48,3 +48,15 @@ def segment_importance(request: StageRequest, tokens: slice) -> torch.Tensor:
     return attention_importance(
         request.query[:, tokens], request.key[:, tokens], causal=request.causal, scale=request.scale
     )
+
+
+def keep_most(request: StageRequest, scores: torch.Tensor) -> MergeMap:
+    """Keep each segment's `kept` highest-scoring units (ties: the earlier unit), drop the rest,
+    recycle nothing; `scores` (units,) of the whole request. Every segment at once."""
+    segments = request.segments
+    batch = SegmentBatch.of(
+        [s.start for s in segments], [s.units for s in segments], [s.kept for s in segments],
+        [0] * len(segments), 1, request.hidden.device,
+    )  # fmt: skip
+    laid_out = scores.float()[batch.index].masked_fill_(batch.padding, float("-inf"))
+    return batched_merge(laid_out, None, None, batch, unit=request.unit, scale=request.scale)

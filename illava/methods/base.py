@@ -79,6 +79,10 @@ class StageRequest:
     #: averaged, when the block's own attention call yielded them (eager, or ``illava_packed``); None
     #: otherwise (a method that wants it recomputes it from `query` and `key`).
     importance: torch.Tensor | None = None
+    #: LLM stage, for a method with ``uses_text_importance``: (T,) the attention probability each
+    #: token receives from its sample's last prompt token at this layer (softmax over the sample's
+    #: whole sequence, heads averaged) -- the text's view of the image (FastV, PyramidDrop).
+    text_importance: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -106,6 +110,11 @@ class ReductionMethod(ABC):
     #: Where the encoder share of the removal happens: "blocks" (inside encoder blocks, at
     #: ``schedule.encoder_layers``) or "between" (one step after the encoder).
     encoder_stage: ClassVar[str] = "blocks"
+    #: Whether the LLM stage must hand it `StageRequest.text_importance` (the attention each
+    #: sample's last prompt token pays its image tokens: FastV-style, text-guided selection).
+    uses_text_importance: ClassVar[bool] = False
+    #: The most LLM layers a schedule of this method may merge after (None: any number).
+    max_llm_layers: ClassVar[int | None] = None
 
     # ------------------------------------------------------------------ parameters
     def parse_params(self, data: Mapping[str, Any] | MethodParams | None) -> MethodParams:
@@ -140,10 +149,64 @@ class ReductionMethod(ABC):
         """The parameters in a few characters, for one-line schedule descriptions."""
         return " ".join(f"{key}={value}" for key, value in params.to_dict().items())
 
+    @property
+    def acts_before_llm(self) -> bool:
+        """Whether it removes tokens before the LLM (in encoder blocks, or between encoder and LLM)."""
+        return self.acts_at("encoder" if self.encoder_stage == "blocks" else "between")
+
+    def placement(self, schedule: Any) -> Any:
+        """`schedule` moved onto the stages this method acts at (its reduction kept): all the removal
+        in the LLM, or all before it, for a method acting on one side only, and at most
+        `max_llm_layers` LLM layers (the first). How a seed or a comparison places a method."""
+        changes: dict[str, Any] = {"method": self.name}
+        if self.encoder_stage == "between":  # no encoder blocks merge
+            changes["encoder_layers"] = ()
+        if not self.acts_at("llm"):
+            changes.update(encoder_share=1.0, llm_layers=())
+        elif not self.acts_before_llm:
+            changes.update(encoder_share=0.0, encoder_layers=())
+        if self.max_llm_layers is not None and "llm_layers" not in changes:
+            changes["llm_layers"] = tuple(schedule.llm_layers)[: self.max_llm_layers]
+        return schedule.with_(**changes)
+
+    def check_schedule(self, schedule: Any) -> list[str]:
+        """Problems with a schedule that uses this method (empty when it can run): by default, a
+        share of the removal at a stage the method does not act at, or too many LLM layers."""
+        if schedule.reduction == 0:
+            return []
+        problems = []
+        if (
+            self.max_llm_layers is not None
+            and schedule.encoder_share < 1
+            and len(schedule.llm_layers) > self.max_llm_layers
+        ):
+            problems.append(
+                f"method {self.name!r} merges after at most {self.max_llm_layers} LLM layer(s): got llm_layers "
+                f"{list(schedule.llm_layers)}"
+            )
+        before_llm = "encoder" if self.encoder_stage == "blocks" else "between"
+        if schedule.encoder_share > 0 and not self.acts_at(before_llm):
+            problems.append(
+                f"method {self.name!r} removes no tokens before the LLM: encoder_share must be 0, "
+                f"got {schedule.encoder_share:g}"
+            )
+        if schedule.encoder_share < 1 and not self.acts_at("llm"):
+            problems.append(
+                f"method {self.name!r} removes tokens only before the LLM: encoder_share must be 1, "
+                f"got {schedule.encoder_share:g}"
+            )
+        return problems
+
     # ------------------------------------------------------------------ planning
     def recycled(self, params: MethodParams, tokens_in: int, removed: int) -> int:
         """How many of a step's kept tokens are recycled centres (0: this method does not recycle)."""
         return 0
+
+    def llm_split(self, params: MethodParams, tokens_in: int, removed: int, layers: int) -> list[int]:
+        """How the LLM share of a segment's removal (`removed` of its `tokens_in` tokens entering the
+        LLM) is spread over the schedule's `layers` LLM merges, in order: evenly by default (the
+        counts differ by at most one, larger ones first)."""
+        return split_evenly(removed, layers)
 
     # ------------------------------------------------------------------ stages
     def merge(self, params: MethodParams, request: StageRequest) -> MergeMap:
@@ -155,6 +218,14 @@ class ReductionMethod(ABC):
 
     def acts_at(self, stage: str) -> bool:
         return callable(getattr(self, f"merge_{stage}", None))
+
+
+def split_evenly(total: int, parts: int) -> list[int]:
+    """`total` split into `parts` integers that differ by at most one, larger ones first."""
+    if parts == 0:
+        return []
+    base, extra = divmod(total, parts)
+    return [base + (1 if i < extra else 0) for i in range(parts)]
 
 
 # ----------------------------------------------------------------------------------- field checks

@@ -36,6 +36,7 @@ class SubmitRequest(BaseModel):
     workers: int = Field(1, ge=1, le=1024)
     reduction: str = Field("0.5:0.95", description="a ratio (0.778) or a range (0.5:0.95)", max_length=50)
     encoder_share: str = Field("0:0.8", description="a value (0) or a range", max_length=50)
+    methods: str = Field("illava", description="reduction methods to search, comma-separated", max_length=200)
     min_retention: float | None = Field(None, gt=0, le=1)
     max_memory_mib: float | None = Field(None, gt=0, allow_inf_nan=False)
     max_latency_ms: float | None = Field(None, gt=0, allow_inf_nan=False)

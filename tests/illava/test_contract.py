@@ -353,9 +353,14 @@ def test_every_method_runs_and_keeps_the_same_counts(family):
     batch = inputs(family.sdpa, *prompts(family)["image"])
     counts = {}
     for method in illava.method_names():
-        illava.apply(model, family.default(7 / 9).with_(method=method))
+        try:
+            schedule = family.default(7 / 9).with_(method=method)
+        except ScheduleError:  # a method acting at other stages (fastv, divprune): test_peer_methods.py
+            continue
+        illava.apply(model, schedule)
         assert torch.isfinite(model(**batch).logits).all()
         counts[method] = [int(n) for (n,) in illava.last_stats(model).llm_image_tokens]
+    assert {"illava", "prune", "random"} <= set(counts)
     assert len({tuple(c) for c in counts.values()}) == 1, counts
 
 

@@ -145,3 +145,23 @@ def test_a_workload_file_that_does_not_parse_fails_before_any_job_exists(tmp_pat
         submit(database, tmp_path, workload=broken)
     with database.session() as s:
         assert queries.list_jobs(s) == []
+
+
+def test_a_job_searching_peer_methods_stores_each_trials_method_and_its_manifests_apply(tmp_path):
+    import illava
+    from illava.backbones import load_backbone
+
+    database = Database(f"sqlite:///{tmp_path / 'methods.db'}")
+    space = SearchSpace(reduction=0.778, methods=("fastv", "divprune"))
+    job_id = submit(database, tmp_path, space=space, n_trials=5)
+    assert jobs.run(database, job_id) == "completed"
+    trials = stored_trials(database, job_id)
+    assert all(t.state == "complete" for t in trials), [t.error for t in trials]
+    merged = [illava.Schedule.from_dict(t.schedule) for t in trials if t.schedule["reduction"] > 0]
+    assert merged and {s.method for s in merged} <= {"fastv", "divprune"}
+    for schedule in merged:  # each on the stages its method acts at
+        assert illava.get_method(schedule.method).check_schedule(schedule) == []
+    model = load_backbone("tiny").model
+    for row in jobs.front(database, job_id):
+        illava.apply(model, jobs.manifest(database, row["id"]))  # what a deployment does with the export
+        illava.remove(model)

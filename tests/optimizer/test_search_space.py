@@ -173,3 +173,54 @@ def test_optimizer_imports_no_ray_db_jobs_or_profiler():
     root = Path(__file__).resolve().parents[2]
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root).stdout
     assert ast.literal_eval(out.strip()) == []
+
+
+# ----------------------------------------------------------------------------------- several methods
+PEER_SPACE_METHODS = ("illava", "fastv", "pdrop", "divprune", "random")
+
+
+def test_a_space_of_several_methods_draws_only_what_each_method_uses():
+    import optuna
+
+    from illava.methods import get_method
+
+    space = SearchSpace(methods=PEER_SPACE_METHODS)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0), directions=["minimize"])
+    seen = set()
+    for _ in range(60):
+        trial = study.ask()
+        schedule = space.suggest(trial, encoder_depth=6, llm_depth=6)
+        schedule.check_fits(encoder_depth=6, llm_depth=6)
+        method = get_method(schedule.method)
+        seen.add(schedule.method)
+        if schedule.method in ("fastv", "pdrop"):
+            assert (
+                schedule.encoder_share == 0.0 and schedule.encoder_layers == () and "encoder_share" not in trial.params
+            )
+        if schedule.method == "fastv":
+            assert len(schedule.llm_layers) == 1 and "llm_layer_count" not in trial.params
+        if schedule.method == "divprune":
+            assert schedule.encoder_share == 1.0 and schedule.llm_layers == () and "llm_layer_0" not in trial.params
+        assert set(trial.params) & {"recycle_share", "group_size"} == (
+            {"recycle_share", "group_size"} if schedule.method == "illava" else set()
+        )
+        assert method.check_schedule(schedule) == []
+        study.tell(trial, 0.0)
+    assert seen == set(PEER_SPACE_METHODS)
+
+
+@pytest.mark.parametrize("method", ["fastv", "pdrop", "divprune"])
+def test_seeds_of_a_peer_method_are_placed_where_it_acts_and_reproduce(method):
+    import optuna
+
+    from optimizer import seed_schedules
+
+    space = SearchSpace(methods=(method,))
+    seeds = seed_schedules(space, encoder_depth=6, llm_depth=6)
+    assert seeds[0].removes_nothing and {s.method for s in seeds[1:]} == {method}
+    study = optuna.create_study(directions=["minimize"])
+    for seed in seeds:
+        study.enqueue_trial(schedule_params(seed, space))
+        trial = study.ask()
+        assert space.suggest(trial, encoder_depth=6, llm_depth=6) == seed
+        study.tell(trial, 0.0)
