@@ -168,3 +168,23 @@ def test_a_manifest_of_every_peer_method_round_trips_and_applies(family):
         assert illava.Schedule.coerce(manifest) == schedule
         illava.apply(family.sdpa.model, manifest)
         illava.remove(family.sdpa.model)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("method", PEERS)
+def test_a_peer_merged_forward_reads_no_more_than_the_unmerged_model(family, method):
+    """The speed rule: every count is on the host before the forward; nothing more is read back."""
+    from profiler.counts import count_call
+
+    model = family.sdpa.model
+    batch = inputs(family.sdpa, *prompts(family)["padded"])
+
+    def forward():
+        model(**batch, logits_to_keep=1)
+
+    forward()
+    unmerged = count_call(forward)
+    illava.apply(model, peer_schedule(family, method))
+    forward()
+    merged = count_call(forward)
+    assert merged.host_reads <= unmerged.host_reads, (family.name, method, merged.reads, unmerged.reads)
