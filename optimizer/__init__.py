@@ -13,6 +13,7 @@ measurements arrive as the plain dict ``profiler.Measurement.to_dict()`` gives.
 """
 
 from .front import MEMORY_NOISE, Choice, NoMatchError, Point, best_for_target, pareto_front
+from .hypervolume import HypervolumeError, hypervolume
 from .objectives import LATENCY_OBJECTIVES, Constraints, Metrics, Objectives, metrics_summary, retention_of
 from .space import SearchSpace, SearchSpaceError, parse_range, schedule_params
 from .study import (
@@ -28,6 +29,7 @@ from .study import (
     tell_failure,
     tell_result,
 )
+from .warm import warm_schedules
 
 __all__ = [
     "LATENCY_OBJECTIVES",
@@ -36,6 +38,7 @@ __all__ = [
     "SAMPLERS",
     "SEED_ATTR",
     "Choice",
+    "HypervolumeError",
     "Constraints",
     "Metrics",
     "NoMatchError",
@@ -46,6 +49,7 @@ __all__ = [
     "best_for_target",
     "enqueue_seed",
     "fail_waiting",
+    "hypervolume",
     "make_study",
     "metrics_summary",
     "pareto_front",
@@ -57,4 +61,5 @@ __all__ = [
     "seed_study",
     "tell_failure",
     "tell_result",
+    "warm_schedules",
 ]
