@@ -22,13 +22,13 @@ from typing import Any
 import optuna
 
 import illava
-from db import Conflict, Database, LeaseHeld, NotFound, queries
+from db import Conflict, Database, NotFound, queries
 from db.models import utcnow
 from illava import Schedule
 from optimizer import Constraints, Objectives, SearchSpace, best_for_target, make_study, seed_reductions
 
 from .driver import Progress, point, progress
-from .lease import describe_lease, holder_is_gone
+from .lease import check_takeable, describe_lease, holder_is_gone
 
 SAMPLERS = ("tpe", "nsga2", "random")
 
@@ -243,10 +243,7 @@ def resume_background(database: Database, job_id: str, *, force: bool = False,
         state, owner, expires = job.id, job.lease_owner, job.lease_expires_at
         if job.status in ("completed", "cancelled"):
             raise Conflict(f"job {job.id} is {job.status}: there is nothing to resume")
-    if owner is not None and not holder_is_gone(owner):
-        expired = expires is None or expires <= utcnow()
-        if not (force and expired):
-            raise LeaseHeld(describe_lease(state, owner, expires), owner, expires)
+    check_takeable(state, owner, expires, force=force)
     (start or start_background)(database, state, force=force)
     return state
 

@@ -72,6 +72,16 @@ def describe_lease(job_id: str, owner: str, expires_at: datetime | None) -> str:
     )
 
 
+def check_takeable(job_id: str, holder: str | None, expires_at: datetime | None, *, force: bool) -> None:
+    """Raise `LeaseHeld` unless another driver may take the job from `holder` now: no holder, a
+    holder known to be gone, or (with `force`) one whose lease has expired."""
+    if holder is None or holder_is_gone(holder):
+        return
+    expired = expires_at is None or expires_at <= utcnow()
+    if not (force and expired):
+        raise LeaseHeld(describe_lease(job_id, holder, expires_at), holder, expires_at)
+
+
 def take(database: Database, job_id: str, owner: str, *, force: bool = False, ttl_s: float = LEASE_S) -> str:
     """Make `owner` the job's driver (see the module docstring for when); returns the full job id.
     Raises `LeaseHeld` naming the holder and when its lease expires."""
@@ -79,10 +89,8 @@ def take(database: Database, job_id: str, owner: str, *, force: bool = False, tt
         with database.session() as s:
             job = queries.get_job(s, job_id)
             current = (job.lease_owner, job.lease_expires_at)
-            if job.lease_owner is not None and job.lease_owner != owner:
-                expired = job.lease_expires_at is None or job.lease_expires_at <= utcnow()
-                if not (holder_is_gone(job.lease_owner) or (force and expired)):
-                    raise LeaseHeld(describe_lease(job.id, *current), *current)  # type: ignore[arg-type]
+            if job.lease_owner != owner:
+                check_takeable(job.id, *current, force=force)
             if queries.acquire_lease(s, job.id, owner, ttl_s=ttl_s, replacing=current):
                 return job.id
     raise LeaseHeld(f"job {job_id}: its lease keeps changing hands; is another driver starting?", *current)  # type: ignore[arg-type]
