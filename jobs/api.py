@@ -25,12 +25,10 @@ import illava
 from db import Conflict, Database, NotFound, queries
 from db.models import utcnow
 from illava import Schedule
-from optimizer import Constraints, Objectives, SearchSpace, best_for_target, make_study, seed_reductions
+from optimizer import SAMPLERS, Constraints, Objectives, SearchSpace, best_for_target, make_study, seed_reductions
 
 from .driver import Progress, point, progress
 from .lease import check_takeable, describe_lease, holder_is_gone
-
-SAMPLERS = ("tpe", "nsga2", "random")
 
 
 class InvalidInput(ValueError):

@@ -3,8 +3,15 @@
 One driver owns a job at a time (`jobs.lease`): it takes the job's lease first, keeps it renewed,
 and opens every write with a renewal, so a second driver is refused and a driver that lost its
 job writes nothing more. The trial budget is checked by the database when a trial starts
-(`db.queries.claim_trial`), and the seed schedules are enqueued one at a time right before their
-ask, so they count toward the budget and no trial is ever left WAITING in Optuna.
+(`db.queries.claim_trial`).
+
+A job starts from its seed schedules (the unmerged model, the paper's defaults), then up to
+`WARM_TRIALS` warm-start schedules chosen with the FLOPs model on the workload's first batch
+(`optimizer.warm_schedules`; the worker reports that batch's grids and text tokens), then its
+sampler. Both kinds are enqueued one at a time right before their ask, so they count toward the
+budget, the warm ones only where the budget has room after the seeds, and no trial is ever left
+WAITING in Optuna. Each carries its role in Optuna (`optimizer.SEED_ATTR`: the seed's, or
+``"warm"``); a resumed job skips what its study already holds, so none is run twice.
 
 Crash safety, in the order things are written: a trial's row goes to the database *before* its
 result is told to Optuna, so a driver killed at any moment leaves at worst an Optuna trial RUNNING
@@ -34,6 +41,8 @@ import illava
 from db import Database, DatabaseError, LeaseLost, queries
 from illava import Schedule
 from optimizer import (
+    SEED_ATTR,
+    WARM_ROLE,
     Constraints,
     Objectives,
     Point,
@@ -46,6 +55,7 @@ from optimizer import (
     seed_schedules,
     tell_failure,
     tell_result,
+    warm_schedules,
 )
 
 from . import cluster
@@ -54,6 +64,12 @@ from .worker import FAULTS_ENV, TrialWorker, parse_faults
 
 INTERRUPTED = "interrupted: the driver stopped while this trial was in flight"
 CANCEL_POLL_S = 2.0  # longest wait for a trial before looking at the cancel flag and the lease again
+#: Each trial's paired prefill rounds (unmerged, then the schedule): `MEASURE_REPEATS` timed after
+#: `MEASURE_WARMUP` untimed (`profiler.Profiler`; benchmarks/search_efficiency.py measures its table so).
+MEASURE_REPEATS, MEASURE_WARMUP = 3, 1
+#: Warm-start trials after the seeds, as many as the budget has room for: what the replay measured
+#: (benchmarks/results/search/demo_replay.md, `warm-tpe`).
+WARM_TRIALS = 6
 
 
 class DriverStopped(KeyboardInterrupt):
@@ -222,7 +238,8 @@ class _Driver:
         self.database, self.job_id, self.owner, self.ttl_s, self.keeper = database, job_id, owner, ttl_s, keeper
         self.signals = signals
         self.in_flight: dict[Any, tuple[optuna.Trial, Any, Schedule]] = {}  # Ray ref -> (trial, actor, schedule)
-        self.seeds: list[Schedule] = []
+        self.queue: list[tuple[Schedule, str | None]] = []  # (schedule, role) to enqueue, in order: seeds, warm
+        self.warm_left = 0  # warm-start trials still to enqueue (this job's, less those its study holds)
         self.stored = 0  # the job's trial rows: what the budget counts
 
     @contextmanager
@@ -252,7 +269,8 @@ class _Driver:
         optuna.logging.set_verbosity(optuna.logging.WARNING)  # progress is ours to report, not Optuna's INFO lines
         ray_started, pool, cancel, stop_reason, lost = False, None, False, None, False
         try:  # from here on, whatever stops the driver marks the job
-            self.encoder_depth, self.llm_depth = illava.depths(backbone_config(backbone))
+            config = backbone_config(backbone)
+            self.encoder_depth, self.llm_depth = illava.depths(config)
             with self.database.schema_lock():  # Optuna creates its tables on first use: one process at a time
                 self.study = make_study(self.database.optuna_storage_url, study_name, sampler=sampler, seed=seed,
                                         objectives=self.objectives)  # fmt: skip
@@ -261,12 +279,14 @@ class _Driver:
             self.signals.install()
             count, device, resources = _plan_workers(n_workers)
             pool = _Pool(count, resources, (backbone, workload),
-                         dict(device=device, dtype=dtype, attention=attention, repeats=3, warmup=1,
-                              faults=parse_faults(os.environ.get(FAULTS_ENV))))  # fmt: skip
-            self.seeds = seed_schedules(self.space, encoder_depth=self.encoder_depth, llm_depth=self.llm_depth,
-                                        reductions=seed_reductions(self.space))[: self.n_trials]  # fmt: skip
+                         dict(device=device, dtype=dtype, attention=attention, repeats=MEASURE_REPEATS,
+                              warmup=MEASURE_WARMUP, faults=parse_faults(os.environ.get(FAULTS_ENV))))  # fmt: skip
+            seeds = seed_schedules(self.space, encoder_depth=self.encoder_depth, llm_depth=self.llm_depth,
+                                   reductions=seed_reductions(self.space))  # fmt: skip
+            self.queue = [(schedule, None) for schedule in seeds[: self.n_trials]]
             with self.database.session() as s:
                 self.stored = len(queries.list_trials(s, queries.get_job(s, self.job_id)))
+            self._queue_warm_start(pool, config, seeds, seed)
             while True:
                 self.keeper.check()
                 if self.keeper.cancel_requested:
@@ -342,21 +362,68 @@ class _Driver:
             return {"params": params}, "interrupted before its schedule was drawn"
         return schedule.to_dict(), INTERRUPTED
 
-    def _next_seed(self) -> None:
-        """Enqueue the next seed schedule the study has not seen, unless a trial is already waiting
-        (the next ask takes that one)."""
-        if not self.seeds:  # every seed is in the study: nothing to look up
+    def _queue_warm_start(self, pool: _Pool, config: Any, seeds: list[Schedule], seed: int) -> None:
+        """Queue the warm-start schedules after the seeds: `WARM_TRIALS`, or what the budget leaves
+        after every seed (a design of that size, `warm_schedules(count=...)`), of which those the
+        study already holds (a resumed job) count as done. Their FLOPs model is fed the batch the
+        workers time, read off by one of them once its model is loaded."""
+        room = min(WARM_TRIALS, self.n_trials - len(seeds))
+        held = sum(t.user_attrs.get(SEED_ATTR) == WARM_ROLE for t in self.study.get_trials(deepcopy=False))
+        if room - held <= 0:
+            return
+        inputs = self._flop_inputs(pool)
+        if inputs is None:
+            return
+        grids, text_tokens = inputs
+        warm = warm_schedules(
+            self.space, encoder_depth=self.encoder_depth, llm_depth=self.llm_depth, count=room, seed=seed,
+            after=seeds, predict=lambda schedule: illava.predicted_speedup(config, schedule, grids, text_tokens),
+        )  # fmt: skip
+        self.queue += [(schedule, WARM_ROLE) for schedule in warm]
+        self.warm_left = room - held
+
+    def _flop_inputs(self, pool: _Pool) -> tuple[list, int] | None:
+        """(grids, text tokens) of the workload's first batch from a worker (`TrialWorker.flop_inputs`),
+        waiting while it loads its model; None, and the job goes on without a warm start, when it
+        failed or the job was cancelled meanwhile. A worker that died is replaced."""
+        import ray
+
+        actor = pool.idle[-1]
+        ref = actor.flop_inputs.remote()
+        while not ray.wait([ref], timeout=CANCEL_POLL_S)[0]:
+            self.keeper.check()
+            if self.keeper.cancel_requested:
+                return None
+        try:
+            return ray.get(ref)
+        except Exception as error:  # noqa: BLE001 - the warm start is an optimisation; the trials report errors
+            if isinstance(error, ray.exceptions.ActorDiedError):
+                pool.idle.remove(actor)
+                pool.replace(actor)
+            print(f"illava-tune: job {self.job_id[:8]}: no warm start ({_describe(error)})", file=sys.stderr)
+            return None
+
+    def _next_enqueued(self) -> None:
+        """Enqueue the next queued schedule (a seed, then a warm start) the study has not seen,
+        unless a trial is already waiting (the next ask takes that one)."""
+        if not self.queue:  # everything queued is in the study: nothing to look up
             return
         if any(t.state == optuna.trial.TrialState.WAITING for t in self.study.get_trials(deepcopy=False)):
             return
-        while self.seeds and not enqueue_seed(self.study, self.seeds.pop(0), self.space):
-            pass
+        while self.queue:
+            schedule, role = self.queue.pop(0)
+            if role == WARM_ROLE and self.warm_left <= 0:
+                continue
+            if enqueue_seed(self.study, schedule, self.space, role=role):
+                if role == WARM_ROLE:
+                    self.warm_left -= 1
+                return
 
     def _dispatch(self, pool: _Pool) -> None:
         """Give every idle worker a new trial while the budget allows."""
         while pool.idle and self.stored < self.n_trials:
             with self.signals.deferred():  # asked in Optuna, stored in the database and running, or none
-                self._next_seed()
+                self._next_enqueued()
                 trial = self.study.ask()
                 schedule = self.space.suggest(trial, encoder_depth=self.encoder_depth, llm_depth=self.llm_depth)
                 with self.database.session() as s:
@@ -412,7 +479,7 @@ class _Driver:
 
     def _retire_waiting(self) -> None:
         """No trial is left WAITING in Optuna once the job ends (one can only be there when a driver
-        died between enqueueing a seed and asking it): each is failed, the database first."""
+        died between enqueueing a seed or warm start and asking it): each is failed, the database first."""
         waiting = optuna.trial.TrialState.WAITING
         while any(t.state == waiting for t in self.study.get_trials(deepcopy=False)):
             trial = self.study.ask()

@@ -41,6 +41,22 @@ class TrialWorker:
     def depths(self) -> tuple[int, int]:
         return illava.depths(self.profiler.model)
 
+    def flop_inputs(self) -> tuple[list, int]:
+        """(grids, text tokens) of the batch every trial's prefill is timed on, the workload's first,
+        as the FLOPs model takes them (``illava.predicted_speedup(config, schedule, grids, text_tokens)``)."""
+        from illava.inputs import build_inputs
+        from profiler import read_dataset, synthetic_samples
+
+        workload, backbone = self.workload, self.profiler.backbone
+        if workload.dataset is None:
+            samples = synthetic_samples(workload)
+        else:  # only the first batch's items: their images decoded, no more
+            items = read_dataset(workload.dataset, limit=min(workload.samples, workload.batch_size))
+            samples = [item.to_sample(self.profiler.answer) for item in items]
+        batch = build_inputs(backbone, samples[: workload.batch_size])
+        grids, text_tokens = backbone.adapter.flop_inputs(self.profiler.model.config, batch)
+        return list(grids), int(text_tokens)
+
     def evaluate(self, number: int, schedule: dict[str, Any]) -> dict[str, Any]:
         """Measure one schedule; returns `Measurement.to_dict()`. Exceptions propagate to the driver."""
         fault = self.faults.get(number)

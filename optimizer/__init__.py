@@ -5,7 +5,7 @@ Imports `illava` (the schedule type) and Optuna; never Ray, the database, jobs o
 measurements arrive as the plain dict ``profiler.Measurement.to_dict()`` gives.
 
     study = make_study("sqlite:///illava.db", "illava-demo", seed=0)
-    seed_study(study, space, encoder_depth=32, llm_depth=28)
+    seed_study(study, space, encoder_depth=32, llm_depth=28)  # a job then enqueues warm_schedules(...)
     trial = study.ask()
     schedule = space.suggest(trial, encoder_depth=32, llm_depth=28)
     ...  # measure it
@@ -19,11 +19,13 @@ from .space import SearchSpace, SearchSpaceError, parse_range, schedule_params
 from .study import (
     SAMPLERS,
     SEED_ATTR,
+    WARM_ROLE,
     enqueue_seed,
     fail_waiting,
     make_study,
     points_from_study,
     seed_reductions,
+    seed_role,
     seed_schedules,
     seed_study,
     tell_failure,
@@ -37,6 +39,7 @@ __all__ = [
     "seed_reductions",
     "SAMPLERS",
     "SEED_ATTR",
+    "WARM_ROLE",
     "Choice",
     "HypervolumeError",
     "Constraints",
@@ -57,6 +60,7 @@ __all__ = [
     "points_from_study",
     "retention_of",
     "schedule_params",
+    "seed_role",
     "seed_schedules",
     "seed_study",
     "tell_failure",

@@ -40,7 +40,8 @@ if TYPE_CHECKING:
     from optuna.storages import BaseStorage
 
 SAMPLERS = ("tpe", "nsga2", "random")
-SEED_ATTR = "illava_seed"  # user attribute naming why a trial was enqueued
+SEED_ATTR = "illava_seed"  # user attribute naming why a trial was enqueued: a seed's role, or WARM_ROLE
+WARM_ROLE = "warm"  # the SEED_ATTR of a warm-start trial (`optimizer.warm_schedules`)
 
 
 def make_study(
@@ -57,8 +58,11 @@ def make_study(
     `storage_url`: None for in-memory, a SQLAlchemy URL (``sqlite:///illava.db``,
     ``postgresql+psycopg://...``; a bare ``postgresql://`` is read as psycopg 3), or an Optuna
     storage. `sampler`: ``"tpe"`` (multi-objective TPE), ``"nsga2"`` or ``"random"``, seeded
-    with `seed`. A continued study gets its sampler seeded from ``(seed, trials so far)``:
-    the same seed again would replay the suggestions made before the interruption.
+    with `seed` (replayed on `demo`, NSGA-II searched exactly as random search did: its crossover
+    sees only the parameters every trial has, and the unmerged seed has only ``reduction``;
+    benchmarks/results/search/demo_replay.md). A continued study gets its sampler seeded from
+    ``(seed, trials so far)``: the same seed again would replay the suggestions made before the
+    interruption.
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; allowed: {', '.join(SAMPLERS)}")
@@ -133,11 +137,19 @@ def seed_schedules(
     return schedules
 
 
-def enqueue_seed(study: optuna.Study, schedule: Schedule, space: SearchSpace) -> bool:
+def seed_role(schedule: Schedule) -> str:
+    """What a seed trial is, as its `SEED_ATTR` says: ``"unmerged"`` or ``"paper_default@0.7778"``."""
+    return "unmerged" if schedule.removes_nothing else f"paper_default@{schedule.reduction:.4g}"
+
+
+def enqueue_seed(study: optuna.Study, schedule: Schedule, space: SearchSpace, *, role: str | None = None) -> bool:
     """Enqueue `schedule` unless a trial of the study (waiting, running or finished) already has
-    its parameters; returns whether it was enqueued. The next `study.ask()` takes it."""
+    its parameters; returns whether it was enqueued. The next `study.ask()` takes it.
+
+    `role` is stored as the trial's `SEED_ATTR` (why it was enqueued): `WARM_ROLE` for a warm-start
+    schedule (`optimizer.warm_schedules`); by default the seed's own (`seed_role`)."""
     before = len(study.get_trials(deepcopy=False))
-    role = "unmerged" if schedule.removes_nothing else f"paper_default@{schedule.reduction:.4g}"
+    role = seed_role(schedule) if role is None else role
     study.enqueue_trial(schedule_params(schedule, space), user_attrs={SEED_ATTR: role}, skip_if_exists=True)
     return len(study.get_trials(deepcopy=False)) > before
 

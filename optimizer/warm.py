@@ -13,17 +13,26 @@ without measuring anything, from what decides where a schedule lands on the fron
   own cost (scoring, recycling; not in the FLOPs model) once per stage instead of three times.
 
 `warm_schedules` draws a pool through `SearchSpace.suggest` (so each schedule is one the space can
-reproduce, `schedule_params`) and picks two kinds, each by a greedy maximin design (the next pick
-is the candidate farthest from the seeds and the picks so far, axes scaled to [0, 1] over the pool,
-the predicted speedup by rank): most of them (`fewest`, default two thirds) among the schedules
-with the fewest merging layers the space allows, spread over (predicted speedup, encoder share);
-the rest from the whole pool, spread over (predicted speedup, encoder share, merging layers).
+reproduce, `schedule_params`, of one of the space's methods) and picks two kinds, each by a greedy
+maximin design (the next pick is the candidate farthest from the seeds and the picks so far, axes
+scaled to [0, 1] over the pool, the predicted speedup by rank): most of them (`fewest`, default two
+thirds) among the schedules with the fewest merging layers their method allows, spread over
+(predicted speedup, encoder share); the rest from the whole pool, spread over (predicted speedup,
+encoder share, merging layers). A space of several methods (`submit --methods`) adds the method as
+one more axis of both (two methods lie as far apart as the ends of an axis), so the picks spread
+over the methods too, and "fewest" is per method: FastV always merges after one LLM layer,
+DivPrune in none, and a space-wide minimum would pick nothing else. The picks come back in the
+order picked, which a job keeps: the replay measured that order, and TPE's later suggestions
+depend on it (the same schedules in another order lead it elsewhere).
 Deterministic for a seed; nothing is measured to choose them.
 
-On the `demo` grid (`benchmarks/search_efficiency.py`, docs/benchmarks.md) 10 of the 14 schedules
+On the `demo` grid (`benchmarks/search_efficiency.py`, docs/benchmarks.md,
+benchmarks/results/search/demo_replay.md; iLLaVA only, the default space) 10 of the 14 schedules
 faster than the unmerged model merge in a single encoder block and 13 remove >= 45% in the encoder;
 with these 6 schedules after the seeds, TPE reaches 85% of the grid front's hypervolume in 16
-trials instead of 24.
+trials instead of 24 (median over 50 seeds) and 88.2% at 30 trials instead of 86.3%. Spaces with
+other methods were not replayed: the FLOPs model counts their compute as it counts iLLaVA's, and
+no measurement says how well it ranks them.
 """
 
 from __future__ import annotations
@@ -51,8 +60,9 @@ def warm_schedules(
     fewest: float = 2 / 3,
 ) -> list[Schedule]:
     """`count` distinct merged schedules of `space` to enqueue after the seeds `after` (see the
-    module docstring): ``round(count * fewest)`` of them at the fewest merging layers, the rest
-    spread over the whole space, none equal to a seed.
+    module docstring): ``round(count * fewest)`` of them at the fewest merging layers their method
+    allows, the rest spread over the whole space, none equal to a seed; in the order picked, which
+    is the order a job runs them in (a design of `count`: a job with room for fewer asks for fewer).
 
     `predict` gives a schedule's FLOPs-predicted speedup (``illava.predicted_speedup`` on the
     workload's inputs). Raises ValueError for a negative `count`, a `pool` smaller than it, or
@@ -65,11 +75,14 @@ def warm_schedules(
         s for s in _draw(space, encoder_depth, llm_depth, pool, seed) if s.to_json(sort_keys=True) not in seen
     ]
     known = [s for s in after if not s.removes_nothing]
-    described = _describe(candidates + known, predict, space)
+    speeds = [predict(s) for s in candidates + known]
+    described = _describe(candidates + known, speeds, space)
     points, chosen = described[: len(candidates)], list(described[len(candidates) :])
-    least = min((_layers(s) for s in candidates), default=0)
-    single = [i for i, s in enumerate(candidates) if _layers(s) == least]
-    picks = _maximin(points[:, :2], single, [c[:2] for c in chosen], min(round(count * fewest), len(single)))
+    least: dict[str, int] = {}
+    for s in candidates:
+        least[s.method] = min(least.get(s.method, _layers(s)), _layers(s))
+    single = [i for i, s in enumerate(candidates) if _layers(s) == least[s.method]]
+    picks = _maximin(points[:, :-1], single, [c[:-1] for c in chosen], min(round(count * fewest), len(single)))
     chosen += [points[i] for i in picks]
     rest = [i for i in range(len(candidates)) if i not in picks]
     picks += _maximin(points, rest, chosen, count - len(picks))
@@ -111,15 +124,21 @@ def _draw(space: SearchSpace, encoder_depth: int, llm_depth: int, count: int, se
     return list(drawn.values())
 
 
-def _describe(schedules: Sequence[Schedule], predict: Callable[[Schedule], float], space: SearchSpace) -> np.ndarray:
-    """(predicted speedup by rank, encoder share, merging layers), each in [0, 1] over `schedules`."""
+def _describe(schedules: Sequence[Schedule], speeds: Sequence[float], space: SearchSpace) -> np.ndarray:
+    """(predicted speedup by rank, encoder share, the method, merging layers), each in [0, 1] over
+    `schedules`; the method is one column per method of the space, 1/sqrt(2) for a schedule's own
+    (two methods lie 1 apart, as two ends of an axis do), and no column when the space has one."""
     if not schedules:
-        return np.zeros((0, 3))
-    speed = np.array([predict(s) for s in schedules], dtype=float)
+        return np.zeros((0, 3 + (len(space.methods) if len(space.methods) > 1 else 0)))
+    speed = np.asarray(speeds, dtype=float)
     ranks = np.argsort(np.argsort(speed, kind="stable"), kind="stable") / max(len(schedules) - 1, 1)
     low, high = space.bounds(space.encoder_share)
-    share = np.array([(s.encoder_share - low) / (high - low) if high > low else 0.0 for s in schedules])
+    # A method acting on one side of the LLM only has its share fixed at 0 or 1, maybe outside the range.
+    share = np.array([min(max((s.encoder_share - low) / (high - low), 0.0), 1.0) if high > low else 0.0
+                      for s in schedules])  # fmt: skip
+    methods = space.methods if len(space.methods) > 1 else ()
+    method = np.array([[(s.method == m) / np.sqrt(2) for m in methods] for s in schedules]).reshape(len(schedules), -1)
     layers = np.array([_layers(s) for s in schedules], dtype=float)
     spread = layers.max() - layers.min()
     layers = (layers - layers.min()) / spread if spread else np.zeros_like(layers)
-    return np.stack([ranks, share, layers], axis=1)
+    return np.column_stack([ranks, share, method, layers])

@@ -8,9 +8,20 @@ from pathlib import Path
 import optuna
 import pytest
 
+import illava
 import jobs
 from db import Database, queries
-from optimizer import Constraints, SearchSpace
+from illava.backbones import backbone_config
+from jobs.worker import TrialWorker
+from optimizer import (
+    SEED_ATTR,
+    WARM_ROLE,
+    Constraints,
+    SearchSpace,
+    seed_reductions,
+    seed_schedules,
+    warm_schedules,
+)
 from tests.db.conftest import fresh_database
 
 WORKLOAD = "single-448"
@@ -148,7 +159,6 @@ def test_a_workload_file_that_does_not_parse_fails_before_any_job_exists(tmp_pat
 
 
 def test_a_job_searching_peer_methods_stores_each_trials_method_and_its_manifests_apply(tmp_path):
-    import illava
     from illava.backbones import load_backbone
 
     database = Database(f"sqlite:///{tmp_path / 'methods.db'}")
@@ -165,3 +175,44 @@ def test_a_job_searching_peer_methods_stores_each_trials_method_and_its_manifest
     for row in jobs.front(database, job_id):
         illava.apply(model, jobs.manifest(database, row["id"]))  # what a deployment does with the export
         illava.remove(model)
+
+
+def test_a_job_runs_its_seeds_then_its_warm_start_within_its_budget_and_a_resume_adds_none(tmp_path):
+    """5 trials of a range holding none of the paper's ratios: its 2 seeds (the unmerged model, the
+    paper default at the middle), then the 3 warm starts that fit (a design of 3, the FLOPs model fed
+    the batch the worker times), each under its role in Optuna. A driver stopped after the first warm
+    trial leaves the next one failed; the resumed driver runs the last one, and no warm start twice."""
+    database = Database(f"sqlite:///{tmp_path / 'warm.db'}")
+    job_id = submit(database, tmp_path, n_trials=5, n_workers=1, space=SearchSpace(reduction=(0.7, 0.76)))
+
+    def stop_after_the_first_warm_trial(progress: jobs.Progress) -> None:
+        if progress.done == 3:
+            raise RuntimeError("stopped for the test")
+
+    with pytest.raises(RuntimeError, match="stopped for the test"):
+        jobs.run(database, job_id, on_progress=stop_after_the_first_warm_trial)
+    assert jobs.status(database, job_id).state == "failed"
+    assert jobs.run(database, job_id) == "completed"
+
+    trials = {t.number: t for t in stored_trials(database, job_id)}
+    study = optuna.load_study(study_name=f"illava-{job_id}", storage=database.optuna_storage_url)
+    roles = {t.number: t.user_attrs.get(SEED_ATTR) for t in study.get_trials(deepcopy=False)}
+    assert sorted(trials) == sorted(roles) == list(range(5))  # the budget: no trial beyond it
+    assert all(t.state.is_finished() for t in study.get_trials(deepcopy=False))  # none left waiting
+    assert roles == {0: "unmerged", 1: "paper_default@0.73", 2: WARM_ROLE, 3: WARM_ROLE, 4: WARM_ROLE}
+    assert [trials[n].state for n in range(5)] == ["complete", "complete", "complete", "failed", "complete"]
+    assert "stopped for the test" in trials[3].error
+
+    # The warm trials are the design the FLOPs model ranks on the worker's first batch, in its order.
+    with database.session() as s:
+        job = queries.get_job(s, job_id)
+        space, workload = SearchSpace.from_dict(job.search_space), job.workload.spec
+    config = backbone_config("tiny")
+    encoder_depth, llm_depth = illava.depths(config)
+    grids, text_tokens = TrialWorker("tiny", workload, device="cpu", repeats=1, warmup=0).flop_inputs()
+    seeds = seed_schedules(space, encoder_depth=encoder_depth, llm_depth=llm_depth, reductions=seed_reductions(space))
+    expected = warm_schedules(
+        space, encoder_depth=encoder_depth, llm_depth=llm_depth, count=3, seed=0, after=seeds,
+        predict=lambda schedule: illava.predicted_speedup(config, schedule, grids, text_tokens),
+    )  # fmt: skip
+    assert [trials[n].schedule for n in range(2, 5)] == [schedule.to_dict() for schedule in expected]

@@ -21,6 +21,7 @@ from PIL import Image
 import jobs
 from db import SCHEDULE_STATUSES, Database, LeaseHeld, queries
 from illava_tune.cli import main as cli
+from optimizer import SEED_ATTR, WARM_ROLE
 from profiler import DatasetError, read_dataset
 from tests.db.conftest import fresh_database
 from tests.jobs.test_jobs import small_workload, stored_trials, submit
@@ -120,6 +121,8 @@ def test_the_seeds_count_toward_the_budget_and_none_is_left_waiting(tmp_path):
     job_id = submit(database, tmp_path, n_trials=3, n_workers=1)  # 4 seeds: unmerged + 3 paper ratios
     assert jobs.run(database, job_id) == "completed"
     assert_budget_kept(database, job_id, 3)
+    study = optuna.load_study(study_name=f"illava-{job_id}", storage=database.optuna_storage_url)
+    assert WARM_ROLE not in {t.user_attrs.get(SEED_ATTR) for t in study.get_trials()}  # no room for a warm start
     assert any(t.schedule["reduction"] == 0.0 for t in stored_trials(database, job_id))
     elapsed = jobs.status(database, job_id).progress.elapsed_s
     time.sleep(1.1)
