@@ -6,7 +6,10 @@
     illava.remove(model)  # the original model again
 
 A deployment applies a tuned schedule exported by the tuning service: ``illava.apply(model,
-illava.load_manifest(url_or_path, cache=...))`` (standard library HTTP; `illava.manifests`).
+illava.load_manifest(url_or_path, cache=...))`` (standard library HTTP; `illava.manifests`). A
+``downsample`` schedule changes the inputs, not the model: resize each image to
+``illava.downsample_size(schedule, (width, height), model, image_processor)`` before the processor
+(or build inputs with ``illava.inputs.build_inputs(..., schedule=schedule)``).
 
 Three kinds of part, each extended by adding a module and registering it: the engine
 (`illava.engine`: everything that does not depend on the model family), backbone adapters
@@ -16,6 +19,7 @@ This package depends only on torch and transformers; the tuning service builds o
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +30,10 @@ from .engine import model as _engine
 from .engine.attention import is_packed
 from .errors import ManifestError, ManifestWarning, ScheduleError, UnsupportedModelError
 from .flops import Flops
+from .inputs import prepare_samples
 from .manifests import Fetched, fetch_manifest, load_manifest
-from .methods import ReductionMethod, get_method, method_names, register_method
+from .methods import DownsampleWarning, ReductionMethod, get_method, method_names, register_method
+from .methods.downsample import downsamples
 from .runtime import ATTENTIONS, DTYPES, RuntimeMismatchWarning, model_runtime, warn_if_mismatched
 from .schedule import PAPER_REDUCTIONS, SCHEMA_VERSION, LayerStep, Plan, Schedule, read_document
 
@@ -37,6 +43,7 @@ __all__ = [
     "PAPER_REDUCTIONS",
     "SCHEMA_VERSION",
     "BackboneAdapter",
+    "DownsampleWarning",
     "Fetched",
     "Flops",
     "LayerStep",
@@ -53,6 +60,7 @@ __all__ = [
     "apply",
     "apply_reference",
     "depths",
+    "downsample_size",
     "fetch_manifest",
     "get_method",
     "is_applied",
@@ -63,6 +71,7 @@ __all__ = [
     "paper_default_for",
     "predicted_speedup",
     "prefill_flops",
+    "prepare_samples",
     "register_adapter",
     "register_method",
     "remove",
@@ -83,8 +92,15 @@ def prefill_flops(config: Any, schedule: Schedule, grids: Any, text_tokens: int)
 
     `grids` is the family's description of the visual inputs -- for the Qwen families the processor's
     ``(t, h, w)`` patch grids -- and ``adapter.flop_inputs(config, batch)`` reads both off a batch.
-    Exact for the unmerged model (tests hold it against torch's FLOP counter for every family)."""
-    return adapter_for_config(config).flops(config, schedule, grids, text_tokens)
+    Exact for the unmerged model (tests hold it against torch's FLOP counter for every family).
+
+    `grids` always describe the full-resolution inputs; a ``downsample`` schedule is counted as the
+    unmerged model on the grids its rule makes of them (``adapter.downsample_grids``), so its FLOPs,
+    its `predicted_speedup` and its `Flops.llm_tokens` are those of the inputs it really runs on."""
+    adapter = adapter_for_config(config)
+    if downsamples(schedule):
+        return adapter.flops(config, Schedule.vanilla(), adapter.downsample_grids(config, schedule, grids), text_tokens)
+    return adapter.flops(config, schedule, grids, text_tokens)
 
 
 def predicted_speedup(config: Any, schedule: Schedule, grids: Any, text_tokens: int) -> float:
@@ -114,13 +130,45 @@ def apply(model: torch.nn.Module, schedule: Schedule | dict[str, Any] | str | Pa
     Raises `ScheduleError` for a schedule that is invalid or does not fit the model, and
     `UnsupportedModelError` for a model no adapter supports. A manifest tuned in another dtype or
     attention implementation than `model` runs in is applied with a `RuntimeMismatchWarning`.
+
+    A ``downsample`` schedule leaves the model unmerged (as `apply_reference` does: the first
+    schedule removed) and warns (`DownsampleWarning`): its effect is on the inputs, which the caller
+    resizes (`downsample_size`, `prepare_samples`).
     """
     adapter = adapter_for(model)
     document = read_document(schedule)
     if isinstance(document, dict) and "schedule" in document:
         warn_if_mismatched(model, document)
-    _engine.apply(adapter, model, Schedule.coerce(document))
+    schedule = Schedule.coerce(document)
+    if downsamples(schedule) and not schedule.removes_nothing:
+        warnings.warn(
+            f"illava: a downsample schedule (reduction {schedule.reduction:g}) leaves the model unmerged; resize "
+            "each image before the processor to illava.downsample_size(schedule, (width, height), model, "
+            "image_processor) (or illava.prepare_samples / build_inputs(..., schedule=...))",
+            DownsampleWarning,
+            stacklevel=2,
+        )
+    if downsamples(schedule):
+        return apply_reference(model)
+    _engine.apply(adapter, model, schedule)
     return model
+
+
+def downsample_size(
+    schedule: Schedule | dict[str, Any] | str | Path, size: tuple[int, int], model_or_config: Any, image_processor: Any,
+    *, alone: bool = True,
+) -> tuple[int, int]:  # fmt: skip
+    """The (width, height) to resize an image of (width, height) `size` to before `image_processor`
+    under `schedule` (a `Schedule`, its JSON, a file or a manifest): for a ``downsample`` schedule the
+    size at which the family's processor yields about the tokens the schedule's plan keeps of the
+    image (`illava.methods.downsample` states the rule per family); `size` itself for any other.
+    `alone`: the image is its prompt's only one (pass False for one of several, and for video frames:
+    LLaVA-OneVision gives those one fixed tile each, so they keep their size)."""
+    schedule = Schedule.coerce(schedule)
+    if not downsamples(schedule):
+        return size
+    config = getattr(model_or_config, "config", model_or_config)
+    return adapter_for_config(config).downsample_size(config, image_processor, size, schedule, alone=alone)
 
 
 def apply_reference(model: torch.nn.Module) -> torch.nn.Module:

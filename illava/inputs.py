@@ -6,6 +6,10 @@ markers plus PIL images and lists of PIL frames; `build_inputs(backbone, samples
 backbone's adapter, which lays out the family's placeholders and chat template and runs the
 family's PIL image processor (`illava.adapters`). This module holds what is family-free: samples,
 markers, padding, and deterministic synthetic pictures and videos.
+
+Under a ``downsample`` schedule (`illava.methods.downsample`) the inputs themselves change: give the
+schedule to `build_inputs` (or resize the samples first with `prepare_samples`) and every image and
+video frame is resized before the processor, as the family's adapter says (`downsample_sample`).
 """
 
 from __future__ import annotations
@@ -20,6 +24,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 from transformers import BatchFeature
+
+from .methods.downsample import downsamples
+from .schedule import Schedule
 
 IMAGE_MARKER = "<image>"
 VIDEO_MARKER = "<video>"
@@ -61,13 +68,39 @@ def left_pad(rows: list[list[int]], value: int) -> torch.Tensor:
     return torch.tensor([[value] * (width - len(row)) + row for row in rows], dtype=torch.long)  # (B, L)
 
 
-def build_inputs(backbone: Any, samples: list[Sample], *, chat: bool = True, video_fps: float = 2.0) -> BatchFeature:
+def build_inputs(
+    backbone: Any, samples: list[Sample], *, chat: bool = True, video_fps: float = 2.0, schedule: Schedule | None = None
+) -> BatchFeature:
     """Everything the backbone's model needs for `samples` (``forward`` or ``generate``), left padded,
     in the family's own layout. `video_fps` is the rate the given frames were sampled at; it sets the
-    temporal spacing of video positions where the family has one."""
+    temporal spacing of video positions where the family has one. `schedule` (a `Schedule`, optional)
+    matters only for a ``downsample`` one: the samples are then resized first (`prepare_samples`)."""
     if not samples:
         raise ValueError("build_inputs needs at least one sample")
-    return backbone.adapter.build_inputs(backbone, list(samples), chat=chat, video_fps=video_fps)
+    samples = prepare_samples(backbone, samples, schedule) if schedule is not None else list(samples)
+    return backbone.adapter.build_inputs(backbone, samples, chat=chat, video_fps=video_fps)
+
+
+def prepare_samples(backbone: Any, samples: list[Sample], schedule: Schedule | dict[str, Any] | str) -> list[Sample]:
+    """`samples` as `schedule` wants them before the processor: for a ``downsample`` schedule each
+    image and video frame resized to about the token budget the schedule's plan keeps of it (each
+    sample on its own: a batch never changes a sample's size); for every other schedule the samples
+    as given. `schedule` may be a `Schedule`, its JSON form or a manifest."""
+    schedule = Schedule.coerce(schedule)
+    if not downsamples(schedule):
+        return list(samples)
+    adapter, config = backbone.adapter, backbone.config
+    return [adapter.downsample_sample(config, backbone.image_processor, sample, schedule) for sample in samples]
+
+
+def resized(image: Image.Image, size: tuple[int, int], image_processor: Any = None) -> Image.Image:
+    """`image` at (width, height) `size` with the processor's own resampling filter (bicubic where it
+    names none); the image itself when it already has that size."""
+    size = (int(size[0]), int(size[1]))
+    if image.size == size:
+        return image
+    resample = getattr(image_processor, "resample", None)
+    return image.resize(size, resample=Image.Resampling.BICUBIC if resample is None else resample)
 
 
 def chat_turn(backbone: Any, text: str) -> str:

@@ -213,26 +213,96 @@ class Recycle:
 
 
 @dataclass(frozen=True)
+class Fold:
+    """Units folded into kept units, any number into each (ToMe's bipartite merge folds several
+    units into one survivor): a sparse matrix in coordinate form. Entry ``j`` adds
+    ``weights[j] * unit[sources[j]]`` into kept slot ``slots[j]``; a slot some entry names becomes
+    the sum of its entries (so a survivor that keeps its own value lists itself among its sources),
+    every other slot stays the gathered unit. How many entries there are is the caller's (known on
+    the host); how many land on each slot may be known on the device only, so applying a fold
+    reads nothing back.
+
+    With ``size_weighted`` the weights are relative: entry ``j`` weighs ``weights[j] * size[sources[j]]``
+    (a unit's *size*: how many original units it stands for; one where no sizes are given) and
+    every folded slot is divided by its total weight -- a size-weighted average, as ToMe merges --
+    whose total is also the slot's size afterwards (sizes add up)."""
+
+    slots: torch.Tensor  # (E,) long: positions in `MergeMap.keep`
+    sources: torch.Tensor  # (E,) long: unit indices
+    weights: torch.Tensor  # (E,) float
+    size_weighted: bool = False
+
+
+@dataclass(frozen=True)
 class MergeMap:
     """What one Token_Merge does to a sequence of `n` units: which units survive (``keep``, in
-    order) and which survivors become weighted sums of others (``recycles``). It is a linear map,
-    so the engine applies the same one to hidden states and to every per-unit feature that must
-    stay consistent with them (DeepStack features, tapped hidden states); positions and window
-    ids are only gathered along ``keep``."""
+    order) and which survivors become weighted sums of others (``recycles``: a fixed number of
+    members each; ``fold``: any number, see `Fold`). It is a linear map, so the engine applies the
+    same one to hidden states and to every per-unit feature that must stay consistent with them
+    (DeepStack features, tapped hidden states); positions and window ids are only gathered along
+    ``keep`` (a folded survivor keeps its own). Recycles are applied first; a slot a fold names is
+    the fold's.
+
+    Sizes: a map with a size-weighted fold tracks how many original units each survivor stands
+    for (`sizes_after`), and with ``proportional_attention`` asks that attention over its survivors
+    add ``log(size)`` of each key to the logits (ToMe's proportional attention: a key of size k
+    weighs as k equal keys would)."""
 
     keep: torch.Tensor  # (P,) unit indices
     recycles: tuple[Recycle, ...] = ()
+    fold: Fold | None = None
+    proportional_attention: bool = False
 
-    def apply(self, values: torch.Tensor, unit: int = 1) -> torch.Tensor:
-        """(n * unit, C) -> (P * unit, C): kept units, centres replaced by their weighted groups.
-        Units merge position by position (token t of a group with token t of each member)."""
+    @property
+    def tracks_sizes(self) -> bool:
+        """Whether its survivors have sizes other than one (a size-weighted fold)."""
+        return self.fold is not None and self.fold.size_weighted
+
+    def apply(self, values: torch.Tensor, unit: int = 1, sizes: torch.Tensor | None = None) -> torch.Tensor:
+        """(n * unit, C) -> (P * unit, C): kept units, centres replaced by their weighted groups, folded
+        slots by their folds. Units merge position by position (token t of a group with token t of
+        each member). `sizes` (n,): each unit's size, for a size-weighted fold (None: all one)."""
         channels = values.shape[-1]
         units = values.reshape(-1, unit, channels)  # (n, unit, C)
         kept = units[self.keep]
         for recycle in self.recycles:
             merged = (units[recycle.members] * recycle.weights[..., None, None].to(values.dtype)).sum(dim=1)
             kept = kept.index_copy(0, recycle.slots, merged)  # (P, unit, C)
+        if self.fold is not None:
+            kept = self._folded(units, kept, sizes)
         return kept.reshape(-1, channels)
+
+    def _folded(self, units: torch.Tensor, kept: torch.Tensor, sizes: torch.Tensor | None) -> torch.Tensor:
+        fold = self.fold
+        weights = self._entry_weights(sizes if fold.size_weighted else None)  # (E,) float32
+        exact = torch.promote_types(units.dtype, torch.float32)  # sums in float32 at least, whatever the dtype
+        contributions = units[fold.sources].to(exact) * weights[:, None, None].to(exact)  # (E, unit, C)
+        summed = torch.zeros(kept.shape, dtype=exact, device=kept.device).index_add_(0, fold.slots, contributions)
+        if fold.size_weighted:
+            total = weights.new_zeros(kept.shape[0]).index_add_(0, fold.slots, weights)
+            summed = summed / total.clamp_min(torch.finfo(total.dtype).tiny)[:, None, None].to(exact)
+        return torch.where(self._folded_slots()[:, None, None], summed.to(kept.dtype), kept)
+
+    def _entry_weights(self, sizes: torch.Tensor | None) -> torch.Tensor:
+        """(E,) float32: each fold entry's weight, times its source's size when `sizes` are given."""
+        weights = self.fold.weights.float()
+        return weights if sizes is None else weights * sizes.float()[self.fold.sources]
+
+    def _folded_slots(self) -> torch.Tensor:
+        """(P,) bool: the kept slots the fold names."""
+        return torch.zeros(self.keep.shape[0], dtype=torch.bool, device=self.keep.device).index_fill_(
+            0, self.fold.slots, True
+        )
+
+    def sizes_after(self, sizes: torch.Tensor | None) -> torch.Tensor:
+        """(P,) float32: the survivors' sizes from the units' `sizes` (n,) (None: all one). A kept
+        unit keeps its size (a recycled centre too: recycling tracks no sizes); a folded slot's is the
+        sum of its entries' ``weights[j] * size[sources[j]]``."""
+        kept = torch.ones(self.keep.shape[0], device=self.keep.device) if sizes is None else sizes.float()[self.keep]
+        if self.fold is None:
+            return kept
+        total = torch.zeros_like(kept).index_add_(0, self.fold.slots, self._entry_weights(sizes))
+        return torch.where(self._folded_slots(), total, kept)
 
     def gather(self, values: torch.Tensor, unit: int = 1) -> torch.Tensor:
         """(n * unit, ...) -> (P * unit, ...): the kept units' rows, nothing merged (positions)."""
@@ -244,10 +314,11 @@ class MergeMap:
     @staticmethod
     def concat(maps: list[MergeMap], unit_offsets: list[int]) -> MergeMap:
         """One map over consecutive segments from one map per segment; `unit_offsets[i]` is where
-        segment i starts. Recycles with the same member count stay one block (same arithmetic)."""
+        segment i starts. Recycles with the same member count stay one block (same arithmetic);
+        folds become one fold (their ``size_weighted`` must agree)."""
         if len(maps) == 1 and unit_offsets[0] == 0:
             return maps[0]
-        keeps, blocks = [], {}
+        keeps, blocks, folds = [], {}, []
         kept_offset = 0
         for merge_map, offset in zip(maps, unit_offsets, strict=True):
             keeps.append(merge_map.keep + offset)
@@ -255,11 +326,21 @@ class MergeMap:
                 blocks.setdefault(recycle.members.shape[1], []).append(
                     (recycle.slots + kept_offset, recycle.members + offset, recycle.weights)
                 )
+            if merge_map.fold is not None:
+                fold = merge_map.fold
+                folds.append((fold.slots + kept_offset, fold.sources + offset, fold.weights, fold.size_weighted))
             kept_offset += merge_map.keep.shape[0]
         recycles = tuple(
             Recycle(*(torch.cat(parts) for parts in zip(*entries, strict=True))) for entries in blocks.values()
         )
-        return MergeMap(keep=torch.cat(keeps), recycles=recycles)
+        fold = None
+        if folds:
+            if len({weighted for *_, weighted in folds}) > 1:
+                raise ValueError("MergeMap.concat: folds that are size-weighted and folds that are not")
+            slots, sources, weights, weighted = zip(*folds, strict=True)
+            fold = Fold(torch.cat(slots), torch.cat(sources), torch.cat(weights), weighted[0])
+        proportional = any(merge_map.proportional_attention for merge_map in maps)
+        return MergeMap(keep=torch.cat(keeps), recycles=recycles, fold=fold, proportional_attention=proportional)
 
 
 def merge_units(
@@ -481,3 +562,42 @@ def batched_merge(
     members, weights = members.view(-1, members_n + 1)[rows], weights.view(-1, members_n + 1)[rows]
     slots = torch.searchsorted(keep_ids, centres.view(-1)[rows])
     return MergeMap(keep=keep_ids, recycles=(Recycle(slots, members, weights),))
+
+
+# ----------------------------------------------------------------------------------- the text's view (LLM stage)
+def prompt_attention(
+    query: torch.Tensor, key: torch.Tensor, valid: torch.Tensor, rows: int, scale: float | None
+) -> torch.Tensor:
+    """(B, rows, L) float32: the causal attention probabilities of the last `rows` positions of a
+    left-padded prefill (heads averaged). query (B, H, L, D), key (B, Hk, L, D) post-rotary, valid
+    (B, L). Only `rows` query rows are computed: no L x L buffer, nothing read back."""
+    batch, heads, length, dim = query.shape
+    if key.shape[1] != heads:  # grouped-query attention: each key head serves several query heads
+        key = key.repeat_interleave(heads // key.shape[1], dim=1)
+    s = dim**-0.5 if scale is None else scale
+    logits = torch.matmul(query[:, :, -rows:].float() * s, key.float().transpose(-1, -2))  # (B, H, rows, L)
+    at = torch.arange(length - rows, length, device=query.device)  # each row's own position
+    hidden = (torch.arange(length, device=query.device)[None, :] > at[:, None])[None] | ~valid[:, None, :]
+    return logits.masked_fill_(hidden[:, None], float("-inf")).softmax(dim=-1).nan_to_num_(0.0).mean(dim=1)
+
+
+def last_token_attention(
+    query: torch.Tensor, key: torch.Tensor, valid: torch.Tensor, scale: float | None
+) -> torch.Tensor:
+    """(B, L) the attention probability each token receives from its sample's last valid token
+    (softmax over the sample's valid tokens, heads averaged); `query` (B, H, L, D), `key`
+    (B, Hk, L, D) post-rotary. One query row per sample: no L x L buffer, nothing read back."""
+    batch, heads, length, dim = query.shape
+    last = torch.where(valid, torch.arange(length, device=valid.device), -1).amax(dim=-1)  # (B,)
+    q_last = query[torch.arange(batch, device=query.device), :, last]  # (B, H, D)
+    if key.shape[1] != heads:
+        key = key.repeat_interleave(heads // key.shape[1], dim=1)
+    logits = torch.einsum("bhd,bhld->bhl", q_last.float(), key.float()) * (scale or dim**-0.5)
+    logits = logits.masked_fill(~valid[:, None, :], float("-inf"))
+    return logits.softmax(dim=-1).mean(dim=1)
+
+
+def rows_mean(probs: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """(B, L): the mean of `probs` (B, Q, L) over the rows `rows` (B, Q) bool marks (0 where none)."""
+    weights = rows.to(probs.dtype)
+    return (probs * weights[..., None]).sum(dim=1) / weights.sum(dim=1, keepdim=True).clamp(min=1)

@@ -344,8 +344,12 @@ class Schedule:
         """One line for tables: ``illava r=0.778 enc=0.40 E[5, 9, 13] L[2, 8, 14] rec=0.10 M=5``."""
         if self.removes_nothing:
             return "unmerged"
-        where = f"E{list(self.encoder_layers)} " if self.reduction_method.encoder_stage == "blocks" else "between "
-        text = f"{self.method} r={self.reduction:.3f} enc={self.encoder_share:.2f} {where}L{list(self.llm_layers)}"
+        method = self.reduction_method
+        if not any(method.acts_at(stage) for stage in ("encoder", "between", "llm")):  # downsample: the inputs
+            text = f"{self.method} r={self.reduction:.3f} inputs"
+        else:
+            where = f"E{list(self.encoder_layers)} " if method.encoder_stage == "blocks" else "between "
+            text = f"{self.method} r={self.reduction:.3f} enc={self.encoder_share:.2f} {where}L{list(self.llm_layers)}"
         own = self.reduction_method.describe_params(self.params)
         return f"{text} {own}" if own else text
 

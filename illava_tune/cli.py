@@ -63,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     profile = commands.add_parser("profile", help="measure one schedule on one workload against the unmerged model")
     profile.add_argument("--backbone", default=DEFAULT_BACKBONE, help=BACKBONE_HELP)
     profile.add_argument("--method", default="illava",
-                         help="illava, prune, random, fastv, pdrop or divprune; placed on the stages it acts at")  # fmt: skip
+                         help="illava, prune, random, fastv, pdrop, sparsevlm, tome, visionzip, divprune or downsample; "
+                         "placed on the stages it acts at")  # fmt: skip
     profile.add_argument("--reduction", type=float, default=0.778, help="fraction of image tokens removed")
     profile.add_argument("--encoder-share", type=float, help="fraction of the removal done in the encoder (0.4)")
     profile.add_argument("--schedule", help="a schedule or manifest JSON file (overrides the three above)")
@@ -116,8 +117,9 @@ def _tuning_commands(commands) -> None:
     )
     submit.add_argument(
         "--methods", default="illava",
-        help="reduction methods to search, comma-separated: illava, prune, random, fastv, pdrop, divprune "
-        "(each with its own parameters and stages; the front says which wins where) (default: %(default)s)",
+        help="reduction methods to search, comma-separated: illava, prune, random, fastv, pdrop, sparsevlm, tome, "
+        "visionzip, divprune, downsample (each with its own parameters and stages; the front says which wins "
+        "where) (default: %(default)s)",
     )  # fmt: skip
     submit.add_argument("--min-retention", type=float, help="accuracy retention floor, e.g. 0.95")
     submit.add_argument("--max-memory-mib", type=float, help="peak memory cap")

@@ -13,9 +13,15 @@ encoder_layer_count   int          how many encoder blocks merge
 encoder_layer_{i}     int          slot i < encoder_layer_count, in [0, encoder_depth - 1]
 llm_layer_count       int          how many decoder layers merge
 llm_layer_{i}         int          slot i < llm_layer_count, in [0, llm_depth - 2]
-recycle_share         float        share of kept tokens that are recycled cluster tokens
-group_size            categorical  M, discarded tokens each cluster token absorbs
+recycle_share         float        iLLaVA: share of kept tokens that are recycled cluster tokens
+group_size            categorical  iLLaVA: M, discarded tokens each cluster token absorbs
+contextual_share      float        VisionZip: share of kept tokens that are merged contextual tokens
+recycle_ratio         float        SparseVLM: share of removed tokens recycled into cluster tokens
 ====================  ===========  =====================================================
+
+A method's own parameters are drawn only in trials of that method (conditional parameters, the
+Optuna way); parameters not listed here (``text_guided``, ToMe's ``prop_attn``, SparseVLM's
+``cluster_ratio``, ``random``'s ``seed``) stay at the method's defaults.
 
 Layer slots are sorted and a collision moves the later layer to the next free one
 (`illava.schedule.map_layers` with an identity mapping), so every draw gives distinct,
@@ -30,6 +36,7 @@ warning because seeded reference points are outside on purpose).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import warnings
@@ -44,6 +51,8 @@ if TYPE_CHECKING:
     import optuna
 
 FloatRange = float | tuple[float, float]
+#: Method parameters the space searches as floats, each with a `SearchSpace` range of its name.
+SEARCHED_FLOATS = ("recycle_share", "contextual_share", "recycle_ratio")
 IntRange = int | tuple[int, int]
 
 
@@ -101,13 +110,16 @@ class SearchSpace:
     recycle_share: FloatRange = (0.0, 0.3)
     group_size: tuple[int, ...] = (3, 5, 8)
     methods: tuple[str, ...] = ("illava",)
+    contextual_share: FloatRange = (0.0, 0.3)  # around VisionZip's 10 of 64 (0.16)
+    recycle_ratio: FloatRange = (0.0, 0.6)  # around SparseVLM's 0.3
 
     def __post_init__(self) -> None:
         problems: list[str] = []
         set_ = object.__setattr__
         set_(self, "reduction", _float_range("reduction", self.reduction, 0.0, 1.0, False, problems))
         set_(self, "encoder_share", _float_range("encoder_share", self.encoder_share, 0.0, 1.0, True, problems))
-        set_(self, "recycle_share", _float_range("recycle_share", self.recycle_share, 0.0, 1.0, False, problems))
+        for name in SEARCHED_FLOATS:
+            set_(self, name, _float_range(name, getattr(self, name), 0.0, 1.0, name == "recycle_ratio", problems))
         set_(self, "encoder_layer_count", _int_range("encoder_layer_count", self.encoder_layer_count, problems))
         set_(self, "llm_layer_count", _int_range("llm_layer_count", self.llm_layer_count, problems))
         set_(self, "group_size", _choices("group_size", self.group_size, problems))
@@ -191,8 +203,9 @@ class SearchSpace:
         Optuna way: a trial of a method without them never suggests them)."""
         names = set(get_method(method).params_type.__dataclass_fields__)
         params: dict[str, Any] = {}
-        if "recycle_share" in names:
-            params["recycle_share"] = trial.suggest_float("recycle_share", *self.bounds(self.recycle_share))
+        for name in SEARCHED_FLOATS:
+            if name in names:
+                params[name] = trial.suggest_float(name, *self.bounds(getattr(self, name)))
         if "group_size" in names:
             params["group_size"] = trial.suggest_categorical("group_size", list(self.group_size))
         return params
@@ -246,8 +259,11 @@ def schedule_params(schedule: Schedule, space: SearchSpace) -> dict[str, Any]:
         problems.append(
             "suggest always merges in at least one encoder block and one decoder layer where the method acts"
         )
-    if own.get("seed", 0) != 0:
-        problems.append(f"seed {own['seed']} is not searched (suggest always uses 0)")
+    if stages is not None:
+        defaults = dataclasses.asdict(stages.params_type())  # every field, set or not
+        for name, value in own.items():
+            if name not in (*SEARCHED_FLOATS, "group_size") and value != defaults.get(name):
+                problems.append(f"{name} {value!r} is not searched (suggest always uses {defaults.get(name)!r})")
     if problems:
         raise SearchSpaceError("this schedule cannot be reproduced by the search space: " + "; ".join(problems))
     params: dict[str, Any] = {"reduction": float(schedule.reduction), "method": schedule.method}
@@ -260,8 +276,9 @@ def schedule_params(schedule: Schedule, space: SearchSpace) -> dict[str, Any]:
         if stages.max_llm_layers != 1:
             params["llm_layer_count"] = len(schedule.llm_layers)
         params.update({f"llm_layer_{i}": layer for i, layer in enumerate(schedule.llm_layers)})
-    if "recycle_share" in own:
-        params["recycle_share"] = float(own["recycle_share"])
+    for name in SEARCHED_FLOATS:
+        if name in own:
+            params[name] = float(own[name])
     if "group_size" in own:
         params["group_size"] = own["group_size"]
     return params

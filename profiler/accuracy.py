@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 from transformers import BatchFeature
 
+from illava import Schedule
 from illava.backbones import Backbone
 from illava.inputs import build_inputs
 
@@ -74,9 +75,12 @@ def answer_logprob(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return picked.masked_fill(labels < 0, 0.0).sum(dim=-1)
 
 
-def option_inputs(backbone: Backbone, items: Sequence[MCQItem]) -> tuple[BatchFeature, torch.Tensor, list[int]]:
+def option_inputs(
+    backbone: Backbone, items: Sequence[MCQItem], *, schedule: Schedule | None = None
+) -> tuple[BatchFeature, torch.Tensor, list[int]]:
     """One sequence per (item, option): the ``text`` prompt followed by the option's text and the
-    end-of-turn token; returns the inputs, the labels (see `with_answers`) and each item's option count."""
+    end-of-turn token; returns the inputs, the labels (see `with_answers`) and each item's option count.
+    `schedule`: as `build_inputs` takes it (a downsample schedule resizes the images)."""
     tokenizer = backbone.tokenizer
     end_id = tokenizer.convert_tokens_to_ids(end_of_turn(backbone))
     samples, answers, counts = [], [], []
@@ -86,15 +90,17 @@ def option_inputs(backbone: Backbone, items: Sequence[MCQItem]) -> tuple[BatchFe
             samples.append(sample)
             answers.append([*tokenizer.encode(text, add_special_tokens=False), end_id])
         counts.append(len(item.options))
-    inputs = build_inputs(backbone, samples)
+    inputs = build_inputs(backbone, samples, schedule=schedule)
     inputs, labels = with_answers(inputs, answers, tokenizer.pad_token_id)
     return inputs, labels, counts
 
 
-def choose_by_text(backbone: Backbone, items: Sequence[MCQItem], device: torch.device | str) -> list[str]:
+def choose_by_text(
+    backbone: Backbone, items: Sequence[MCQItem], device: torch.device | str, *, schedule: Schedule | None = None
+) -> list[str]:
     """The letter of each item's option whose text is most likely after the ``text`` prompt: every
-    (item, option) sequence in one forward (see `option_inputs`)."""
-    inputs, labels, counts = option_inputs(backbone, items)
+    (item, option) sequence in one forward (see `option_inputs`; `schedule` as it takes it)."""
+    inputs, labels, counts = option_inputs(backbone, items, schedule=schedule)
     width = labels.shape[1]
     logits = backbone.model(**inputs.to(device), logits_to_keep=width + 1, use_cache=False).logits[:, :width]
     return pick_options(answer_logprob(logits, labels.to(device)).cpu(), items, counts)
@@ -131,10 +137,12 @@ def choose(
     batch_size: int = 16,
     progress: Callable[[Iterable], Iterable] | None = None,
     answer: str | None = None,
+    schedule: Schedule | None = None,
 ) -> list[str]:
     """The option letter the model ranks highest for each item, in order. `answer`: ``letter`` or
     ``text`` (see the module docstring); None reads it from the model's config (`answer_style`).
-    `batch_size` counts items (a ``text`` batch holds one sequence per option)."""
+    `batch_size` counts items (a ``text`` batch holds one sequence per option). `schedule`: the
+    inputs are built for it (a downsample schedule resizes the images; the model is used as it is)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     model = backbone.model
@@ -148,9 +156,9 @@ def choose(
     for start in progress(starts) if progress else starts:
         chunk = items[start : start + batch_size]
         if answer == "text":
-            choices += choose_by_text(backbone, chunk, device)
+            choices += choose_by_text(backbone, chunk, device, schedule=schedule)
             continue
-        inputs = build_inputs(backbone, [item.to_sample() for item in chunk])
+        inputs = build_inputs(backbone, [item.to_sample() for item in chunk], schedule=schedule)
         logits = model(**inputs.to(device), logits_to_keep=1, use_cache=False).logits[:, -1].float()  # (B, V)
         for row, item in enumerate(chunk):
             options = list(item.options)

@@ -8,6 +8,13 @@ lands on both sides of every ratio. The reference's outputs, for accuracy, reten
 are computed once per workload and `Profiler` and reused: a baseline from the same session,
 machine and inputs. Inputs are built before any timed region.
 
+A ``downsample`` schedule (`illava.methods.downsample`) is the unmerged model on inputs resized
+before the processor: its runs -- prefills, generations, memory, accuracy (every way of scoring)
+-- get the workload's samples built with the schedule (`illava.inputs.build_inputs(...,
+schedule=...)`), while the paired reference of every round, and the outputs fidelity is measured
+against, stay at full resolution. Its model is the reference's (`illava.apply_reference`), so the
+pair differs in the inputs only.
+
 Memory: on CUDA the allocator's peak over the schedule's runs (a prefill as timed, then the
 generations, timed and for the outputs; the paired prefills run before, so the reference's runs do
 not count in it); on CPU the peak of live tensor bytes (weights, buffers and inputs included) of
@@ -43,6 +50,7 @@ import illava
 from illava import Schedule
 from illava.backbones import Backbone, load_backbone
 from illava.inputs import Sample, build_inputs
+from illava.methods.downsample import downsamples
 from illava.runtime import check_attention, torch_dtype
 
 from .accuracy import answer_style, choose_by_text, letter_ids
@@ -293,8 +301,12 @@ class Profiler:
         items = read_dataset(workload.dataset, limit=workload.samples)
         return [item.to_sample(self.answer) for item in items], items
 
-    def _batches(self, samples: list[Sample], batch_size: int) -> list[Any]:
-        return [build_inputs(self.backbone, chunk).to(self.device) for chunk in batches(samples, batch_size)]
+    def _batches(self, samples: list[Sample], batch_size: int, schedule: Schedule | None = None) -> list[Any]:
+        """The workload's batches on the device; as `schedule` wants them built (a downsample one resizes)."""
+        return [
+            build_inputs(self.backbone, chunk, schedule=schedule).to(self.device)
+            for chunk in batches(samples, batch_size)
+        ]
 
     # ------------------------------------------------------------------ public
     def measure(self, schedule: Schedule | dict | str, workload: Workload) -> Measurement:
@@ -306,7 +318,8 @@ class Profiler:
         inputs = self._batches(samples, workload.batch_size)
         if key not in self._references:
             self._references[key] = self._run(None, workload, inputs, items, reference=None)
-        return self._run(schedule, workload, inputs, items, reference=self._references[key])[0]
+        own = self._batches(samples, workload.batch_size, schedule) if downsamples(schedule) else inputs
+        return self._run(schedule, workload, own, items, reference=self._references[key], paired=inputs[0])[0]
 
     def reference(self, workload: Workload) -> Measurement:
         """The unmerged model's measurement of `workload` (measured on first use)."""
@@ -318,23 +331,27 @@ class Profiler:
         return self._references[key][0]
 
     @torch.inference_mode()
-    def _run(self, schedule: Schedule | None, workload, inputs, items, reference) -> tuple[Measurement, _Outputs]:
+    def _run(
+        self, schedule: Schedule | None, workload, inputs, items, reference, *, paired=None
+    ) -> tuple[Measurement, _Outputs]:
         """One measurement; `schedule=None` is the reference: the untouched model -- except under
         ``illava_packed`` attention, whose fair reference is the engine removing nothing
         (`illava.apply_reference`). A schedule that removes nothing is that same model (a job's
         "unmerged" trial is what a deployment runs without illava, timed against itself: its
         speedup is 1 within the pairing's noise); the engine's own overhead is what
-        `benchmarks/prefill.py` counts."""
+        `benchmarks/prefill.py` counts. `inputs` are the schedule's batches; `paired` is the batch
+        the reference's paired prefills run on (the first of `inputs` when not given; the
+        full-resolution one for a downsample schedule)."""
         self._use(schedule)
         try:
-            prefills = self._time_prefill(inputs[0], schedule)
+            prefills = self._time_prefill(inputs[0], schedule, inputs[0] if paired is None else paired)
             # Sampled after the paired prefills, so the reference's runs stay out of this schedule's peak;
             # one more (untimed) prefill as timed keeps that forward in it.
             with MemorySampler(self.device) as sampler:
                 self.model(**inputs[0], logits_to_keep=1)
                 image_tokens, layer_tokens = self._token_counts(inputs[0])
                 steps, e2e = self._time_generate(inputs[0], workload.output_tokens)
-                outputs = self._outputs(inputs, items, workload.output_tokens)
+                outputs = self._outputs(inputs, items, workload.output_tokens, schedule)
             memory = self._with_tensor_peak(sampler.reading, inputs[0], workload.output_tokens)
         finally:
             illava.remove(self.model)
@@ -374,29 +391,30 @@ class Profiler:
         return measurement, outputs
 
     def _use(self, schedule: Schedule | None) -> None:
-        """Switch the model to `schedule`, or (None, or nothing to remove) to the unmerged reference
-        `_run` describes."""
-        if schedule is not None and not schedule.removes_nothing:
+        """Switch the model to `schedule`, or (None, nothing to remove, or a downsample schedule,
+        whose model is unmerged) to the unmerged reference `_run` describes."""
+        if schedule is not None and not schedule.removes_nothing and not downsamples(schedule):
             illava.apply(self.model, schedule)  # removes what was applied first
         else:
             illava.apply_reference(self.model)
 
-    def _time_prefill(self, batch, schedule: Schedule | None) -> _Prefills:
+    def _time_prefill(self, batch, schedule: Schedule | None, paired) -> _Prefills:
         """`self.warmup` untimed rounds, then `self.repeats` timed ones, of the prefill of `batch`.
-        With a schedule, every round runs the unmerged reference first, then the schedule, on the
-        same batch; the stage marks of the reference's runs are dropped. Leaves `schedule` applied."""
+        With a schedule, every round runs the unmerged reference first, on `paired` (`batch` but for a
+        downsample schedule), then the schedule on `batch`; the stage marks of the reference's runs
+        are dropped. Leaves `schedule` applied."""
         adapter = self.backbone.adapter
         clock = _StageClock(adapter.vision_timing_modules(adapter.inner_model(self.model)), self.device)
         prefills = _Prefills()
 
-        def prefill() -> object:
-            return self.model(**batch, logits_to_keep=1)
+        def prefill(inputs=batch) -> object:
+            return self.model(**inputs, logits_to_keep=1)
 
         try:
             for run in range(self.warmup + self.repeats):
                 if schedule is not None:
                     self._use(None)
-                    reference = time_once(prefill, self.device)
+                    reference = time_once(lambda: prefill(paired), self.device)
                     clock.take()  # the reference's marks: not this schedule's breakdown
                     self._use(schedule)
                 total = time_once(prefill, self.device)
@@ -437,7 +455,9 @@ class Profiler:
             return dataclasses.replace(reading, note="; ".join(n for n in (reading.note, note) if n))
         return reading.with_tensor_peak(peak)
 
-    def _outputs(self, inputs, items: list[MCQItem] | None, output_tokens: int) -> _Outputs:
+    def _outputs(self, inputs, items: list[MCQItem] | None, output_tokens: int, schedule: Schedule | None) -> _Outputs:
+        """Every sample's answer-position logits, greedy continuation and (labelled) choice; `schedule`
+        builds the option sequences of ``score="options"`` (a downsample one resizes them too)."""
         logits, greedy, predictions, correct = [], [], [], []
         letters = letter_ids(self.backbone.tokenizer) if items and self.score == "logits" else {}
         for batch in self.progress(inputs):
@@ -450,7 +470,8 @@ class Profiler:
             greedy.extend(row.cpu() for row in new)
             if items is not None and self.score == "options":
                 chunk = items[len(predictions) : len(predictions) + last.shape[0]]
-                for item, choice in zip(chunk, choose_by_text(self.backbone, chunk, self.device), strict=True):
+                choices = choose_by_text(self.backbone, chunk, self.device, schedule=schedule)
+                for item, choice in zip(chunk, choices, strict=True):
                     predictions.append(choice)
                     correct.append(choice == item.answer)
                 continue

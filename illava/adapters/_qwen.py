@@ -14,10 +14,13 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 from transformers import BatchFeature
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
-from ..engine.attention import is_packed
+from ..engine.attention import takes_bounds
 from ..engine.vision import EncodedVisual, ItemLayout, VisionRun, VisualCall
 from ..inputs import IMAGE_MARKER, IMAGE_TYPE, TEXT_TYPE, VIDEO_MARKER, VIDEO_TYPE, Sample, left_pad, split_markers
+from ..methods.downsample import downsample_grid, target_tokens
+from ._qwen_costs import Segment
 from .base import BackboneAdapter
 
 VISION_START, VISION_END = "<|vision_start|>", "<|vision_end|>"
@@ -131,7 +134,7 @@ class QwenAdapter(BackboneAdapter):
     def _block_kwargs(block, run: VisionRun, bounds) -> dict[str, Any]:
         kwargs = dict(cu_seqlens=bounds.cu, max_seqlen=bounds.longest,
                       position_embeddings=(run.gathered["cos"], run.gathered["sin"]))  # fmt: skip
-        if is_packed(block.attn.config):
+        if takes_bounds(block.attn.config):
             kwargs["illava_bounds"] = bounds  # the packed kernel's host-known sizes, through the module's kwargs
         return kwargs
 
@@ -245,6 +248,40 @@ class QwenAdapter(BackboneAdapter):
             "mm_token_type_ids": left_pad(types, TEXT_TYPE),  # (B, L)
         }
         return BatchFeature({**text_features, **features})
+
+    # ------------------------------------------------------------------ downsampled inputs
+    def downsample_size(self, config, image_processor, size, schedule, *, alone: bool = True):
+        """The grid rule of `illava.methods.downsample` on the processor's full-resolution grid (its own
+        ``smart_resize`` with its pixel bounds), in LLM tokens of ``patch * merge`` pixels, and then the
+        processor's bounds: the target is at least the tokens its ``min_pixels`` allows, and a grid that
+        rounding still puts below them comes back as the size the processor enlarges it to, so the size
+        returned is one the processor keeps. An image and a video frame alike (`alone` does not matter)."""
+        width, height = size
+        factor = image_processor.patch_size * image_processor.merge_size
+        bounds = image_processor.size
+
+        def processed(height: int, width: int) -> tuple[int, int]:
+            return smart_resize(
+                height, width, factor=factor, min_pixels=bounds.shortest_edge, max_pixels=bounds.longest_edge
+            )
+
+        full_h, full_w = processed(height, width)
+        rows, cols = full_h // factor, full_w // factor
+        least = math.ceil(bounds.shortest_edge / factor**2)  # the processor's floor, in tokens
+        new_rows, new_cols = downsample_grid(rows, cols, max(target_tokens(schedule, [rows * cols]), least))
+        new_h, new_w = processed(new_rows * factor, new_cols * factor)
+        return size if (new_h, new_w) == (full_h, full_w) else (new_w, new_h)
+
+    def downsample_grids(self, config, schedule, grids):
+        """``(t, h, w)`` patch grids (or `Segment`s, one frame each) with each frame's grid downsampled
+        by the same rule, in units of ``spatial_merge_size`` patches."""
+        merge = config.vision_config.spatial_merge_size
+        downsampled = []
+        for grid in grids:
+            t, h, w = (1, grid.grid_h, grid.grid_w) if isinstance(grid, Segment) else (int(v) for v in grid)
+            rows, cols = downsample_grid(h // merge, w // merge, target_tokens(schedule, [h * w // merge**2]))
+            downsampled.append((t, rows * merge, cols * merge))
+        return downsampled
 
     def _video_features(self, processor, videos, fps: float) -> dict[str, torch.Tensor]:
         features = video_features(processor, videos, fps)

@@ -24,6 +24,11 @@ An adapter MUST provide (abstract methods below, grouped):
   torchvision), `chat_turn`, ``end_of_turn``, `load` (a local checkpoint through the Auto classes,
   ``local_files_only``), `size_multiple`, `flops`.
 
+To run the ``downsample`` method (`illava.methods.downsample`) it also provides `downsample_size`
+(the size an image is resized to before the processor, by the family's grid), `downsample_grids`
+(the same rule on its FLOPs description) and, where the default per-image resize does not fit the
+family, `downsample_sample`; without them a downsample schedule fails naming the family.
+
 It MAY assume: the engine calls `vision_prepare` once per encoder call and then the block
 methods in order, each with the inner multimodal model; a merging block's attention half runs with its attention module's queries and
 keys captured; `vision_place` receives features for exactly the units `VisionRun.order` lists;
@@ -37,6 +42,7 @@ schedule that removes nothing (the contract tests hold zero reduction to the unp
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -48,6 +54,7 @@ import torch
 
 from ..engine.model import SUPPORTED_ATTENTION
 from ..engine.vision import Bounds, EncodedVisual, VisionRun, VisualCall
+from ..inputs import resized
 
 __all__ = ["SUPPORTED_ATTENTION", "Backbone", "BackboneAdapter"]
 
@@ -242,6 +249,37 @@ class BackboneAdapter(ABC):
     @abstractmethod
     def chat_turn(self, text: str) -> str:
         """One user turn in the family's chat layout, ending where the assistant's answer starts."""
+
+    # ------------------------------------------------------------------ downsampled inputs (`downsample`)
+    def downsample_size(
+        self, config: Any, image_processor: Any, size: tuple[int, int], schedule: Schedule, *, alone: bool = True
+    ) -> tuple[int, int]:
+        """The (width, height) to resize an image of (width, height) `size` to before the family's
+        processor, so that it yields about the tokens the downsample `schedule` keeps of it
+        (`illava.methods.downsample` states the rules); `size` itself where nothing changes. `alone`:
+        the image is the only one of its prompt (False: one of several, or a video frame)."""
+        raise NotImplementedError(f"the {self.family} adapter does not build downsampled inputs")
+
+    def downsample_sample(self, config: Any, image_processor: Any, sample: Sample, schedule: Schedule) -> Sample:
+        """`sample` with every image and video frame resized as `downsample_size` says (the text, and
+        the samples given, unchanged)."""
+        alone = len(sample.images) == 1
+
+        def size_of(image, alone: bool) -> tuple[int, int]:
+            return self.downsample_size(config, image_processor, image.size, schedule, alone=alone)
+
+        images = [resized(image, size_of(image, alone), image_processor) for image in sample.images]
+        videos = []
+        for video in sample.videos:  # every frame of a video has the same size (the processor checks it)
+            size = size_of(video[0], False)
+            videos.append([resized(frame, size, image_processor) for frame in video])
+        return dataclasses.replace(sample, images=images, videos=videos)
+
+    def downsample_grids(self, config: Any, schedule: Schedule, grids: Sequence[Any]) -> list:
+        """`grids` -- the `flops` description of full-resolution inputs, as `flop_inputs` reads it off
+        a batch -- as the downsample `schedule` makes them: what `illava.prefill_flops` counts the
+        unmerged model on (the same rule as `downsample_size`, from the config alone)."""
+        raise NotImplementedError(f"the {self.family} adapter has no FLOPs model of downsampled inputs")
 
     def load(self, path: Path, *, attn_implementation: str, dtype: torch.dtype) -> Backbone:
         """A local checkpoint directory of this family (config, weights, tokenizer, processor),

@@ -43,6 +43,7 @@ from transformers.models.llava_onevision.modeling_llava_onevision import (
 
 from ..engine.vision import EncodedVisual, ItemLayout, VisionRun, VisualCall
 from ..inputs import IMAGE_MARKER, VIDEO_MARKER, Sample, left_pad, split_markers
+from ..methods.downsample import target_tokens
 from . import register_adapter
 from ._llava_costs import llava_flops
 from .base import BackboneAdapter
@@ -61,14 +62,11 @@ class ImageGrid:
     tiled_segments: bool  # tiles are the LLM segments (False: the library resamples the grid)
 
 
-def image_grid(config, image_size: Sequence[int], patching: bool) -> ImageGrid:
-    """The packed layout of one image of (height, width) `image_size`, exactly as the library's
-    ``pack_image_features`` lays it out (base tile, unpadded grid rows each ending in a newline)."""
+def unpadded_grid(config, image_size: Sequence[int]) -> tuple[int, int, range, range, float]:
+    """An anyres image of (height, width) `image_size`: its rows and columns of tiles, the rows and
+    columns of its packed token grid that the library's ``unpad_image`` keeps (on shapes only), and
+    the ratio above 1.1 of which the library resamples that grid (``anyres_max_N``)."""
     side = config.vision_config.image_size // config.vision_config.patch_size
-    n = side * side
-    if not patching:
-        layout = ItemLayout(n + 1, (*([0] * n), -1), (n,))
-        return ImageGrid(1, layout, tuple(range(n)), (n,), True)
     height, width = (int(v) for v in image_size)
     rows_of_tiles, cols_of_tiles = get_anyres_image_grid_shape(
         [height, width], config.image_grid_pinpoints, config.vision_config.image_size
@@ -82,7 +80,38 @@ def image_grid(config, image_size: Sequence[int], patching: bool) -> ImageGrid:
         pad = (grid_w - int(round(width * (grid_h / height), 7))) // 2
         cols = range(pad, grid_w - pad)
     max_tiles = int(config.vision_aspect_ratio.removeprefix("anyres_max_"))  # the library strips these characters
-    ratio = math.sqrt(len(rows) * len(cols) / (max_tiles * n))
+    ratio = math.sqrt(len(rows) * len(cols) / (max_tiles * side * side))
+    return rows_of_tiles, cols_of_tiles, rows, cols, ratio
+
+
+def image_segment_sizes(config, image_size: Sequence[int], patching: bool) -> tuple[int, ...]:
+    """``image_grid(config, image_size, patching).layout.segment_sizes`` -- the base tile, then each
+    grid tile's tokens after unpadding, or the whole resampled grid -- without laying out every token
+    (what a downsample target and its search are computed from)."""
+    side = config.vision_config.image_size // config.vision_config.patch_size
+    if not patching:
+        return (side * side,)
+    rows_of_tiles, cols_of_tiles, rows, cols, ratio = unpadded_grid(config, image_size)
+    sizes = []
+    for tile in range(rows_of_tiles * cols_of_tiles):
+        top, left = (tile // cols_of_tiles) * side, (tile % cols_of_tiles) * side
+        kept_rows = range(max(top, rows.start), min(top + side, rows.stop))
+        kept_cols = range(max(left, cols.start), min(left + side, cols.stop))
+        sizes.append(len(kept_rows) * len(kept_cols))
+    if ratio > 1.1:
+        return (side * side, int(len(rows) // ratio) * int(len(cols) // ratio))
+    return (side * side, *sizes) if all(sizes) else (side * side, len(rows) * len(cols))
+
+
+def image_grid(config, image_size: Sequence[int], patching: bool) -> ImageGrid:
+    """The packed layout of one image of (height, width) `image_size`, exactly as the library's
+    ``pack_image_features`` lays it out (base tile, unpadded grid rows each ending in a newline)."""
+    side = config.vision_config.image_size // config.vision_config.patch_size
+    n = side * side
+    if not patching:
+        layout = ItemLayout(n + 1, (*([0] * n), -1), (n,))
+        return ImageGrid(1, layout, tuple(range(n)), (n,), True)
+    rows_of_tiles, cols_of_tiles, rows, cols, ratio = unpadded_grid(config, image_size)
     tiles = 1 + rows_of_tiles * cols_of_tiles
     placement = list(range(n))
     tile_sizes = [0] * (tiles - 1)
@@ -464,6 +493,44 @@ class LlavaOnevisionAdapter(BackboneAdapter):
             "attention_mask": left_pad([[1] * len(row) for row in ids], 0),
         }
         return BatchFeature({**text, **features})
+
+    # ------------------------------------------------------------------ downsampled inputs
+    def downsample_size(self, config, image_processor, size, schedule, *, alone: bool = True):
+        """An image alone in its prompt is tiled by its size, so the resolution picks its anyres layout:
+        of the image as it is and scaled to fit each pinpoint (the largest size of each layout), the
+        largest whose token count (base tile and unpadded grid, newlines not counted) is nearest the
+        target. Any other image, and a video frame, is one fixed tile: unchanged."""
+        if not alone:
+            return size
+        width, height = size
+        target = target_tokens(schedule, image_segment_sizes(config, (height, width), True))
+
+        def fitted(scale: float) -> tuple[int, int]:
+            return max(1, math.floor(width * scale + 1e-9)), max(1, math.floor(height * scale + 1e-9))
+
+        def tokens(scale: float) -> int:
+            fitted_width, fitted_height = fitted(scale)
+            return sum(image_segment_sizes(config, (fitted_height, fitted_width), True))
+
+        fits = {min(w / width, h / height) for h, w in config.image_grid_pinpoints}
+        scales = sorted({1.0} | {scale for scale in fits if scale < 1}, reverse=True)
+        best = min(scales, key=lambda scale: abs(tokens(scale) - target))  # the first, largest, of equals
+        return size if best == 1.0 else fitted(best)
+
+    def downsample_sample(self, config, image_processor, sample: Sample, schedule) -> Sample:
+        """Only the image of a single-image prompt changes (the others, and video frames, are one tile)."""
+        if len(sample.images) != 1:
+            return sample
+        return super().downsample_sample(config, image_processor, sample, schedule)
+
+    def downsample_grids(self, config, schedule, grids):
+        downsampled = []
+        for grid in grids:
+            if grid[0] == "image" and grid[2]:  # ("image", (height, width), patched)
+                width, height = self.downsample_size(config, None, (grid[1][1], grid[1][0]), schedule)
+                grid = ("image", (height, width), True)
+            downsampled.append(grid)
+        return downsampled
 
     # ------------------------------------------------------------------ cost
     def cost_modules(self, model):

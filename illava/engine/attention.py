@@ -14,6 +14,12 @@ function) that runs every window or segment of a block in one call:
 Everything else (decoder layers, SigLIP's tile batches, any call without segment boundaries) is plain
 SDPA, so ``illava_packed`` can be any config's implementation.
 
+Proportional attention (ToMe): a block whose tokens carry sizes (how many original tokens each merged
+one stands for) adds ``log(size)`` of every key to the logits, whatever the model's configured
+implementation. The engine routes such a block here (`run_packed` with a `Route` whose ``key_bias``
+lays the biases out like the call's keys); each path takes the bias as an additive float mask (the
+varlen kernel takes none, so ragged segments go through the padded call).
+
 How it gets one call per block: transformers' packed vision attentions hand their kernel the whole
 block (``cu_seqlens``) only on their flash-attention path, and split it into one call per segment
 otherwise. The engine (`run_packed`) routes a vision attention module, for the duration of a block,
@@ -26,8 +32,9 @@ library's own loop on an unpatched model makes one call per segment, each throug
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -37,6 +44,17 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 PACKED = "illava_packed"
 PACKED_VARLEN = "illava_packed_varlen_flash"  # "flash" in the name: see the module docstring
+ROUTE = "_illava_route"  # where `run_packed` leaves a `Route` on the module for the kernel
+
+
+@dataclass(frozen=True)
+class Route:
+    """What the engine hands the packed kernel for one block besides the module's own arguments."""
+
+    bounds: Any = None  # the block's attention `Bounds` (host-known sizes, where there are)
+    #: ``key_bias(batch, length)`` -> (batch, length) float: the additive logit bias of every key of a
+    #: call whose keys are (batch, heads, length, dim) -- ``log(size)`` for proportional attention.
+    key_bias: Callable[[int, int], torch.Tensor] | None = None
 
 
 def _varlen_available(query: torch.Tensor) -> bool:
@@ -79,36 +97,60 @@ def packed_attention(
     With `illava_importance` (a list, from the engine's capture of a merging block) the block's
     attention is computed explicitly, once, and the column mean of each segment's attention
     probabilities -- iLLaVA's importance, per token -- is appended to it: importance comes from the
-    attention the block computes anyway, not from a second softmax(QK^T)."""
+    attention the block computes anyway, not from a second softmax(QK^T).
+
+    With a `Route` on the module (`run_packed`) its bounds stand in for `illava_bounds`, and its
+    ``key_bias`` is added to every key's logits (proportional attention)."""
     for name in ("cu_seq_lens_k", "max_length_k", "position_ids"):
         kwargs.pop(name, None)
+    route: Route | None = module.__dict__.get(ROUTE)
+    make_bias = route.key_bias if route is not None else None
+    if route is not None and illava_bounds is None:
+        illava_bounds = route.bounds
     if cu_seq_lens_q is None:
+        if make_bias is not None:  # a batch (SigLIP's tiles): the bias joins the key-padding mask
+            attention_mask = _with_key_bias(attention_mask, make_bias(key.shape[0], key.shape[2]), query.dtype)
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
         )
     if query.shape[0] != 1 or attention_mask is not None:
         raise ValueError("illava_packed: a packed call takes one sequence (batch 1) and no mask")
     heads, n = query.shape[1], query.shape[2]
+    key_bias = make_bias(1, n)[0] if make_bias is not None else None  # (N,) float
     lengths, longest = _segments(cu_seq_lens_q, illava_bounds, n)
     if max_length_q is not None:
         longest = min(longest, int(max_length_q))
     if illava_importance is not None:
-        out, importance = _explicit(query, key, value, cu_seq_lens_q, lengths, longest, scaling)
+        out, importance = _explicit(query, key, value, cu_seq_lens_q, lengths, longest, scaling, key_bias)
         illava_importance.append(importance)
         return out, None
     if lengths is not None and len(set(lengths)) == 1:  # equal windows: one batched call, no padding
         segments, length = len(lengths), lengths[0]
         q, k, v = (t[0].view(t.shape[1], segments, length, -1).transpose(0, 1) for t in (query, key, value))
-        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scaling)
+        mask = None if key_bias is None else key_bias.view(segments, 1, 1, length).to(query.dtype)
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=dropout, scale=scaling
+        )
         return out.transpose(0, 1).reshape(heads, n, -1).transpose(0, 1)[None], None  # (1, N, H, D)
-    if _varlen_available(query):
+    if key_bias is None and _varlen_available(query):
         from torch.nn.attention.varlen import varlen_attn
 
         cu = cu_seq_lens_q.to(torch.int32)
         q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (N, H, D)
         out = varlen_attn(q, k, v, cu, cu, longest, longest, scale=scaling)
         return out[None], None
-    return _padded(query, key, value, cu_seq_lens_q, longest, scaling, dropout), None
+    return _padded(query, key, value, cu_seq_lens_q, longest, scaling, dropout, key_bias), None
+
+
+def _with_key_bias(mask: torch.Tensor | None, bias: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """An additive float mask: `mask` (bool: True attends; float: additive; None) with the (B, L) key
+    `bias` added to every query row."""
+    bias = bias[:, None, None, :].to(dtype)  # (B, 1, 1, L)
+    if mask is None:
+        return bias
+    if mask.dtype == torch.bool:
+        return torch.where(mask, bias, float("-inf"))
+    return mask + bias
 
 
 #: Bytes of float32 scores the explicit path holds at once, by device type: segments, then queries,
@@ -118,9 +160,10 @@ def packed_attention(
 EXPLICIT_BUDGET_BYTES = {"cpu": 2 * 2**20, "cuda": 256 * 2**20}
 
 
-def _explicit(query, key, value, cu: torch.Tensor, lengths: list[int] | None, longest: int, scaling):
+def _explicit(query, key, value, cu: torch.Tensor, lengths: list[int] | None, longest: int, scaling, key_bias=None):
     """The block's attention as matmul-softmax-matmul over padded segments, and each token's column
     mean of its segment's attention probabilities (heads averaged): (1, N, H, D) and (N,) float32.
+    `key_bias` (N,): added to every key's logits (proportional attention), when given.
 
     The scale is folded into the queries, padded keys are masked by an in-place additive bias, and
     the column means come from one matmul of the probabilities with per-query weights (zero for
@@ -134,7 +177,7 @@ def _explicit(query, key, value, cu: torch.Tensor, lengths: list[int] | None, lo
         segments, length = len(lengths), lengths[0]
         q, k, v = (t[0].view(heads, segments, length, -1).transpose(0, 1) for t in (query, key, value))
         weights = 1.0 / (heads * length)  # every query row is real and weighs the same
-        bias = None
+        bias = None if key_bias is None else key_bias.float().view(segments, 1, 1, length)
     else:
         cu = cu.to(device=device, dtype=torch.long)
         starts, sizes = cu[:-1], cu[1:] - cu[:-1]
@@ -146,9 +189,11 @@ def _explicit(query, key, value, cu: torch.Tensor, lengths: list[int] | None, lo
         weights = real / (heads * sizes[:, None].clamp(min=1))  # padded query rows count for nothing
         # Padded keys get -inf; each segment's first key stays visible, so no row is all masked.
         allowed = real | (offsets == 0)
-        bias = torch.zeros(segments, 1, 1, length, device=device).masked_fill_(
-            ~allowed[:, None, None, :], float("-inf")
-        )
+        if key_bias is None:
+            bias = torch.zeros(segments, 1, 1, length, device=device)
+        else:
+            bias = key_bias.float()[index][:, None, None, :].contiguous()
+        bias.masked_fill_(~allowed[:, None, None, :], float("-inf"))
     q = q.float() * scale  # (S, H, L, D): scaling the queries is cheaper than scaling every score
     k_t = k.float().transpose(-1, -2)
 
@@ -158,7 +203,7 @@ def _explicit(query, key, value, cu: torch.Tensor, lengths: list[int] | None, lo
         if bias is not None:
             scores.add_(bias[s0:s1])
         probs = scores.softmax(dim=-1)
-        if bias is None:
+        if equal:
             column = probs.sum(dim=(1, 2)).mul_(weights)
         else:
             chunk = s1 - s0
@@ -189,8 +234,9 @@ def _explicit(query, key, value, cu: torch.Tensor, lengths: list[int] | None, lo
     return out[segment, :, offset][None], column_mean[segment, offset]
 
 
-def _padded(query, key, value, cu: torch.Tensor, longest: int, scaling, dropout) -> torch.Tensor:
-    """Ragged segments as one padded batch with padded keys masked (reads nothing back)."""
+def _padded(query, key, value, cu: torch.Tensor, longest: int, scaling, dropout, key_bias=None) -> torch.Tensor:
+    """Ragged segments as one padded batch with padded keys masked (reads nothing back); `key_bias`
+    (N,), when given, added to every key's logits."""
     device = query.device
     cu = cu.to(device=device, dtype=torch.long)
     starts, lengths = cu[:-1], cu[1:] - cu[:-1]
@@ -200,7 +246,8 @@ def _padded(query, key, value, cu: torch.Tensor, longest: int, scaling, dropout)
     q, k, v = (t[0][:, index].transpose(0, 1) for t in (query, key, value))  # (S, H, L, D)
     # Each padded query row sees its own segment's first key, so no row is all masked.
     allowed = real[:, None, None, :] | (offsets == 0)[None, None, None, :]
-    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout, scale=scaling)
+    mask = allowed if key_bias is None else _with_key_bias(allowed, key_bias[index], query.dtype)
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scaling)
     tokens = torch.arange(query.shape[2], device=device)
     segment = torch.searchsorted(cu[1:], tokens, right=True)
     return out[segment, :, tokens - starts[segment]][None]  # (1, N, H, D)
@@ -212,20 +259,31 @@ ALL_MASK_ATTENTION_FUNCTIONS.register(PACKED, sdpa_mask)
 
 
 def is_packed(config: Any) -> bool:
+    """Whether `config` is configured with ``illava_packed``."""
     return getattr(config, "_attn_implementation", None) == PACKED
 
 
+def takes_bounds(config: Any) -> bool:
+    """Whether a module with `config` runs the packed kernel now -- configured so, or routed there for
+    one block by `run_packed` -- and so takes the block's host-known bounds (``illava_bounds``)."""
+    return getattr(config, "_attn_implementation", None) in (PACKED, PACKED_VARLEN)
+
+
 @contextmanager
-def run_packed(module: torch.nn.Module) -> Iterator[None]:
-    """Route `module` (a vision attention whose config says ``illava_packed``) to the packed kernel
-    for one block call: it then hands the kernel the whole block at once."""
+def run_packed(module: torch.nn.Module, route: Route | None = None) -> Iterator[None]:
+    """Route `module` (a vision attention) to the packed kernel for one block call: it then hands the
+    kernel the whole block at once. With a `route`, the kernel also gets its bounds and key bias
+    (the engine routes a block of any configured implementation so, for proportional attention)."""
     original = module.config
     routed = copy.copy(original)
     routed._attn_implementation_internal = (
         PACKED_VARLEN  # the field itself: the setter recurses into shared sub-configs
     )
     module.config = routed
+    if route is not None:
+        module.__dict__[ROUTE] = route
     try:
         yield
     finally:
         module.config = original
+        module.__dict__.pop(ROUTE, None)

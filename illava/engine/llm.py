@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from ..methods import SegmentSpec, StageRequest
+from ..methods import PromptView, SegmentSpec, StageRequest
 from ..schedule import Plan, Schedule
 from .attention import PACKED
 from .capture import capture
@@ -133,6 +133,9 @@ class Sequence:
     extras: dict[str, torch.Tensor]  # (B, L, ...) per-token features that merge like hidden (DeepStack)
     lengths: list[int]  # host: real tokens per sample
     padded: bool | None = None  # whether `valid` has any False (None: not known on the host)
+    #: host: per sample, the real tokens after its last image or video (its question and the chat
+    #: template's closing tokens); merges never remove them, so they stay the last positions.
+    question: list[int] = field(default_factory=list)
 
     def gather(self, index: torch.Tensor, valid: torch.Tensor, lengths: list[int], padded: bool) -> Sequence:
         """The sequence re-laid along `index` (B, L'), with validity `valid` (B, L')."""
@@ -150,6 +153,7 @@ class Sequence:
             extras={name: along(t) for name, t in self.extras.items()},
             lengths=lengths,
             padded=padded,
+            question=self.question,
         )
 
 
@@ -252,7 +256,8 @@ def prefill(model, seq: Sequence, segments: list[SegmentPlan], cache, use_cache,
         step = merge_steps.get(index) if has_work else None
         merging = step is not None and any(s.plan.llm[step].removed for s in segments)
         call = dict(attention_mask=mask, position_embeddings=seq.rope, cache=cache, use_cache=use_cache)
-        with capture(adapter.decoder_attention(layer), enabled=merging and method.uses_importance) as captured:
+        wants = method.uses_importance or method.uses_text(params)
+        with capture(adapter.decoder_attention(layer), enabled=merging and wants) as captured:
             seq.hidden = layer(seq.hidden, **call)
         seq.hidden = adapter.after_decoder_layer(model, index, seq.hidden, seq.extras)
         if merging:
@@ -271,20 +276,15 @@ def prefill(model, seq: Sequence, segments: list[SegmentPlan], cache, use_cache,
     return seq
 
 
-def last_token_attention(
-    query: torch.Tensor, key: torch.Tensor, valid: torch.Tensor, scale: float | None
-) -> torch.Tensor:
-    """(B, L) the attention probability each token receives from its sample's last valid token
-    (softmax over the sample's valid tokens, heads averaged); `query` (B, H, L, D), `key`
-    (B, Hk, L, D) post-rotary. One query row per sample: no L x L buffer, nothing read back."""
-    batch, heads, length, dim = query.shape
-    last = torch.where(valid, torch.arange(length, device=valid.device), -1).amax(dim=-1)  # (B,)
-    q_last = query[torch.arange(batch, device=query.device), :, last]  # (B, H, D)
-    if key.shape[1] != heads:  # grouped-query attention: each key head serves several query heads
-        key = key.repeat_interleave(heads // key.shape[1], dim=1)
-    logits = torch.einsum("bhd,bhld->bhl", q_last.float(), key.float()) * (scale or dim**-0.5)
-    logits = logits.masked_fill(~valid[:, None, :], float("-inf"))
-    return logits.softmax(dim=-1).mean(dim=1)
+def prompt_view(seq: Sequence, captured, scale: float | None) -> PromptView:
+    """The layer's whole sequence as a method that looks at the text sees it (`PromptView`)."""
+    rows = max(max(seq.question, default=0), 1)
+    question = [[j >= rows - n for j in range(rows)] for n in seq.question]
+    return PromptView(
+        query=captured.query, key=captured.key, valid=seq.valid, image=seq.segment >= 0,
+        question=torch.tensor(question, dtype=torch.bool).view(len(question), rows).to(seq.valid.device, non_blocking=True),
+        scale=scale,
+    )  # fmt: skip
 
 
 def _image_tokens(segments: list[SegmentPlan], batch: int, count) -> list[int]:
@@ -319,8 +319,8 @@ def _merge(seq: Sequence, captured, layer: int, step: int, segments: list[Segmen
         return t.transpose(0, 1).reshape(t.shape[1], batch * length, -1)[:, index]
 
     text = None
-    if captured and method.uses_text_importance:
-        text = last_token_attention(captured.query, captured.key, seq.valid, scale).reshape(-1)[index]
+    if captured and method.uses_text(params):
+        text = method.text_importance(params, prompt_view(seq, captured, scale)).reshape(-1)[index]
     request = StageRequest(
         stage="llm", layer=layer, hidden=rows(seq.hidden),
         query=heads(captured.query) if captured else None, key=heads(captured.key) if captured else None,
@@ -342,7 +342,7 @@ def _merge(seq: Sequence, captured, layer: int, step: int, segments: list[Segmen
         lengths[s.sample] -= s.plan.llm[step].removed
     gather_index, new_valid, padded = repack(valid.view(batch, length), lengths)
     merged = Sequence(hidden.view(batch, length, channels), seq.positions, seq.rope, seq.valid, seq.segment, extras,
-                      seq.lengths)  # fmt: skip
+                      seq.lengths, question=seq.question)  # fmt: skip
     return merged.gather(gather_index, new_valid, lengths, padded)
 
 

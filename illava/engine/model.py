@@ -112,7 +112,8 @@ def _forward(self, *args, **kwargs):
         lengths[segment.sample] -= segment.plan.n_tokens - segment.plan.after_encoder
     segment_ids = torch.tensor(placement.segment_ids, device=embeds.device)
     rope = adapter.rotary(lm, embeds, positions)
-    seq = Sequence(embeds, positions, rope, attention_mask.bool(), segment_ids, extras, lengths)
+    seq = Sequence(embeds, positions, rope, attention_mask.bool(), segment_ids, extras, lengths,
+                   question=_question_lengths(placement, mask_host))  # fmt: skip
     index, valid, padded = repack(keep, lengths)
     seq = seq.gather(index, valid, lengths, padded)
     stats._positions, stats._is_image = seq.positions, seq.segment >= 0
@@ -120,6 +121,16 @@ def _forward(self, *args, **kwargs):
     if not all(row[-1] for row in mask_host):  # the caller padded on the right: give the output back that way
         seq.hidden = seq.hidden.gather(1, _right_aligned(seq.valid)[..., None].expand_as(seq.hidden))
     return adapter.output(self, seq.hidden, cache if use_cache else None)
+
+
+def _question_lengths(placement: Placement, mask_host: list[list[bool]]) -> list[int]:
+    """Per sample, the real tokens after its last visual placeholder (0 for a sample without one)."""
+    last = [-1] * len(mask_host)
+    for per_item in placement.positions.values():
+        for spots in per_item:
+            for row, col in spots:
+                last[row] = max(last[row], col)
+    return [sum(row[end + 1 :]) if end >= 0 else 0 for row, end in zip(mask_host, last, strict=True)]
 
 
 def _host_copy(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[list[list[int]], list[list[bool]]]:

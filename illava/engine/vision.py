@@ -30,8 +30,9 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from ..errors import ScheduleError
 from ..merge import MergeMap
 from ..methods import SegmentSpec, StageRequest
+from ..methods.base import unit_importance
 from ..schedule import LayerStep, Plan, Schedule
-from .attention import is_packed, run_packed
+from .attention import Route, is_packed, run_packed
 from .capture import capture
 
 
@@ -105,6 +106,12 @@ class VisionRun:
     #: Why encoder merges cannot run on this input (None: they can); raised when a plan asks for them.
     no_encoder_merge: str | None = None
     context: dict[str, Any] = field(default_factory=dict)  # adapter-private
+    #: (U,) float32: how many original units each unit stands for, once a size-weighted merge (ToMe)
+    #: has run; None: all one. Later size-weighted merges weigh by it; the projector does not see it.
+    sizes: torch.Tensor | None = None
+    #: Whether the blocks after a merge add log(size) of each key to their attention logits (ToMe's
+    #: proportional attention: set by a map with ``proportional_attention``, kept to the encoder's end).
+    proportional: bool = False
     _bounds: dict[tuple[bool, bool], Bounds] = field(default_factory=dict)
     _merged_windows: bool = False  # whether a merge has changed the windows (their sizes are device-only)
 
@@ -139,10 +146,35 @@ class VisionRun:
                 self._bounds[key] = Bounds(cu, host, max(units) * self.unit)
         return self._bounds[key]
 
+    def route(self, adapter, bounds: Bounds) -> Route | None:
+        """What a block's attention needs routed to the packed kernel for proportional attention (None
+        when this run has none): its bounds and the key bias, log(size) of each token's unit, laid out
+        like the keys of the call. A packed tower's call (batch 1) takes the tokens as they are; for a
+        batch the adapter pads (LLaVA-OneVision's tiles), the layout is found by running the adapter's
+        own un-padding (`vision_queries_keys`) on the positions of the batch -- nothing read back."""
+        if not self.proportional:
+            return None
+        token_bias = self.sizes.log()[:, None].expand(-1, self.unit).reshape(-1)  # (N,)
+
+        def key_bias(batch: int, length: int) -> torch.Tensor:
+            if batch == 1 and length == token_bias.shape[0]:
+                return token_bias[None]
+            positions = torch.arange(batch * length, device=token_bias.device).view(batch, 1, length, 1)
+            _, taken_from = adapter.vision_queries_keys(_LayoutProbe(positions, positions), self)  # (1, N, 1)
+            laid_out = token_bias.new_zeros(batch * length).index_copy_(0, taken_from.reshape(-1), token_bias)
+            return laid_out.view(batch, length)  # padding: 0 (masked by the call anyway)
+
+        return Route(bounds=bounds, key_bias=key_bias)
+
     def take(self, merge_map: MergeMap, hidden: torch.Tensor, units_after: list[int]) -> None:
-        """Apply a merge: hidden and taps merged, ids and per-token tensors gathered."""
-        self.hidden = merge_map.apply(hidden, self.unit)
-        self.taps = {name: [merge_map.apply(t, self.unit) for t in taps] for name, taps in self.taps.items()}
+        """Apply a merge: hidden and taps merged (size-weighted where the map says so), ids and per-token
+        tensors gathered, sizes carried on."""
+        sizes = self.sizes
+        self.hidden = merge_map.apply(hidden, self.unit, sizes)
+        self.taps = {name: [merge_map.apply(t, self.unit, sizes) for t in taps] for name, taps in self.taps.items()}
+        if sizes is not None or merge_map.tracks_sizes:
+            self.sizes = merge_map.sizes_after(sizes)
+        self.proportional = self.proportional or merge_map.proportional_attention
         self.gathered = {name: merge_map.gather(t, self.unit) for name, t in self.gathered.items()}
         self.order = self.order[merge_map.keep]
         if self.window is not None:
@@ -150,6 +182,14 @@ class VisionRun:
             self._merged_windows = True
         self.segment_units = units_after
         self._bounds.clear()
+
+
+@dataclass(frozen=True)
+class _LayoutProbe:
+    """Stands in for a capture in `VisionRun.route`: "queries" and "keys" that are batch positions."""
+
+    query: torch.Tensor
+    key: torch.Tensor
 
 
 @dataclass
@@ -242,6 +282,9 @@ def encode(
     first = min(merging) if merging and run.drop_before_merge is not None else None  # where the drop goes
     encoder_units: list[list[int]] = []
     packed = is_packed(adapter.vision_attention(blocks[0]).config) if len(blocks) else False
+    # A between-stage method that uses importance reads the attention of the encoder's last block.
+    scored = len(blocks) - 1 if method.uses_importance and any(s is not None and s.removed for s in between) else None
+    importance = None
     for index, block in enumerate(blocks):
         if index == first:
             with timer:
@@ -251,9 +294,11 @@ def encode(
         if index in merging:
             steps = [plan.encoder[schedule.encoder_layers.index(index)] for plan in plans]
             _merging_block(adapter, inner, block, index, windowed, run, steps, method, params, timer, packed)
+        elif index == scored:
+            importance = _scored_block(adapter, inner, block, index, windowed, run, timer)
         else:
-            bounds = run.attention_bounds(windowed, device_only=packed)
-            with _routed(adapter.vision_attention(block), packed):
+            bounds = run.attention_bounds(windowed, device_only=packed or run.proportional)
+            with _routed(adapter.vision_attention(block), packed, run.route(adapter, bounds)):
                 run.hidden = adapter.vision_block(inner, block, run, bounds)
         adapter.after_vision_block(inner, index, run)
     features, extras = adapter.vision_project(inner, run)  # (U, C_out) per unit, in run order
@@ -267,8 +312,10 @@ def encode(
                 extras = {
                     name: keep.apply(t.reshape(t.shape[0], -1)).view(-1, *t.shape[1:]) for name, t in extras.items()
                 }
+                if importance is not None:
+                    importance = importance[keep.keep]
                 _drop(run)
-            features, extras = _between(run, features, extras, between, method, params)
+            features, extras = _between(run, features, extras, between, method, params, importance)
     encoded = adapter.vision_place(inner, call, run, features, extras)
     encoded.encoder_units = encoder_units
     encoded.merge_seconds = timer.seconds
@@ -282,7 +329,11 @@ def _drop(run: VisionRun) -> None:
     run.drop_before_merge = None
 
 
-def _routed(attention: torch.nn.Module, packed: bool):
+def _routed(attention: torch.nn.Module, packed: bool, route: Route | None = None):
+    """The block's attention routed to the packed kernel: under ``illava_packed``, and with a `route`
+    (proportional attention) under any implementation -- the kernel then adds the key bias."""
+    if route is not None:
+        return run_packed(attention, route)
     return run_packed(attention) if packed else contextlib.nullcontext()
 
 
@@ -293,9 +344,13 @@ def _merging_block(adapter, inner, block, index, windowed, run, steps, method, p
             raise RuntimeError(
                 f"illava: encoder segment {segment} has {units} units, the plan expected {step.tokens_in}"
             )
-    bounds = run.attention_bounds(windowed, device_only=packed)
+    bounds = run.attention_bounds(windowed, device_only=packed or run.proportional)
     attention = adapter.vision_attention(block)
-    with capture(attention, enabled=method.uses_importance) as captured, _routed(attention, packed and not captured):
+    # Routed outside the capture, which then captures from the routed (packed) kernel: the capture
+    # routes ``illava_packed`` itself, so without a route only an uncaptured packed block is routed here.
+    route = run.route(adapter, bounds)
+    routed = _routed(attention, packed and not method.uses_importance, route)
+    with routed, capture(attention, enabled=method.uses_importance) as captured:
         hidden = adapter.vision_attention_half(inner, block, run, bounds)
     with timer:
         specs = segment_specs(steps, run.segment_index_in_item)
@@ -311,11 +366,29 @@ def _merging_block(adapter, inner, block, index, windowed, run, steps, method, p
     run.hidden = adapter.vision_ffn_half(inner, block, run)
 
 
-def _between(run, features, extras, steps, method, params):
+def _scored_block(adapter, inner, block, index, windowed, run, timer) -> torch.Tensor:
+    """A block run with its attention captured: (units,) each unit's importance in it (the column
+    mean of its window's or frame's attention, `unit_importance`), for a between-stage method."""
+    bounds = run.attention_bounds(windowed)
+    attention = adapter.vision_attention(block)
+    with capture(attention, enabled=True) as captured:
+        run.hidden = adapter.vision_block(inner, block, run, bounds)
+    with timer:
+        query, key = adapter.vision_queries_keys(captured, run)
+        request = StageRequest(
+            stage="encoder", layer=index, hidden=run.hidden, query=query, key=key,
+            importance=captured.importance if adapter.packed_sequence else None,
+            segments=[], unit=run.unit, scale=adapter.attention_scale(attention), bounds=bounds,
+        )  # fmt: skip
+        return unit_importance(request)
+
+
+def _between(run, features, extras, steps, method, params, importance):
     """The stage between encoder and LLM, on the projected features (one unit each)."""
     steps = [step if step is not None else LayerStep(-1, units, 0, 0) for step, units in zip(steps, run.segment_units)]
     specs = segment_specs(steps, run.segment_index_in_item)
-    request = StageRequest(stage="between", layer=-1, hidden=features, query=None, key=None, segments=specs)
+    request = StageRequest(stage="between", layer=-1, hidden=features, query=None, key=None, segments=specs,
+                           importance=importance)  # fmt: skip
     merge_map = method.merge(params, request)
     check_map(merge_map, specs, "the stage between encoder and LLM")
     run.order = run.order[merge_map.keep]

@@ -2,20 +2,30 @@
 
 A method is a `ReductionMethod` value with named stage calls (see `base` for the contract). The
 built-ins are ``illava`` (the paper), ``prune`` (its selection without recycling), ``random``
-(seeded random dropping), and peers: ``fastv`` and ``pdrop`` (text-guided pruning in the LLM) and
-``divprune`` (a diverse subset before the LLM). Adding one is a module with a `ReductionMethod` subclass and a
-`register_method` call; schedules then name it and validate its parameters.
+(seeded random dropping), and peers: ``fastv`` and ``pdrop`` (text-guided pruning in the LLM),
+``divprune`` (a diverse subset before the LLM), ``visionzip`` (the encoder's most attended tokens
+plus merged contextual ones, before the LLM) and ``sparsevlm`` (question-rated pruning with
+recycling in the LLM); ``illava`` with ``text_guided=True`` scores LLM tokens by the question
+instead; and ``downsample``, the unmerged model on a lower input resolution with the same token
+budget (VTC-Bench's baseline; the inputs change, not the model); ``tome`` is ToMe's bipartite
+matching inside encoder blocks (size-weighted merges, proportional attention). Adding one is a
+module with a `ReductionMethod` subclass and a `register_method` call; schedules then name it and
+validate its parameters.
 """
 
 from __future__ import annotations
 
 from ..errors import ScheduleError
-from .base import STAGES, MethodParams, ReductionMethod, SegmentSpec, StageRequest
+from .base import STAGES, MethodParams, PromptView, ReductionMethod, SegmentSpec, StageRequest
 from .divprune import DivPrune
+from .downsample import Downsample, DownsampleWarning
 from .fastv import FastV, PyramidDrop
 from .illava import Illava, IllavaParams
 from .prune import Prune
 from .random_drop import RandomDrop, RandomParams
+from .sparsevlm import SparseVLM, SparseVLMParams
+from .tome import ToMe, ToMeParams
+from .visionzip import VisionZip, VisionZipParams
 
 _METHODS: dict[str, ReductionMethod] = {}
 
@@ -48,23 +58,33 @@ def method_names() -> tuple[str, ...]:
     return tuple(_METHODS)
 
 
-for _builtin in (Illava(), Prune(), RandomDrop(), FastV(), PyramidDrop(), DivPrune()):
+for _builtin in (Illava(), Prune(), RandomDrop(), FastV(), PyramidDrop(), DivPrune(), VisionZip(), SparseVLM(),
+                 Downsample(), ToMe()):  # fmt: skip
     register_method(_builtin)
 
 __all__ = [
     "STAGES",
     "DivPrune",
+    "Downsample",
+    "DownsampleWarning",
     "FastV",
     "Illava",
     "IllavaParams",
     "MethodParams",
+    "PromptView",
     "Prune",
     "PyramidDrop",
     "RandomDrop",
     "RandomParams",
+    "SparseVLM",
+    "SparseVLMParams",
+    "VisionZip",
+    "VisionZipParams",
     "ReductionMethod",
     "SegmentSpec",
     "StageRequest",
+    "ToMe",
+    "ToMeParams",
     "get_method",
     "method_names",
     "register_method",

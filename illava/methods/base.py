@@ -45,7 +45,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..errors import ScheduleError
-from ..merge import MergeMap
+from ..merge import MergeMap, windowed_importance
 
 STAGES = ("encoder", "between", "llm")
 
@@ -77,12 +77,32 @@ class StageRequest:
     bounds: Any = None  # encoder: the attention windows/frames (`illava.engine.vision.Bounds`)
     #: Encoder: (T,) each token's column mean of its window's (frame's) attention probabilities, heads
     #: averaged, when the block's own attention call yielded them (eager, or ``illava_packed``); None
-    #: otherwise (a method that wants it recomputes it from `query` and `key`).
+    #: otherwise (a method that wants it recomputes it from `query` and `key`). Between, for a method
+    #: with ``uses_importance``: (units,) the same for the encoder's last block, a unit scoring the
+    #: mean of its tokens (`unit_importance`) -- what VisionZip's dominant tokens are chosen by.
     importance: torch.Tensor | None = None
-    #: LLM stage, for a method with ``uses_text_importance``: (T,) the attention probability each
-    #: token receives from its sample's last prompt token at this layer (softmax over the sample's
-    #: whole sequence, heads averaged) -- the text's view of the image (FastV, PyramidDrop).
+    #: LLM stage, for a method whose `uses_text` is true: (T,) what its `text_importance` made of
+    #: the layer's whole sequence (`PromptView`), laid out like `hidden` -- the text's view of the
+    #: image (FastV, PyramidDrop, SparseVLM, text-guided iLLaVA). Between stage, for a method with
+    #: ``uses_importance``: None (its importance is in `importance`).
     text_importance: torch.Tensor | None = None
+
+
+@dataclass
+class PromptView:
+    """LLM stage: one decoder layer's whole prefill sequence, for methods that look at the text.
+
+    Sequences are left padded (real tokens last), so every sample's *question* -- the tokens after
+    its last image or video (the question and the chat template's closing tokens) -- sits in the
+    last positions; `question` marks them among the last ``Q`` positions (counts known on the host
+    before the forward, so building it reads nothing back)."""
+
+    query: torch.Tensor  # (B, H, L, D) post-rotary, as the layer used them
+    key: torch.Tensor  # (B, Hk, L, D)
+    valid: torch.Tensor  # (B, L) real tokens
+    image: torch.Tensor  # (B, L) image-content tokens
+    question: torch.Tensor  # (B, Q) which of the last Q positions are the sample's question
+    scale: float | None = None
 
 
 @dataclass(frozen=True)
@@ -110,9 +130,6 @@ class ReductionMethod(ABC):
     #: Where the encoder share of the removal happens: "blocks" (inside encoder blocks, at
     #: ``schedule.encoder_layers``) or "between" (one step after the encoder).
     encoder_stage: ClassVar[str] = "blocks"
-    #: Whether the LLM stage must hand it `StageRequest.text_importance` (the attention each
-    #: sample's last prompt token pays its image tokens: FastV-style, text-guided selection).
-    uses_text_importance: ClassVar[bool] = False
     #: The most LLM layers a schedule of this method may merge after (None: any number).
     max_llm_layers: ClassVar[int | None] = None
 
@@ -219,6 +236,17 @@ class ReductionMethod(ABC):
     def acts_at(self, stage: str) -> bool:
         return callable(getattr(self, f"merge_{stage}", None))
 
+    # ------------------------------------------------------------------ the text's view
+    def uses_text(self, params: MethodParams) -> bool:
+        """Whether its LLM stage needs `StageRequest.text_importance` (then the engine builds a
+        `PromptView` of the merging layer and calls `text_importance`)."""
+        return False
+
+    def text_importance(self, params: MethodParams, view: PromptView) -> torch.Tensor:
+        """(B, L) a score per token of the sequence from the text's view of it; only the image
+        tokens' scores are used. Called when `uses_text` is true."""
+        raise NotImplementedError(f"method {self.name!r} does not score tokens by the text")
+
 
 def split_evenly(total: int, parts: int) -> list[int]:
     """`total` split into `parts` integers that differ by at most one, larger ones first."""
@@ -226,6 +254,23 @@ def split_evenly(total: int, parts: int) -> list[int]:
         return []
     base, extra = divmod(total, parts)
     return [base + (1 if i < extra else 0) for i in range(parts)]
+
+
+def unit_importance(request: StageRequest) -> torch.Tensor:
+    """(units,) importance of every unit of the request, never crossing an attention segment.
+
+    Encoder: the column mean of each window's (or frame's) attention, a unit scoring the mean of its
+    tokens. LLM: computed per segment in `segment_importance` instead (causal, per image/frame).
+    """
+    if request.importance is not None:  # from the block's own attention call
+        return request.importance.view(-1, request.unit).mean(dim=1)
+    query, key, bounds = request.query, request.key, request.bounds
+    if bounds is None or bounds.host is not None:
+        host = bounds.host if bounds is not None else [0, query.shape[1]]
+        scores = windowed_importance(query, key, host, scale=request.scale)
+    else:
+        scores = windowed_importance(query, key, cu=bounds.cu, longest=bounds.longest, scale=request.scale)
+    return scores.view(-1, request.unit).mean(dim=1)
 
 
 # ----------------------------------------------------------------------------------- field checks

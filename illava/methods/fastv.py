@@ -8,7 +8,7 @@ dropping the same share of the image tokens it receives.
 Choices where the papers are silent or where this engine differs:
 
 * "Attends to most" is the softmax probability from the last prompt token at that layer, over its
-  sample's whole sequence, averaged over heads (`illava.engine.llm.last_token_attention`); with
+  sample's whole sequence, averaged over heads (`illava.merge.last_token_attention`); with
   several images, each image (video frame) keeps its own planned count by that score, so an image
   never loses tokens to another (the engine's per-segment contract).
 * K and the budget come from the schedule: ``llm_layers`` (one layer for ``fastv``) and the
@@ -22,18 +22,25 @@ Choices where the papers are silent or where this engine differs:
 
 from __future__ import annotations
 
-from ..merge import MergeMap
+import torch
+
+from ..merge import MergeMap, last_token_attention
 from ._segments import keep_most
-from .base import MethodParams, ReductionMethod, StageRequest
+from .base import MethodParams, PromptView, ReductionMethod, StageRequest
 
 
 class FastV(ReductionMethod):
     name = "fastv"
     summary = "after one LLM layer K, keep the image tokens the last prompt token attends to most (FastV)"
     params_type = MethodParams
-    uses_text_importance = True
     max_llm_layers = 1  # its K (several stages: PyramidDrop)
     merge_encoder = None  # acts in the LLM only
+
+    def uses_text(self, params: MethodParams) -> bool:
+        return True
+
+    def text_importance(self, params: MethodParams, view: PromptView) -> torch.Tensor:
+        return last_token_attention(view.query, view.key, view.valid, view.scale)
 
     def merge_llm(self, params: MethodParams, request: StageRequest) -> MergeMap:
         return keep_most(request, request.text_importance)

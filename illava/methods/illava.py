@@ -1,19 +1,37 @@
-"""iLLaVA (the paper, section 3.2.2): importance selection plus recycling into cluster tokens."""
+"""iLLaVA (the paper, section 3.2.2): importance selection plus recycling into cluster tokens.
+
+``text_guided=True`` is a variant the paper does not use: in the LLM, importance is the attention
+the sample's question (the tokens after its last image: the question and the chat template's
+closing tokens) pays each image token, averaged over those query tokens and heads, instead of the
+image tokens' own causal column mean. The default stays the paper's, which deliberately scores
+image tokens by each other so that the selection does not depend on the question; recycling
+(which discarded tokens each centre absorbs) is the same in both. The encoder knows no text, so
+encoder merges are unchanged.
+"""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 
-from ..merge import MergeMap, SegmentBatch, batched_importance, batched_merge
-from ._segments import unit_importance
-from .base import MethodParams, ReductionMethod, StageRequest, check_fraction, check_int
+import torch
+
+from ..merge import MergeMap, SegmentBatch, batched_importance, batched_merge, prompt_attention, rows_mean
+from .base import MethodParams, PromptView, ReductionMethod, StageRequest, check_fraction, check_int, unit_importance
 
 
 @dataclass(frozen=True)
 class IllavaParams(MethodParams):
     recycle_share: float = 0.1  # P_c / P: share of the kept tokens at a merge that are recycled cluster tokens
     group_size: int = 5  # M: discarded tokens each cluster token absorbs
+    text_guided: bool = False  # LLM importance from the question's attention (a variant; the paper: False)
+
+    def to_dict(self) -> dict:
+        """The JSON form; `text_guided` only when set, so the paper's schedules read as they always did."""
+        data = super().to_dict()
+        if data["text_guided"] is False:
+            del data["text_guided"]
+        return data
 
 
 def segment_batch(request: StageRequest, group_size: int) -> SegmentBatch:
@@ -39,10 +57,21 @@ class Illava(ReductionMethod):
         problems: list[str] = []
         check_fraction("recycle_share", params.recycle_share, problems)
         check_int("group_size", params.group_size, 1, problems)
+        if not isinstance(params.text_guided, bool):
+            problems.append(f"text_guided must be true or false, got {params.text_guided!r}")
         return problems
 
     def describe_params(self, params: IllavaParams) -> str:
-        return f"rec={params.recycle_share:.2f} M={params.group_size}"
+        text = " text-guided" if params.text_guided else ""
+        return f"rec={params.recycle_share:.2f} M={params.group_size}{text}"
+
+    def uses_text(self, params: MethodParams) -> bool:
+        return getattr(params, "text_guided", False)
+
+    def text_importance(self, params: MethodParams, view: PromptView) -> torch.Tensor:
+        """The question's mean attention to each token (`illava.merge.prompt_attention`)."""
+        probs = prompt_attention(view.query, view.key, view.valid, view.question.shape[1], view.scale)
+        return rows_mean(probs, view.question)
 
     def recycled(self, params: IllavaParams, tokens_in: int, removed: int) -> int:
         if removed == 0:
@@ -62,4 +91,4 @@ class Illava(ReductionMethod):
         return self._merge(params, request, unit_importance(request))  # within windows/frames
 
     def merge_llm(self, params: IllavaParams, request: StageRequest) -> MergeMap:
-        return self._merge(params, request, None)
+        return self._merge(params, request, request.text_importance)  # None: the image's own attention

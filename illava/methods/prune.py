@@ -16,5 +16,8 @@ class Prune(Illava):
     def check_params(self, params: MethodParams) -> list[str]:
         return []
 
+    def describe_params(self, params: MethodParams) -> str:
+        return ""
+
     def recycled(self, params: MethodParams, tokens_in: int, removed: int) -> int:
         return 0

@@ -271,9 +271,10 @@ def test_cached_equals_recomputed_in_every_runtime(runtime):
 
 # ----------------------------------------------------------------------------------- images and videos
 @torch.no_grad()
-def test_two_images_merge_independently(family):
+def assert_images_merge_independently(family, schedule) -> None:
+    """What the first image keeps before the LLM does not depend on the second image of the prompt."""
     model = family.sdpa.model
-    illava.apply(model, family.default(7 / 9))
+    illava.apply(model, schedule)
 
     def kept(second):
         model(**inputs(family.sdpa, Sample("<image> and <image>: which?", [family.square(4), second])))
@@ -281,6 +282,10 @@ def test_two_images_merge_independently(family):
 
     first, other = kept(family.wide(5)), kept(family.wide(6))
     assert torch.equal(first[0], other[0]), "changing the second image changes nothing about the first"
+
+
+def test_two_images_merge_independently(family):
+    assert_images_merge_independently(family, family.default(7 / 9))
 
 
 @torch.no_grad()

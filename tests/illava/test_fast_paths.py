@@ -194,3 +194,30 @@ def test_the_explicit_attention_in_chunks_equals_sdpa_and_the_importance(lengths
         out, importance = attention._explicit(query, key, value, bounds, lengths, max(lengths), None)
         torch.testing.assert_close(out[0], expected_out, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(importance, expected_importance, rtol=1e-5, atol=1e-6)
+
+
+@torch.no_grad()
+def test_equal_windows_of_an_unmerged_block_take_the_batched_call_not_the_padded_one(monkeypatch):
+    """The engine hands the packed kernel its host-known bounds also while it routes a block there
+    (the module's config then names the routed kernel): equal windows are one batched call."""
+    import illava.engine.attention as attention
+
+    packed = load_backbone("tiny", attn_implementation=PACKED)
+    sample = Sample("<image> What?", [synthetic_image(8 * 28, 1)])  # 8x8 groups: four equal windows
+    batch = build_inputs(packed, [sample])
+    illava.apply_reference(packed.model)
+    padded, real = [], attention._padded
+
+    def counted(*args, **kwargs):
+        padded.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(attention, "_padded", counted)
+    packed.model(**batch, logits_to_keep=1)
+    illava.remove(packed.model)
+    assert padded == []
+    wide = build_inputs(packed, [Sample("<image> What?", [synthetic_image((6 * 28, 4 * 28), 2)])])
+    illava.apply(packed.model, illava.paper_default_for(packed.model, 7 / 9))
+    packed.model(**wide, logits_to_keep=1)  # merged windows are ragged: the padded call serves them
+    illava.remove(packed.model)
+    assert padded

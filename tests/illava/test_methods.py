@@ -99,11 +99,10 @@ def test_the_registry_names_what_is_registered_and_refuses_duplicates(leading):
     assert {"illava", "prune", "random", "test-leading"} <= set(illava.method_names())
     with pytest.raises(ValueError, match="already registered"):
         register_method(KeepLeading())
-    with pytest.raises(
-        ScheduleError,
-        match=r"unknown method 'tome'; allowed: illava, prune, random, fastv, pdrop, divprune, test-leading",
-    ):
-        Schedule(method="tome")
+    allowed = ", ".join(illava.method_names())
+    assert allowed.startswith("illava, prune, random, fastv, pdrop, divprune") and allowed.endswith("test-leading")
+    with pytest.raises(ScheduleError, match=rf"unknown method 'no-such-method'; allowed: {allowed}"):
+        Schedule(method="no-such-method")
     with pytest.raises(ScheduleError, match=r"stride must be an integer >= 1, got 0"):
         Schedule(method="test-leading", params={"stride": 0})
     with pytest.raises(TypeError, match="ReductionMethod instance"):

@@ -1,4 +1,4 @@
-"""The peer methods (FastV, PyramidDrop, DivPrune): their rules on hand-made tensors, and the
+"""The peer methods (FastV, PyramidDrop, DivPrune, VisionZip, SparseVLM, ToMe, text-guided iLLaVA): their rules on hand-made tensors, and the
 engine's contract for each of them on every family (counts follow the plan, a padded batch of two
 equals each sample alone, cached generation equals a cache-free one)."""
 
@@ -11,19 +11,25 @@ import torch
 
 import illava
 from illava import ScheduleError
-from illava.engine.llm import last_token_attention
-from illava.merge import SegmentBatch
-from illava.methods import StageRequest, get_method
+from illava.merge import SegmentBatch, last_token_attention, prompt_attention
+from illava.methods import PromptView, StageRequest, get_method
 from illava.methods.base import SegmentSpec
 from illava.methods.divprune import max_min_diverse
-from tests.illava.test_contract import GREEDY, inputs, prompts, segment_plans
+from illava.methods.sparsevlm import density_peaks
+from tests.illava.test_contract import GREEDY, assert_images_merge_independently, inputs, prompts, segment_plans
+from tests.illava.test_contract import _unpatched as _unpatched  # noqa: F401  (models unpatched after each test)
 from tests.illava.test_contract import family as family  # noqa: F401  (the per-family fixture)
 
-PEERS = ["fastv", "pdrop", "divprune"]
+#: The peers, and iLLaVA's text-guided variant ("illava+text": `text_guided=True`).
+PEERS = ["fastv", "pdrop", "divprune", "visionzip", "sparsevlm", "tome", "illava+text"]
+#: Those whose selection depends on the last prompt token (a new one at every cache-free step).
+BY_LAST_TOKEN = {"fastv", "pdrop", "sparsevlm", "illava+text"}
 
 
 def peer_schedule(family, method: str, reduction: float = 7 / 9) -> illava.Schedule:
     """The paper-default placement moved onto the stages the method acts at."""
+    if method == "illava+text":
+        return family.default(reduction).with_(text_guided=True)
     return get_method(method).placement(family.default(reduction))
 
 
@@ -97,6 +103,141 @@ def test_divprune_is_the_greedy_max_min_subset_per_segment_and_near_the_optimum(
         assert _spread(angles, [i - start for i in got]) >= best / 2 - 1e-6
 
 
+def _left_padded_batch(seed: int = 0):
+    torch.manual_seed(seed)
+    query, key = torch.randn(2, 4, 9, 8), torch.randn(2, 2, 9, 8)  # 4 query heads on 2 key heads (GQA)
+    valid = torch.ones(2, 9, dtype=torch.bool)
+    valid[1, :3] = False  # left padding
+    return query, key, valid
+
+
+def _dense_rows(query, key, valid, b: int) -> torch.Tensor:
+    """(L, L) sample b's causal attention, heads averaged, written plainly."""
+    keys = key[b].repeat_interleave(2, dim=0)
+    logits = query[b] @ keys.transpose(1, 2) / 8**0.5  # (H, L, L)
+    length = logits.shape[-1]
+    hidden = torch.ones(length, length, dtype=torch.bool).triu(1) | ~valid[b][None, :]
+    return logits.masked_fill(hidden, float("-inf")).softmax(-1).nan_to_num(0.0).mean(0)
+
+
+def test_prompt_attention_is_the_causal_softmax_of_the_last_rows():
+    query, key, valid = _left_padded_batch()
+    got = prompt_attention(query, key, valid, 3, None)  # (B, 3, L)
+    for b in range(2):
+        torch.testing.assert_close(got[b], _dense_rows(query, key, valid, b)[-3:])
+
+
+def _view(question_lengths: list[int], image: slice) -> PromptView:
+    query, key, valid = _left_padded_batch(1)
+    rows = max(question_lengths)
+    question = torch.tensor([[j >= rows - n for j in range(rows)] for n in question_lengths])
+    is_image = torch.zeros_like(valid)
+    is_image[:, image] = True
+    return PromptView(query=query, key=key, valid=valid, image=is_image & valid, question=question)
+
+
+def test_text_guided_illava_scores_by_the_questions_mean_attention():
+    view = _view([3, 2], slice(4, 6))
+    got = get_method("illava").text_importance(get_method("illava").parse_params({"text_guided": True}), view)
+    for b, n in enumerate([3, 2]):
+        expected = _dense_rows(view.query, view.key, view.valid, b)[-n:].mean(0)
+        torch.testing.assert_close(got[b], expected)
+    assert get_method("illava").uses_text(get_method("illava").parse_params({"text_guided": True}))
+    assert not get_method("illava").uses_text(get_method("illava").parse_params(None))
+
+
+def test_sparsevlm_raters_are_the_question_tokens_that_look_at_the_image_at_least_on_average():
+    view = _view([3, 3], slice(4, 6))
+    method = get_method("sparsevlm")
+    got = method.text_importance(method.parse_params(None), view)
+    for b in range(2):
+        rows = _dense_rows(view.query, view.key, view.valid, b)[-3:]  # the question's rows
+        relevance = rows[:, view.image[b]].sum(1)
+        raters = rows[relevance >= relevance.mean()]
+        assert 1 <= len(raters) < 3 or torch.allclose(relevance, relevance.mean())
+        torch.testing.assert_close(got[b], raters.mean(0))
+
+
+def _between_request(features, importance, sizes, kept, recycled):
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    return StageRequest(
+        stage="between", layer=-1, hidden=features, query=None, key=None, importance=importance,
+        segments=[SegmentSpec(a, n, k, r, 0) for a, n, k, r in zip(starts, sizes, kept, recycled)],
+    )  # fmt: skip
+
+
+def test_visionzip_keeps_the_most_attended_and_merges_the_rest_into_contextual_means():
+    torch.manual_seed(2)
+    sizes, kept = [10, 8], [4, 3]
+    method = get_method("visionzip")
+    params = method.parse_params({"contextual_share": 0.5})
+    recycled = [method.recycled(params, n, n - k) for n, k in zip(sizes, kept)]
+    assert recycled == [2, 2]  # round(0.5 * kept), one dominant left at least
+    features, importance = torch.randn(18, 6), torch.rand(18)
+    merge_map = method.merge(params, _between_request(features, importance, sizes, kept, recycled))
+    out = merge_map.apply(features)
+    assert merge_map.keep.shape[0] == sum(kept)
+    start = offset = 0  # the segment's first unit in the request, and its first slot in the output
+    for n, k, c, seg_keep in zip(sizes, kept, recycled, merge_map.keep.split(kept)):
+        ids = list(range(start, start + n))
+        dominant = sorted(ids, key=lambda i: -float(importance[i]))[: k - c]
+        assert set(dominant) <= set(seg_keep.tolist())  # the most attended survive as they are
+        rest = sorted(set(ids) - set(dominant))
+        centres = [rest[(j * len(rest)) // c] for j in range(c)]  # spread evenly by position
+        assert sorted(seg_keep.tolist()) == sorted(dominant + centres)
+        x = torch.nn.functional.normalize(features[rest], dim=-1)
+        joins = (x @ torch.nn.functional.normalize(features[centres], dim=-1).T).argmax(1)
+        for j, centre in enumerate(centres):
+            group = [
+                rest[i] for i in range(len(rest)) if rest[i] == centre or (joins[i] == j and rest[i] not in centres)
+            ]
+            torch.testing.assert_close(out[offset + seg_keep.tolist().index(centre)], features[group].mean(0))
+        for d in dominant:
+            torch.testing.assert_close(out[offset + seg_keep.tolist().index(d)], features[d])
+        start, offset = start + n, offset + k
+
+
+def test_density_peaks_score_is_density_times_distance_to_a_denser_point():
+    torch.manual_seed(3)
+    x = torch.randn(1, 7, 4)
+    valid = torch.tensor([[True] * 6 + [False]])
+    got = density_peaks(x, valid, neighbours=2)
+    xn = torch.nn.functional.normalize(x[0, :6], dim=-1)
+    d = (1 - xn @ xn.T).clamp_min(0)
+    near = torch.stack([d[i][torch.arange(6) != i].sort().values[:2] for i in range(6)])
+    density = torch.exp(-near.square().mean(1))
+    for i in range(6):
+        denser = [j for j in range(6) if density[j] > density[i]]
+        delta = min(d[i, j] for j in denser) if denser else d[i].max()
+        torch.testing.assert_close(got[0, i], density[i] * delta)
+    assert got[0, 6] == float("-inf")
+
+
+def test_sparsevlm_recycles_the_best_deleted_tokens_into_cluster_means():
+    torch.manual_seed(4)
+    method = get_method("sparsevlm")
+    params = method.parse_params({"recycle_ratio": 1.0, "cluster_ratio": 0.25})
+    n, k = 12, 5
+    c = method.recycled(params, n, n - k)
+    assert c == 2  # round(0.25 * ceil(1.0 * 7))
+    hidden, scores = torch.randn(n, 6), torch.rand(n)
+    request = StageRequest(stage="llm", layer=1, hidden=hidden, query=None, key=None, causal=True,
+                           segments=[SegmentSpec(0, n, k, c, 0)], text_importance=scores)  # fmt: skip
+    merge_map = method.merge(params, request)
+    ranked = scores.argsort(descending=True).tolist()
+    informative, pool = ranked[: k - c], ranked[k - c :]  # tau = 1: every deleted token is recycled
+    keep = merge_map.keep.tolist()
+    assert set(informative) <= set(keep) and len(keep) == k
+    centres = sorted(set(keep) - set(informative))
+    assert set(centres) <= set(pool)
+    out = merge_map.apply(hidden)
+    x = torch.nn.functional.normalize(hidden, dim=-1)
+    for centre in centres:
+        group = [u for u in pool if u == centre or (u not in centres and
+                 max(centres, key=lambda m: float(x[u] @ x[m])) == centre)]  # fmt: skip
+        torch.testing.assert_close(out[keep.index(centre)], hidden[group].mean(0))
+
+
 def test_peer_methods_refuse_schedules_they_cannot_run():
     base = illava.Schedule(reduction=0.5, encoder_layers=(1,), llm_layers=(1, 2))
     with pytest.raises(ScheduleError, match="'fastv' removes no tokens before the LLM: encoder_share must be 0"):
@@ -150,7 +291,7 @@ def test_cached_generate_equals_a_cache_free_reference(family, method):
     every cache-free step, so by their definition only the first new token must agree."""
     model = family.eager.model
     illava.apply(model, peer_schedule(family, method))
-    steps = 3 if method == "divprune" else 1
+    steps = 1 if method in BY_LAST_TOKEN else 3
     for name in ("padded",):
         batch = inputs(family.eager, *prompts(family)[name])
         cached = model.generate(**batch, max_new_tokens=steps, **GREEDY)
@@ -173,7 +314,9 @@ def test_a_manifest_of_every_peer_method_round_trips_and_applies(family):
 @torch.no_grad()
 @pytest.mark.parametrize("method", PEERS)
 def test_a_peer_merged_forward_reads_no_more_than_the_unmerged_model(family, method):
-    """The speed rule: every count is on the host before the forward; nothing more is read back."""
+    """The speed rule: every count is on the host before the forward; nothing more is read back.
+    iLLaVA's text-guided variant is held to the paper's iLLaVA (whose encoder merges under sdpa read
+    the kept windows once per merge, as documented in `illava.engine.vision`): the text adds nothing."""
     from profiler.counts import count_call
 
     model = family.sdpa.model
@@ -182,9 +325,64 @@ def test_a_peer_merged_forward_reads_no_more_than_the_unmerged_model(family, met
     def forward():
         model(**batch, logits_to_keep=1)
 
+    if method == "illava+text":
+        illava.apply(model, family.default(7 / 9))
     forward()
-    unmerged = count_call(forward)
+    reference = count_call(forward)
     illava.apply(model, peer_schedule(family, method))
     forward()
     merged = count_call(forward)
-    assert merged.host_reads <= unmerged.host_reads, (family.name, method, merged.reads, unmerged.reads)
+    assert merged.host_reads <= reference.host_reads, (family.name, method, merged.reads, reference.reads)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("method", PEERS)
+def test_zero_reduction_of_a_peer_equals_the_unpatched_model(family, method):
+    model = family.sdpa.model
+    batch = inputs(family.sdpa, *prompts(family)["padded"])
+    reference = model(**batch).logits
+    illava.apply(model, peer_schedule(family, method, reduction=0.0))
+    valid = batch["attention_mask"].bool()
+    assert torch.equal(model(**batch).logits[valid], reference[valid])
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("method", PEERS)
+def test_a_peer_merges_every_video_frame_by_its_plan(family, method):
+    """Each frame is a segment with its own plan (or the family says it cannot merge videos there)."""
+    model = family.sdpa.model
+    schedule = peer_schedule(family, method)
+    batch = inputs(family.sdpa, *prompts(family)["video"])
+    plans = segment_plans(family.sdpa, batch, schedule)
+    if schedule.encoder_share > 0 and not family.adapter.encoder_merges_video:
+        with pytest.raises(ScheduleError):
+            illava.apply(model, schedule)
+            model(**batch)
+        return
+    illava.apply(model, schedule)
+    assert torch.isfinite(model(**batch).logits).all()
+    _, llm_depth = illava.depths(model)
+    assert [int(n) for (n,) in illava.last_stats(model).llm_image_tokens] == [
+        sum(plan.llm_tokens_at(layer) for plan in plans) for layer in range(llm_depth)
+    ]
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("method", PEERS)
+def test_a_peer_selects_the_same_under_eager_and_sdpa_attention(family, method):
+    """Importance comes from the captured queries and keys, so the attention kernel changes nothing."""
+    schedule = peer_schedule(family, method)
+    scores = []
+    for backbone in (family.eager, family.sdpa):
+        illava.apply(backbone.model, schedule)
+        out = backbone.model.generate(**inputs(backbone, *prompts(family)["padded"]), max_new_tokens=1, **GREEDY)
+        scores.append(out.scores[0])  # (B, V): each sample's next-token logits after the merged prefill
+    torch.testing.assert_close(scores[0], scores[1], rtol=0, atol=1e-4)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("method", ["divprune", "visionzip", "tome"])
+def test_what_an_image_keeps_before_the_llm_does_not_depend_on_another_image(family, method):
+    """The methods that select before the LLM look at each image alone (those in the LLM see the
+    whole prompt by definition: the text's attention, the causal order)."""
+    assert_images_merge_independently(family, peer_schedule(family, method))

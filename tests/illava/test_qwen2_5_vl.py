@@ -219,7 +219,7 @@ def test_baseline_methods_run_and_differ(tiny_sdpa):
         ({"llm_layers": [5]}, r"LLM layer\(s\) \[5\] out of range.*allows 0..4"),
         ({"reduction": 1.0}, r"reduction 1.0 is outside \[0, 1\).*removing all of them"),
         ({"encoder_share": -0.5}, r"encoder_share -0.5 is outside \[0, 1\]"),
-        ({"method": "tome"}, r"unknown method 'tome'; allowed: illava, prune, random"),
+        ({"method": "no-such-method"}, r"unknown method 'no-such-method'; allowed: illava, prune, random"),
     ],
 )
 def test_invalid_schedules_fail_at_apply(tiny_sdpa, schedule, message):

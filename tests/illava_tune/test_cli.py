@@ -1,4 +1,6 @@
+import argparse
 import json
+import re
 
 from illava import PAPER_REDUCTIONS, Schedule
 from illava_tune.cli import main
@@ -68,3 +70,20 @@ def test_hardware_prints_the_detected_profile(capsys):
     assert main(["hardware", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert "kind" in out and "cpu" in out and "torch" in out
+
+
+def test_the_method_options_name_every_registered_method():
+    """The CLI stays light (no illava import to build its parser), so its lists are written out; this
+    holds them to the registry."""
+    from illava import method_names
+    from illava_tune.cli import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    texts = {
+        "submit --methods": next(a.help for a in commands["submit"]._actions if "--methods" in a.option_strings),
+        "profile --method": next(a.help for a in commands["profile"]._actions if "--method" in a.option_strings),
+    }
+    for where, text in texts.items():
+        missing = [m for m in method_names() if m not in re.findall(r"[\w-]+", text)]
+        assert not missing, f"{where} help does not name {missing}"

@@ -259,7 +259,7 @@ def test_submit_validates_like_the_cli_and_starts_the_driver(service, tmp_path):
         ({"backbone": "tiny", "workload": {"name": "x", "colour": 1}}, "workload", "unknown workload keys ['colour']"),
         ({"backbone": "tiny", "dataset": str(tmp_path / "missing.tsv")}, "dataset", "no such dataset file"),
         ({"backbone": "tiny", "sampler": "grid"}, "sampler", "'tpe', 'nsga2' or 'random'"),
-        ({"backbone": "tiny", "methods": "illava,tome"}, "methods", "unknown methods ['tome']"),
+        ({"backbone": "tiny", "methods": "illava,no-such-method"}, "methods", "unknown methods ['no-such-method']"),
         ({"backbone": "tiny", "trails": 3}, "trails", "Extra inputs are not permitted"),
     ]:
         answer = service.post("/v1/jobs", json=body, headers=service.write)

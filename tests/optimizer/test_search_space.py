@@ -8,6 +8,7 @@ from pathlib import Path
 import optuna
 import pytest
 
+import illava
 from illava.schedule import Schedule
 from optimizer import SearchSpace, SearchSpaceError, parse_range, schedule_params
 
@@ -67,7 +68,7 @@ def test_space_round_trips_through_json():
         ({"llm_layer_count": (1.0, 3)}, "llm_layer_count must be an integer"),
         ({"group_size": ()}, "group_size must be a non-empty list"),
         ({"group_size": (5, 5)}, "repeats a choice"),
-        ({"methods": ("illava", "tome")}, r"unknown methods \['tome'\]"),
+        ({"methods": ("illava", "no-such-method")}, r"unknown methods \['no-such-method'\]"),
     ],
 )
 def test_bad_spaces_are_refused_with_the_field_named(fields, says):
@@ -140,6 +141,23 @@ def test_schedule_params_reproduce_reference_schedules(schedule):
     assert _replay(SearchSpace(), schedule, encoder_depth=32, llm_depth=28) == schedule
 
 
+def test_every_method_and_its_own_parameters_are_searched_conditionally():
+    """Each method's trials draw its own parameters only, and replay through `schedule_params`."""
+    space = SearchSpace(methods=tuple(m for m in illava.method_names() if m != "random"))
+    study = optuna.create_study(directions=["minimize"], sampler=optuna.samplers.RandomSampler(seed=2))
+    seen: dict[str, set[str]] = {}
+    for _ in range(80):
+        trial = study.ask()
+        schedule = space.suggest(trial, encoder_depth=16, llm_depth=6)
+        assert _replay(space, schedule, encoder_depth=16, llm_depth=6) == schedule
+        seen.setdefault(schedule.method, set()).update(trial.params)
+        study.tell(trial, schedule.reduction)
+    assert set(seen) == set(space.methods)
+    assert "contextual_share" in seen["visionzip"] and "recycle_ratio" in seen["sparsevlm"]
+    assert "recycle_share" in seen["illava"] and "recycle_share" not in seen["visionzip"] | seen["fastv"]
+    assert not {"encoder_share", "encoder_layer_count", "llm_layer_0"} & seen["divprune"]
+
+
 def test_vanilla_draws_nothing_else():
     assert schedule_params(Schedule.vanilla(), SearchSpace()) == {"reduction": 0.0}
 
@@ -151,6 +169,7 @@ def test_vanilla_draws_nothing_else():
         (Schedule(params={"group_size": 4}), "group_size 4 is not among"),
         (Schedule(encoder_share=0.0, encoder_layers=()), "at least one encoder block"),
         (Schedule(method="random", params={"seed": 3}), "seed 3 is not searched"),
+        (Schedule(params={"text_guided": True}), "text_guided True is not searched \\(suggest always uses False\\)"),
     ],
 )
 def test_schedule_params_refuse_what_suggest_cannot_express(schedule, says):
