@@ -41,14 +41,29 @@ from profiler.demo_vqa import CATEGORIES, demo_split  # noqa: E402
 from profiler.hardware import cpu_model, resolve_device  # noqa: E402
 
 
-def _right(items, choices) -> np.ndarray:
+def right_answers(items, choices) -> np.ndarray:
+    """One 0/1 per item: whether the choice is its answer."""
     return np.array([c == item.answer for item, c in zip(items, choices, strict=True)], dtype=float)
 
 
-def _bootstrap(diff: np.ndarray, resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
+def bootstrap(diff: np.ndarray, resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95% interval of the mean of per-question differences `diff`, resampling questions."""
     rng = np.random.default_rng(seed)
     means = diff[rng.integers(0, len(diff), size=(resamples, len(diff)))].mean(axis=1)
     return float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
+
+
+def score_schedule(backbone, items, schedule, batch_size: int) -> np.ndarray:
+    """One 0/1 per item: `backbone` under `schedule` (None: unmerged) right on it, the inputs built for
+    the schedule (a ``downsample`` one resizes the images); leaves the model unmerged."""
+    model = backbone.model
+    illava.remove(model)
+    if schedule is not None:
+        illava.apply(model, schedule)
+    try:
+        return right_answers(items, choose(backbone, items, batch_size=batch_size, schedule=schedule))
+    finally:
+        illava.remove(model)
 
 
 def _scorer(backbone_name: str, n_items: int, batch_size: int, device: str):
@@ -57,26 +72,16 @@ def _scorer(backbone_name: str, n_items: int, batch_size: int, device: str):
     backbone = load_backbone(backbone_name)
     model = backbone.model.to(resolve_device(device))
     items = demo_split("test", n_items)
-
-    def score(schedule) -> np.ndarray:
-        illava.remove(model)
-        if schedule is not None:
-            illava.apply(model, schedule)
-        try:
-            return _right(items, choose(backbone, items, batch_size=batch_size))
-        finally:
-            illava.remove(model)
-
-    return model, items, score
+    return model, items, lambda schedule: score_schedule(backbone, items, schedule, batch_size)
 
 
-def _versus_random(hits: np.ndarray, random_hits: list[np.ndarray], cell=lambda acc: f"{acc:.1%}") -> tuple[str, str]:
+def versus_random(hits: np.ndarray, random_hits: list[np.ndarray], cell=lambda acc: f"{acc:.1%}") -> tuple[str, str]:
     """Two table cells: random dropping's accuracy over its seeds (mean, sd, min-max), and the margin
     of `hits` over that mean with a 95% paired bootstrap interval over questions."""
     accs = [float(h.mean()) for h in random_hits]
     mean = statistics.mean(accs)
     sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
-    low, high = _bootstrap(hits - np.mean(random_hits, axis=0))
+    low, high = bootstrap(hits - np.mean(random_hits, axis=0))
     return (
         f"{cell(mean)}, sd {sd:.1%}, {min(accs):.1%}-{max(accs):.1%}",
         f"{hits.mean() - mean:+.1%} [{low:+.1%}, {high:+.1%}]",
@@ -103,7 +108,7 @@ def run(backbone_name: str, n_items: int, seeds: int, batch_size: int, log=print
         }
         hits = {name: score(schedule) for name, schedule in methods.items()}
         random_hits = [score(paper.with_(method="random", seed=seed)) for seed in range(seeds)]
-        rows.append((ratio, hits, _versus_random(hits["iLLaVA"], random_hits, cell)))
+        rows.append((ratio, hits, versus_random(hits["iLLaVA"], random_hits, cell)))
         log(f"{ratio:.1%}: " + " ".join(f"{k}={v.mean():.3f}" for k, v in hits.items())
             + f" random={[float(h.mean()) for h in random_hits]}")  # fmt: skip
     seconds = time.perf_counter() - start
@@ -151,7 +156,7 @@ def run_stages(backbone_name: str, n_items: int, seeds: int, batch_size: int, lo
             hits = score(staged)
             random_hits = [score(staged.with_(method="random", seed=seed)) for seed in range(seeds)]
             log(f"{ratio:.1%} {stage}: importance={hits.mean():.3f} random={[float(h.mean()) for h in random_hits]}")
-            random_cell, margin = _versus_random(hits, random_hits)
+            random_cell, margin = versus_random(hits, random_hits)
             lines.append(f"| {ratio:.1%} | {stage} | {hits.mean():.1%} | {random_cell} | {margin} |")
     lines += [
         "",
