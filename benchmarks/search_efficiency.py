@@ -44,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import illava  # noqa: E402
 from illava import Schedule  # noqa: E402
 from illava.backbones import backbone_config  # noqa: E402
+from jobs.driver import MEASURE_REPEATS, MEASURE_WARMUP  # noqa: E402  (what a job's worker is given)
 from optimizer import (  # noqa: E402
     MEMORY_NOISE,
     SEED_ATTR,
@@ -59,6 +60,7 @@ from optimizer import (  # noqa: E402
     parse_range,
     schedule_params,
     seed_reductions,
+    seed_role,
     seed_schedules,
     tell_failure,
     tell_result,
@@ -66,8 +68,6 @@ from optimizer import (  # noqa: E402
 )
 
 DEFAULT_TABLE = Path(__file__).resolve().parent / "results" / "search" / "demo_grid.jsonl"
-#: What `jobs/driver.py` hands every worker: three timed paired prefill rounds after one warm-up.
-JOB_REPEATS, JOB_WARMUP = 3, 1
 #: The defaults of `illava-tune submit --reduction / --encoder-share` (illava_tune/cli.py).
 JOB_REDUCTION, JOB_ENCODER_SHARE = "0.5:0.95", "0:0.8"
 OBJECTIVES = Objectives("speedup")  # the job's default objective
@@ -154,7 +154,7 @@ def design(space: SearchSpace, *, encoder_depth: int, llm_depth: int, count: int
     if len(space.methods) != 1 or most > 3:
         raise ValueError("the design covers one method and at most 3 layers per stage (the job's default space)")
     seeds = seed_schedules(space, encoder_depth=encoder_depth, llm_depth=llm_depth, reductions=seed_reductions(space))
-    out = [Candidate(_role(s), s, schedule_params(s, space)) for s in seeds]
+    out = [Candidate(seed_role(s), s, schedule_params(s, space)) for s in seeds]
     seen = {schedule_key(c.schedule) for c in out}
     index = 1
     while len(out) < len(seeds) + count:
@@ -166,10 +166,6 @@ def design(space: SearchSpace, *, encoder_depth: int, llm_depth: int, count: int
                 out.append(Candidate("grid", schedule, schedule_params(schedule, space)))
         index += 256
     return out
-
-
-def _role(schedule: Schedule) -> str:
-    return "unmerged" if schedule.removes_nothing else f"paper_default@{schedule.reduction:.4g}"
 
 
 # ----------------------------------------------------------------------------------- the table
@@ -269,26 +265,12 @@ def _job_setup(backbone: str, reduction: str, encoder_share: str, limit: int) ->
     return space, workload_for(backbone, None, limit=limit), illava.depths(backbone_config(backbone))
 
 
-def _flop_inputs(profiler: Any, workload: Any) -> tuple[list, int]:
-    """(grids, text tokens) of the batch the profiler times: the workload's first batch."""
-    from illava.inputs import build_inputs
-    from profiler import read_dataset, synthetic_samples
-
-    if workload.dataset is None:
-        samples = synthetic_samples(workload)
-    else:
-        samples = [item.to_sample(profiler.answer) for item in read_dataset(workload.dataset, limit=workload.samples)]
-    batch = build_inputs(profiler.backbone, samples[: workload.batch_size])
-    grids, text_tokens = profiler.backbone.adapter.flop_inputs(profiler.model.config, batch)
-    return [list(g) for g in grids], int(text_tokens)
-
-
 def _header(args: argparse.Namespace, space: SearchSpace, workload: Any, depths: tuple, worker: Any) -> dict:
-    grids, text_tokens = _flop_inputs(worker.profiler, workload)
+    grids, text_tokens = worker.flop_inputs()  # what a job's warm start reads, the same way
     return {
         "kind": "header", "format": FORMAT, "backbone": args.backbone, "workload": workload.to_dict(),
         "space": space.to_dict(), "depths": list(depths), "design_seed": args.design_seed,
-        "repeats": JOB_REPEATS, "warmup": JOB_WARMUP, "objective": OBJECTIVES.latency,
+        "repeats": MEASURE_REPEATS, "warmup": MEASURE_WARMUP, "objective": OBJECTIVES.latency,
         "flop_inputs": {"grids": grids, "text_tokens": text_tokens},
         "hardware": worker.profiler.hardware.to_dict(), "versions": _versions(), "code": code_version(),
     }  # fmt: skip
@@ -360,7 +342,7 @@ def cmd_measure(args: argparse.Namespace, argv: Sequence[str] | None = None) -> 
 
     space, workload, depths = _job_setup(args.backbone, args.reduction, args.encoder_share, args.limit)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    worker = TrialWorker(args.backbone, workload.to_dict(), device=device, repeats=JOB_REPEATS, warmup=JOB_WARMUP,
+    worker = TrialWorker(args.backbone, workload.to_dict(), device=device, repeats=MEASURE_REPEATS, warmup=MEASURE_WARMUP,
                          dtype=args.dtype, attention=args.attn)  # fmt: skip
     header = _header(args, space, workload, depths, worker)
     out = Path(args.out)
