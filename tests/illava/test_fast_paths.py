@@ -221,3 +221,26 @@ def test_equal_windows_of_an_unmerged_block_take_the_batched_call_not_the_padded
     packed.model(**wide, logits_to_keep=1)  # merged windows are ragged: the padded call serves them
     illava.remove(packed.model)
     assert padded
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("method", ["fastv", "pdrop", "divprune", "visionzip", "sparsevlm", "tome"])
+def test_every_peer_method_gives_the_same_merged_model_under_packed_attention(pair, method):
+    """The peers capture what they need from the block's own call, so the one-call-per-block kernel
+    changes nothing about what they keep (fp32, to sdpa's tolerance). A noise image: the synthetic
+    pictures' flat regions give identical patches, whose exact ties (VisionZip's and SparseVLM's
+    nearest centre) either kernel's last-bit rounding may break either way."""
+    import numpy as np
+    from PIL import Image
+
+    sdpa, packed = pair
+    schedule = illava.get_method(method).placement(schedule_for(sdpa, "images"))
+    side = 8 * max(sdpa.adapter.size_multiple(sdpa.model.config), 28)
+    noise = np.random.default_rng(0).integers(0, 256, (side, side, 3), dtype=np.uint8)
+    batch = build_inputs(sdpa, [Sample("<image> What?", [Image.fromarray(noise)])])
+    logits = []
+    for backbone in (sdpa, packed):
+        illava.apply(backbone.model, schedule)
+        logits.append(backbone.model(**batch).logits)
+        illava.remove(backbone.model)
+    assert (logits[0] - logits[1]).abs().max() <= 1e-5
