@@ -45,6 +45,7 @@ class Captured:
     keys: list[torch.Tensor] = field(default_factory=list)  # (B, Hk, n, D)
     weights: list[torch.Tensor | None] = field(default_factory=list)  # eager: (B, H, n, n) probabilities
     importance_parts: list[torch.Tensor] = field(default_factory=list)  # per call: (n,) column means, when known
+    wants_importance: bool = True  # whether the packed kernel should compute the column means with the attention
 
     @property
     def query(self) -> torch.Tensor:
@@ -69,7 +70,7 @@ class Captured:
 def _capturing_attention(module, query, key, value, attention_mask, *args, **kwargs):
     slot: Captured = module.__dict__["_illava_capture"]
     module.config = slot.original_config
-    if slot.implementation == PACKED_VARLEN and query.shape[0] == 1:
+    if slot.implementation == PACKED_VARLEN and query.shape[0] == 1 and slot.wants_importance:
         kwargs["illava_importance"] = slot.importance_parts  # the packed kernel computes it with the attention
     try:
         kernel = ALL_ATTENTION_FUNCTIONS.get_interface(slot.implementation, slot.eager)
@@ -95,9 +96,11 @@ def _eager_kernel(module: torch.nn.Module):
 
 
 @contextmanager
-def capture(module: torch.nn.Module, *, enabled: bool = True) -> Iterator[Captured | None]:
+def capture(module: torch.nn.Module, *, enabled: bool = True, importance: bool = True) -> Iterator[Captured | None]:
     """Capture the queries and keys `module` (an attention module with a ``config``) passes to its
-    kernel while the block runs. Yields None (and changes nothing) when not `enabled`."""
+    kernel while the block runs. Yields None (and changes nothing) when not `enabled`. Without
+    `importance` the packed kernel runs its fast path instead of computing the column means too
+    (for a method that needs the keys only)."""
     if not enabled:
         yield None
         return
@@ -108,7 +111,7 @@ def capture(module: torch.nn.Module, *, enabled: bool = True) -> Iterator[Captur
     capture_config = copy.copy(original)
     # Set the field itself: the property setter would recurse into sub-configs shared with the original.
     capture_config._attn_implementation_internal = CAPTURE_FLASH if "flash" in implementation else CAPTURE
-    slot = Captured(implementation, original, capture_config, _eager_kernel(module))
+    slot = Captured(implementation, original, capture_config, _eager_kernel(module), wants_importance=importance)
     module.__dict__["_illava_capture"] = slot
     module.config = capture_config
     try:

@@ -350,14 +350,15 @@ def _merging_block(adapter, inner, block, index, windowed, run, steps, method, p
     # routes ``illava_packed`` itself, so without a route only an uncaptured packed block is routed here.
     route = run.route(adapter, bounds)
     routed = _routed(attention, packed and not method.uses_importance, route)
-    with routed, capture(attention, enabled=method.uses_importance) as captured:
+    wants = method.uses_block_importance
+    with routed, capture(attention, enabled=method.uses_importance, importance=wants) as captured:
         hidden = adapter.vision_attention_half(inner, block, run, bounds)
     with timer:
         specs = segment_specs(steps, run.segment_index_in_item)
         query, key = adapter.vision_queries_keys(captured, run) if captured else (None, None)
         request = StageRequest(
             stage="encoder", layer=index, hidden=hidden, query=query, key=key,
-            importance=captured.importance if captured and adapter.packed_sequence else None,
+            importance=captured.importance if captured and wants and adapter.packed_sequence else None,
             segments=specs, unit=run.unit, scale=adapter.attention_scale(attention), bounds=bounds,
         )  # fmt: skip
         merge_map = method.merge(params, request)

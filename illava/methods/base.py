@@ -127,6 +127,10 @@ class ReductionMethod(ABC):
     #: Whether the engine must capture queries and keys for it (a method that computes no
     #: importance, such as random dropping, leaves it false and costs no capture).
     uses_importance: ClassVar[bool] = True
+    #: Whether an encoder merge reads the block's attention column means (`StageRequest.importance`);
+    #: a method that needs only the captured keys (ToMe) sets it false, and the packed kernel then
+    #: runs its fast path instead of computing them.
+    uses_block_importance: ClassVar[bool] = True
     #: Where the encoder share of the removal happens: "blocks" (inside encoder blocks, at
     #: ``schedule.encoder_layers``) or "between" (one step after the encoder).
     encoder_stage: ClassVar[str] = "blocks"

@@ -53,7 +53,8 @@ class ToMe(ReductionMethod):
     name = "tome"
     summary = "bipartite soft matching in encoder blocks, size-weighted merges, proportional attention (ToMe)"
     params_type = ToMeParams
-    uses_importance = True  # the engine captures the block's keys (the similarity); no importance is used
+    uses_importance = True  # the engine captures the block's keys (the similarity) ...
+    uses_block_importance = False  # ... and computes no attention column means for it
 
     def check_params(self, params: ToMeParams) -> list[str]:
         if not isinstance(params.prop_attn, bool):

@@ -17,6 +17,7 @@ from illava import Schedule, ScheduleError
 from illava.backbones import load_backbone
 from illava.engine.attention import Route, packed_attention, run_packed
 from illava.engine.vision import Bounds, VisionRun
+from illava.inputs import Sample, synthetic_image
 from illava.merge import Fold, MergeMap, Recycle
 from illava.methods import StageRequest, get_method
 from illava.methods.base import SegmentSpec
@@ -285,3 +286,27 @@ def test_a_tome_merged_forward_reads_no_more_than_the_unmerged_model(family, att
     forward()
     merged = count_call(forward)
     assert merged.host_reads <= unmerged.host_reads, (family.name, merged.reads, unmerged.reads)
+
+
+@torch.no_grad()
+def test_under_packed_attention_tome_costs_no_importance_computation(monkeypatch):
+    """ToMe reads only the captured keys, so its merging blocks take the packed kernel's fast path;
+    iLLaVA's, which read the column means, take the explicit one that computes them."""
+    import illava.engine.attention as attention
+
+    packed = load_backbone("tiny", attn_implementation="illava_packed")
+    batch = inputs(packed, Sample("<image> What?", [synthetic_image(8 * 28, 1)]))
+    explicit, real = [], attention._explicit
+
+    def counted(*args, **kwargs):
+        explicit.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(attention, "_explicit", counted)
+    for method, expected in (("tome", 0), ("illava", 3)):
+        explicit.clear()
+        schedule = illava.paper_default_for(packed.model, 7 / 9)
+        illava.apply(packed.model, get_method(method).placement(schedule) if method == "tome" else schedule)
+        packed.model(**batch)
+        illava.remove(packed.model)
+        assert len(explicit) == expected, method  # illava: one per merging block (3 on tiny)
