@@ -43,6 +43,7 @@ def _section(out: str, title: str) -> str:
     return out.split(title, 1)[1].split("\n\n", 2)[1]  # the table after the title line
 
 
+@pytest.mark.slow  # ~13 s: the default suite keeps the cheap ones below
 def test_two_methods_one_ratio_tables_cache_and_rerun(tmp_path, capsys):
     cache, markdown, png = tmp_path / "acc.jsonl", tmp_path / "out.md", tmp_path / "plot.png"
     argv = ["--methods", "fastv", "random", "--ratios", "88.9%", "--limit", "4", "--batch-size", "4",

@@ -115,6 +115,7 @@ def _measure(out: Path) -> str:
     return subprocess.run(command, check=True, capture_output=True, text=True, timeout=300).stderr
 
 
+@pytest.mark.slow  # ~22 s (a subprocess that loads demo and measures); the replay tests stay in the default suite
 def test_measure_writes_rows_and_resumes_without_measuring_again(tmp_path):
     out = tmp_path / "grid.jsonl"
     assert "measuring 7 " in _measure(out)  # the 4 seeds and 3 grid schedules

@@ -49,6 +49,7 @@ def _table(out: str) -> dict[tuple[str, str], dict[str, str]]:
     return {(row["measured"], row["clients"]): row for row in rows}
 
 
+@pytest.mark.slow  # ~19 s: a real server under load; the service itself is tested in tests/illava_tune
 def test_serve_load_reports_server_and_direct_figures_and_drops_its_database(tmp_path):
     _pg_or_skip()
     out_file = tmp_path / "serve-load.md"
