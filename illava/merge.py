@@ -584,17 +584,10 @@ def prompt_attention(
 def last_token_attention(
     query: torch.Tensor, key: torch.Tensor, valid: torch.Tensor, scale: float | None
 ) -> torch.Tensor:
-    """(B, L) the attention probability each token receives from its sample's last valid token
-    (softmax over the sample's valid tokens, heads averaged); `query` (B, H, L, D), `key`
-    (B, Hk, L, D) post-rotary. One query row per sample: no L x L buffer, nothing read back."""
-    batch, heads, length, dim = query.shape
-    last = torch.where(valid, torch.arange(length, device=valid.device), -1).amax(dim=-1)  # (B,)
-    q_last = query[torch.arange(batch, device=query.device), :, last]  # (B, H, D)
-    if key.shape[1] != heads:
-        key = key.repeat_interleave(heads // key.shape[1], dim=1)
-    logits = torch.einsum("bhd,bhld->bhl", q_last.float(), key.float()) * (scale or dim**-0.5)
-    logits = logits.masked_fill(~valid[:, None, :], float("-inf"))
-    return logits.softmax(dim=-1).mean(dim=1)
+    """(B, L) the attention probability each token receives from its sample's last token (softmax
+    over the sample's valid tokens, heads averaged), for a left-padded prefill (the engine's layout:
+    the last position is every sample's last real token); `prompt_attention` of one row."""
+    return prompt_attention(query, key, valid, 1, scale)[:, 0]
 
 
 def rows_mean(probs: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

@@ -33,14 +33,19 @@ def segment_importance(request: StageRequest, tokens: slice) -> torch.Tensor:
     )
 
 
-def keep_most(request: StageRequest, scores: torch.Tensor) -> MergeMap:
-    """Keep each segment's `kept` highest-scoring units (ties: the earlier unit), drop the rest,
-    recycle nothing; `scores` (units,) of the whole request. Every segment at once."""
+def selection_batch(request: StageRequest) -> SegmentBatch:
+    """The request's segments as a padded batch for a selection that recycles nothing."""
     segments = request.segments
-    batch = SegmentBatch.of(
+    return SegmentBatch.of(
         [s.start for s in segments], [s.units for s in segments], [s.kept for s in segments],
         [0] * len(segments), 1, request.hidden.device,
     )  # fmt: skip
+
+
+def keep_most(request: StageRequest, scores: torch.Tensor) -> MergeMap:
+    """Keep each segment's `kept` highest-scoring units (ties: the earlier unit), drop the rest,
+    recycle nothing; `scores` (units,) of the whole request. Every segment at once."""
+    batch = selection_batch(request)
     laid_out = scores.float()[batch.index].masked_fill_(batch.padding, float("-inf"))
     return batched_merge(laid_out, None, None, batch, unit=request.unit, scale=request.scale)
 
@@ -48,10 +53,7 @@ def keep_most(request: StageRequest, scores: torch.Tensor) -> MergeMap:
 def ranked_units(request: StageRequest, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(S, L) the call's unit ids of every segment by descending score (ties: the earlier unit;
     padding last) and (S, L) validity, from `scores` (units,) of the whole request."""
-    batch = SegmentBatch.of(
-        [s.start for s in request.segments], [s.units for s in request.segments],
-        [s.kept for s in request.segments], [0] * len(request.segments), 1, request.hidden.device,
-    )  # fmt: skip
+    batch = selection_batch(request)
     laid_out = scores.float()[batch.index].masked_fill_(batch.padding, float("-inf"))
     order = torch.argsort(laid_out, dim=1, descending=True, stable=True)
     return batch.index.gather(1, order), batch.valid

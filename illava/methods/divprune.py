@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from ..merge import MergeMap, SegmentBatch
+from ._segments import selection_batch
 from .base import MethodParams, ReductionMethod, StageRequest
 
 
@@ -27,11 +28,7 @@ class DivPrune(ReductionMethod):
     encoder_stage = "between"
 
     def merge_between(self, params: MethodParams, request: StageRequest) -> MergeMap:
-        segments = request.segments
-        batch = SegmentBatch.of(
-            [s.start for s in segments], [s.units for s in segments], [s.kept for s in segments],
-            [0] * len(segments), 1, request.hidden.device,
-        )  # fmt: skip
+        batch = selection_batch(request)
         chosen = max_min_diverse(request.hidden, batch)  # (S, L) bool
         ids = torch.where(chosen, batch.index, torch.iinfo(torch.long).max).view(-1)
         return MergeMap(keep=ids.sort().values[: sum(batch.kept)])
