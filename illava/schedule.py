@@ -375,6 +375,10 @@ class Schedule:
             raise ScheduleError(f"a schedule is a JSON object, got {type(data).__name__} {data!r}")
         data = dict(data)
         version = data.get("schema_version", SCHEMA_VERSION)
+        if not is_int(version):  # True == 1 in Python: a bool is not a version
+            raise ScheduleError(f"invalid schedule: schema_version must be an integer, got {version!r}")
+        if data.get("params", {}) is None:
+            raise ScheduleError("invalid schedule: params must be a JSON object of the method's parameters, got null")
         if version == 1:
             data = _from_schema_1(data)
         elif version not in READABLE_SCHEMAS:

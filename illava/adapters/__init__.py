@@ -57,8 +57,13 @@ def adapter_for(model: torch.nn.Module) -> BackboneAdapter:
 def adapter_for_config(config: Any) -> BackboneAdapter:
     """The adapter of a config object, a ``config.json`` dict, or a checkpoint directory."""
     if isinstance(config, str | Path):
-        path = Path(config)
-        config = json.loads((path / "config.json" if path.is_dir() else path).read_text())
+        file = Path(config) / "config.json" if Path(config).is_dir() else Path(config)
+        try:
+            config = json.loads(file.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise UnsupportedModelError(f"{str(file)!r} could not be read as a model config: {error}") from None
+        if not isinstance(config, dict):
+            raise UnsupportedModelError(f"{str(file)!r} is not a model config (a JSON object)")
     model_type = config.get("model_type") if isinstance(config, dict) else getattr(config, "model_type", None)
     for adapter in _ADAPTERS:
         if model_type in adapter.model_types:

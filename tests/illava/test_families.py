@@ -156,6 +156,13 @@ def test_an_unsupported_checkpoint_names_its_model_type_and_the_supported_ones(t
         adapter_for_config({"model_type": "blip-2"})
 
 
+@pytest.mark.parametrize("text", ["{oops", "[1, 2]"])
+def test_a_malformed_config_json_names_the_file(tmp_path, text):
+    (tmp_path / "config.json").write_text(text)
+    with pytest.raises(ValueError, match=r"config.json' .*(could not be read as a model config|is not a model config)"):
+        load_backbone(str(tmp_path))
+
+
 def test_every_family_maps_the_paper_default_onto_its_depths():
     for name in ("tiny", "tiny-qwen2-vl", "tiny-qwen3-vl", "tiny-llava-onevision"):
         config = load_backbone(name).model.config

@@ -129,6 +129,8 @@ def test_invalid_schedules_say_what_is_wrong(fields, message):
         ({"schedule": "x"}, "the manifest's 'schedule' must be a JSON object"),
         ({"schedule_version": 2}, r"unknown schedule field\(s\) \['schedule_version'\]"),
         ({"schema_version": 7}, r"schema_version 7 is not supported \(this illava reads \[1, 2\]\)"),
+        ({"schema_version": True}, "schema_version must be an integer, got True"),
+        ({"reduction": 0.5, "params": None}, "params must be a JSON object of the method's parameters, got null"),
         (42, "a schedule must be a Schedule, a dict"),
         ("missing.json", "schedule file 'missing.json' does not exist"),
     ],
