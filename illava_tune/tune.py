@@ -107,10 +107,13 @@ def submit_job(database: Database, *, backbone: str = "demo", workload: str | di
     from jobs import about_field
     from optimizer import Constraints, SearchSpace, parse_range
 
+    # Each range is checked on its own first, so an error names the argument it is about.
     with about_field("reduction"):
         reduction_range = parse_range(reduction)
+        SearchSpace(reduction=reduction_range)
     with about_field("encoder_share"):
         share_range = parse_range(encoder_share)
+        SearchSpace(encoder_share=share_range)
     with about_field("methods"):
         chosen = tuple(name.strip() for name in str(methods).split(",") if name.strip())
         SearchSpace(methods=chosen)

@@ -255,6 +255,8 @@ def test_submit_validates_like_the_cli_and_starts_the_driver(service, tmp_path):
         ({"backbone": "nope"}, "backbone", "unknown backbone 'nope'"),
         ({"backbone": "tiny", "trials": 0}, "trials", "greater than or equal to 1"),
         ({"backbone": "tiny", "reduction": "0.9:0.5"}, "reduction", "low side 0.9 above its high side"),
+        ({"backbone": "tiny", "reduction": "2.5"}, "reduction", "reduction 2.5 must lie in [0.0, 1.0)"),
+        ({"backbone": "tiny", "encoder_share": "0:1.5"}, "encoder_share", "encoder_share"),
         ({"backbone": "tiny", "workload": "nope"}, "workload", "unknown workload 'nope'"),
         ({"backbone": "tiny", "workload": {"name": "x", "colour": 1}}, "workload", "unknown workload keys ['colour']"),
         ({"backbone": "tiny", "dataset": str(tmp_path / "missing.tsv")}, "dataset", "no such dataset file"),
