@@ -7,6 +7,8 @@ budget, only the merge rule swapped).
     python benchmarks/compare.py --methods illava fastv --limit 50 --rounds 3   # a quick look
     python benchmarks/compare.py --skip-speed                      # accuracy only (from the cache where it can)
     python benchmarks/compare.py --fresh --methods visionzip       # recompute one method's accuracy
+    python benchmarks/compare.py --stages --skip-speed              # also the encoder-only and LLM-only tables
+    python benchmarks/compare.py --skip-speed --limit 128 --recheck 128   # are the cached answers still today's?
 
 Which methods: those registered in `illava.methods` when the script runs (`--methods` picks some),
 plus a row of their own for a method's boolean variant flags (`VARIANT_FLAGS`: `illava` with
@@ -18,6 +20,15 @@ merges nothing: its inputs are built for its schedule (`build_inputs(..., schedu
 schedule=...)` resize each image to the plan's token budget) and the model runs unmerged; its
 speedup is paired with the unmerged model on the full-resolution image, like every other's.
 
+`--stages` adds two tables of the Table 5 shape that more methods can take than the paper's 40/60
+split: the paper's placement with *all* of the removal in its encoder blocks (``encoder_share=1``,
+no LLM layers: iLLaVA, ToMe, prune, random), and with all of it after its LLM layers
+(``encoder_share=0``, no encoder blocks: iLLaVA and its text-guided variant, PyramidDrop, SparseVLM,
+prune, random). A method that cannot act there is listed with its reason (FastV merges after one LLM
+layer only; DivPrune, VisionZip and downsample act between encoder and LLM or on the input; a variant
+flag of another stage would repeat its method's row). In these tables "minus random" is against
+random dropping at the same one-stage placement.
+
 Accuracy: the trained `demo` backbone on the demo VQA test questions (`--limit`, 500 by default),
 scored by option text, as `benchmarks/demo_accuracy.py` scores them; retention = accuracy / the
 unmerged accuracy. Random dropping, with the paper's placement, is the baseline: its accuracy is
@@ -28,7 +39,9 @@ its per-question 0/1 vector, the schedule, the checkpoint's sha256, the question
 scoring setup, and the commit of the code. A rerun reads what matches and computes only what is
 missing; `--fresh` recomputes the rows `--methods` names (with no `--methods`: everything, the
 unmerged model included). A cached row measured at another commit is used, and the report names
-the commits its rows come from.
+the commits its rows come from; `--recheck N` re-scores every row it reads from the cache on the
+first N questions with the code as it is now and reports each question whose answer changed (how to
+tell whether a cached table still holds after the engine changed, at N/500 of the cost).
 
 Speed: prefill (one forward, ``logits_to_keep=1``) of one prompt with one synthetic `--size` image
 on `small`, each schedule placed on that model's depths. In every round each schedule runs right
@@ -45,6 +58,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -91,6 +105,11 @@ CACHE_FORMAT = 1
 #: Boolean parameters (default False) that make a variant of their method a row of its own, and the
 #: suffix of that row's name: ``illava+text-guided``.
 VARIANT_FLAGS = {"text_guided": "text-guided"}
+#: The stage a variant flag changes: in a one-stage table of another stage its variant would repeat
+#: its method's row, so it is left out there.
+FLAG_STAGES = {"text_guided": "llm"}
+#: `--stages`: the paper's placement with all of the removal at one of its stages.
+STAGE_TABLES = {"encoder": "in its encoder blocks", "llm": "after its LLM layers"}
 BASELINE = "random"
 PROMPT = "<image> What shapes are in this picture, and what colour is each one?"
 VANILLA = Schedule.vanilla()
@@ -117,6 +136,23 @@ class Variant:
         """The paper's default at `reduction` with only the merge rule swapped (Table 5)."""
         paper = Schedule.paper_default(reduction, encoder_depth=depths[0], llm_depth=depths[1])
         return paper.with_(method=self.method, **dict(self.params))
+
+    def in_one_stage(self, stage: str, reduction: float, depths: tuple[int, int]) -> Schedule:
+        """The paper's default at `reduction` with all of the removal at its encoder blocks
+        (``stage="encoder"``) or after its LLM layers (``"llm"``), only the merge rule swapped."""
+        if not get_method(self.method).acts_at(stage):
+            raise ScheduleError(f"method {self.method!r} does not merge {STAGE_TABLES[stage]}")
+        other = [name for name, _ in self.params if FLAG_STAGES.get(name, stage) != stage]
+        if other:
+            raise ScheduleError(
+                f"{other[0]} acts at the {FLAG_STAGES[other[0]]} stage only: here it would repeat {self.method}"
+            )
+        paper = Schedule.paper_default(reduction, encoder_depth=depths[0], llm_depth=depths[1])
+        one_stage = {
+            "encoder": dict(encoder_share=1.0, llm_layers=()),
+            "llm": dict(encoder_share=0.0, encoder_layers=()),
+        }
+        return paper.with_(method=self.method, **one_stage[stage], **dict(self.params))
 
 
 def registered_variants() -> list[Variant]:
@@ -152,22 +188,35 @@ class Grid:
     depths: tuple[int, int]
     placed: dict[tuple[str, float], Schedule | str] = field(default_factory=dict)
     paper: dict[tuple[str, float], Schedule | str] = field(default_factory=dict)
+    #: `--stages`: the paper's placement with all of the removal at one stage (`Variant.in_one_stage`).
+    encoder: dict[tuple[str, float], Schedule | str] = field(default_factory=dict)
+    llm: dict[tuple[str, float], Schedule | str] = field(default_factory=dict)
 
     @classmethod
-    def build(cls, variants: Sequence[Variant], ratios: Sequence[float], depths: tuple[int, int]) -> Grid:
+    def build(cls, variants: Sequence[Variant], ratios: Sequence[float], depths: tuple[int, int], *,
+              stages: bool = False) -> Grid:  # fmt: skip
         grid = cls(depths)
         for variant in variants:
+            makers = [(grid.placed, variant.placed), (grid.paper, variant.at_paper_placement)]
+            if stages:
+                makers += [
+                    (getattr(grid, stage), functools.partial(variant.in_one_stage, stage)) for stage in STAGE_TABLES
+                ]
             for ratio in ratios:
-                for table, make in ((grid.placed, variant.placed), (grid.paper, variant.at_paper_placement)):
+                for table, make in makers:
                     try:
                         table[variant.label, ratio] = make(ratio, depths)
                     except ScheduleError as error:
                         table[variant.label, ratio] = str(error).removeprefix("invalid schedule: ")
         return grid
 
+    def tables(self) -> Iterator[dict[tuple[str, float], Schedule | str]]:
+        yield from (self.placed, self.paper, self.encoder, self.llm)
+
     def schedules(self) -> list[Schedule]:
         """Every distinct schedule of the grid, in order."""
-        found = {schedule_key(s): s for s in (*self.placed.values(), *self.paper.values()) if isinstance(s, Schedule)}
+        cells = [cell for table in self.tables() for cell in table.values()]
+        found = {schedule_key(s): s for s in cells if isinstance(s, Schedule)}
         return list(found.values())
 
 
@@ -246,6 +295,7 @@ class Accuracy:
     identity: dict[str, Any]
     results: dict[str, Evaluation | str] = field(default_factory=dict)  # str: why it failed
     seconds: float = 0.0
+    rechecks: list[Recheck] = field(default_factory=list)  # `--recheck`
 
     def hits(self, schedule: Schedule) -> list[np.ndarray] | str:
         """The 0/1 vectors making up a cell (the baseline's seeds), or why there are none."""
@@ -261,11 +311,28 @@ class Accuracy:
         return result.hits
 
 
+@dataclass
+class Recheck:
+    """One cached evaluation re-scored now on the first questions (`--recheck`)."""
+
+    schedule: Schedule
+    commit: str | None  # the commit the cached row was measured at
+    cached: np.ndarray  # its first answers, 0/1
+    now: np.ndarray | str  # the same questions scored now (str: why that failed)
+
+    @property
+    def changed(self) -> list[int]:
+        """The questions whose answer changed (all of them when re-scoring failed)."""
+        if isinstance(self.now, str):
+            return list(range(len(self.cached)))
+        return [int(i) for i in np.flatnonzero(self.cached != self.now)]
+
+
 def fresh_keys(args: argparse.Namespace, grid: Grid) -> set[str]:
     """What `--fresh` recomputes: the schedules of the rows `--methods` names (all rows and the
     unmerged model without it); the baseline's and the unmerged model's only when named."""
     named = set(args.methods) if args.methods else {label for label, _ in grid.placed}
-    cells = [cell for (label, _), cell in (*grid.placed.items(), *grid.paper.items()) if label in named]
+    cells = [cell for table in grid.tables() for (label, _), cell in table.items() if label in named]
     keys = {schedule_key(s) for cell in cells if isinstance(cell, Schedule) for s in seeds_of(cell, args.seeds)}
     return keys | ({schedule_key(VANILLA)} if not args.methods else set())
 
@@ -296,10 +363,12 @@ def run_accuracy(args: argparse.Namespace, grid: Grid, log: Callable[[str], None
     log(f"accuracy on {args.backbone}, {len(items)} questions: {len(wanted) - len(todo)} of {len(wanted)} "
         f"evaluations from {args.cache}, {len(todo)} to run")  # fmt: skip
     start = time.perf_counter()
-    if todo:
+    if todo or args.recheck:
         backbone = load_backbone(args.backbone, attn_implementation=args.attn)
         backbone.model.to(resolve_device(args.device))
         scorer = Scorer(backbone, items, args.batch_size, identity, cache, code_version(), machine(args.device))
+    if args.recheck:
+        accuracy.rechecks = recheck(scorer, accuracy, args.recheck, log)
     for done, schedule in enumerate(todo, 1):
         accuracy.results[schedule_key(schedule)] = scorer.evaluate(schedule)
         elapsed = time.perf_counter() - start
@@ -307,6 +376,40 @@ def run_accuracy(args: argparse.Namespace, grid: Grid, log: Callable[[str], None
             f"({elapsed / done:.0f} s each, ~{elapsed / done * (len(todo) - done) / 60:.1f} min left)")  # fmt: skip
     accuracy.seconds = time.perf_counter() - start
     return accuracy
+
+
+def recheck(scorer: Scorer, accuracy: Accuracy, n: int, log: Callable[[str], None]) -> list[Recheck]:
+    """Every evaluation `accuracy` read from the cache, re-scored now on its first `n` questions."""
+    cached = [(key, r) for key, r in accuracy.results.items() if isinstance(r, Evaluation) and r.cached]
+    log(f"recheck: {len(cached)} cached evaluations on their first {n} questions")
+    found = []
+    for done, (key, result) in enumerate(cached, 1):
+        schedule = Schedule.from_dict(json.loads(key))
+        try:
+            with inputs_carry_downsampling():
+                merged = None if schedule.removes_nothing else schedule
+                now = score_schedule(scorer.backbone, scorer.items[:n], merged, scorer.batch_size)
+        except Exception as error:  # noqa: BLE001 - reported as a changed row, not the end of the run
+            now = f"{type(error).__name__}: {error}"[:300]
+        found.append(Recheck(schedule, result.commit, result.hits[:n], now))
+        log(f"  [{done}/{len(cached)}] {short(schedule)}: {len(found[-1].changed)} of {n} answers changed")
+    return found
+
+
+def recheck_report(rechecks: list[Recheck], n: int) -> list[str]:
+    """What `--recheck` found: one line, and one more per evaluation whose answers changed."""
+    changed = [r for r in rechecks if r.changed]
+    commits = sorted({(r.commit or "unknown")[:7] for r in rechecks})
+    lines = [f"Recheck: {len(rechecks)} cached evaluations (measured at {', '.join(commits) or '-'}) re-scored on "
+             f"their first {n} questions at commit {commit_note(code_version())}: "
+             + (f"{len(changed)} differ." if changed else "every answer is the same.")]  # fmt: skip
+    for r in changed:
+        if isinstance(r.now, str):
+            lines.append(f"- {short(r.schedule)}: failed now: {r.now}")
+        else:
+            lines.append(f"- {short(r.schedule)}: {len(r.changed)} answers changed (questions {r.changed[:10]}), "
+                         f"{r.cached.mean():.1%} cached, {r.now.mean():.1%} now")  # fmt: skip
+    return lines
 
 
 @dataclass
@@ -479,14 +582,15 @@ class Report:
     def retention(self, acc: float) -> str:
         return f"{acc:.1%} ({acc / self.accuracy.unmerged.mean():.1%})"
 
-    def accuracy_cells(self, schedule: Schedule | str, ratio: float) -> list[str]:
-        """accuracy (retention), and the margin over random dropping with its 95% interval."""
+    def accuracy_cells(self, schedule: Schedule | str, ratio: float, baseline: Schedule | None = None) -> list[str]:
+        """accuracy (retention), and the margin over random dropping (at the paper's placement, or
+        `baseline`) with its 95% interval."""
         if isinstance(schedule, str):
             return ["—", "—"]
         hits = self.accuracy.hits(schedule)
         if isinstance(hits, str):
             return [f"failed: {hits}", "—"]
-        baseline = self.accuracy.hits(Variant(BASELINE).placed(ratio, self.accuracy_grid.depths))
+        baseline = self.accuracy.hits(baseline or Variant(BASELINE).placed(ratio, self.accuracy_grid.depths))
         if schedule.method == BASELINE:
             seeds = f"{len(hits)} seed" + ("s" if len(hits) > 1 else "")
             return [versus_random(hits[0], hits, self.retention)[0] + f" over {seeds}", "—"]
@@ -551,6 +655,26 @@ class Report:
                 lines.append("| " + " | ".join(cells) + " |")
         return lines
 
+    def stage_table(self, stage: str) -> list[str]:
+        """`--stages`: the paper's placement with all of the removal at `stage`, only the merge rule
+        swapped; "minus random" is against random dropping at that same placement."""
+        grid = self.accuracy_grid or self.speed_grid
+        lines = self.header(["removed", "merge rule"])
+        lines.append(self.unmerged_row(2))
+        for ratio in self.ratios:
+            for variant in self.variants:
+                if isinstance(getattr(grid, stage)[variant.label, ratio], str):
+                    continue
+                cells = [f"{ratio:.1%}", variant.label]
+                if self.accuracy:
+                    table = getattr(self.accuracy_grid, stage)
+                    baseline = table[BASELINE, ratio]
+                    cells += self.accuracy_cells(table[variant.label, ratio], ratio, baseline)
+                if self.speed:
+                    cells += self.speed_cells(variant.label, ratio, stage)
+                lines.append("| " + " | ".join(cells) + " |")
+        return lines
+
     def speed_table(self) -> list[str]:
         """Every timed schedule of the placed table with its times, the unmerged model against itself first."""
         depths = self.speed_grid.depths
@@ -591,6 +715,17 @@ class Report:
         ]
         if skipped := self.skipped("paper"):
             text += ["", "Not at the paper's placement (the stages they act at do not allow it):", *skipped]
+        grid = self.accuracy_grid or self.speed_grid
+        for stage, place in STAGE_TABLES.items():
+            cells = getattr(grid, stage)
+            if not cells:  # no --stages
+                continue
+            baseline = cells[BASELINE, self.ratios[0]]
+            placement = where(baseline).removesuffix(" 100%")
+            text += ["", f"The paper's placement with all of the removal {place} ({placement}), only the merge rule "
+                     "swapped; minus random: against random dropping there:", "", *self.stage_table(stage)]  # fmt: skip
+            if skipped := self.skipped(stage):
+                text += ["", f"Not {place}:", *skipped]
         if self.speed:
             text += ["", f"Prefill on `{self.speed.backbone}` ({self.speed.seconds:.0f} s of timed rounds):", "",
                      *self.speed_table()]  # fmt: skip
@@ -613,6 +748,8 @@ def provenance(args: argparse.Namespace, report: Report, started_load: float) ->
             f"{commit_note(code_version())}, {len(cached)} read from "
             f"`{display_path(args.cache)}`" + (f" (measured at {', '.join(commits)})" if cached else "")
         )
+        if args.stages:
+            parts.append("in the one-stage tables random dropping is at their own placement, over the same seeds")
     if report.speed:
         parts.append(
             f"speed: `{report.speed.backbone}`, one {args.size}x{args.size} image, {args.attn}, {args.rounds} rounds "
@@ -695,6 +832,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, default=5, help="accuracy: seeds of random dropping")
     parser.add_argument("--batch-size", type=int, default=32, help="accuracy: questions per forward")
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="accuracy results, one JSON line each")
+    parser.add_argument("--recheck", type=int, metavar="N",
+                        help="accuracy: re-score every evaluation read from the cache on its first N questions now and "
+                        "report the answers that changed (N a multiple of --batch-size keeps every batch as it was)")  # fmt: skip
+    parser.add_argument("--stages", action="store_true",
+                        help="also the paper's placement with all of the removal in the encoder blocks, and with all "
+                        "of it after the LLM layers, only the merge rule swapped (random at the same placement)")  # fmt: skip
     parser.add_argument("--fresh", action="store_true",
                         help="recompute the accuracies of the --methods rows (all, unmerged included, without it)")  # fmt: skip
     parser.add_argument("--speed-backbone", default="small", help="speed: a built-in or checkpoint directory")
@@ -715,6 +858,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--plot draws accuracy against speedup: it needs both (drop --skip-speed / --skip-accuracy)")
     if args.seeds < 1 or args.rounds < 1 or args.warmup < 0 or not 1 <= args.limit <= 500:
         parser.error("--seeds and --rounds must be >= 1, --warmup >= 0, --limit in 1..500")
+    if args.recheck is not None and (args.skip_accuracy or not 1 <= args.recheck <= args.limit):
+        parser.error(f"--recheck N re-scores accuracy rows: N in 1..--limit ({args.limit}), without --skip-accuracy")
     return args
 
 
@@ -725,15 +870,19 @@ def main(argv: list[str] | None = None) -> int:
     variants = select_variants(args.methods)
     accuracy = accuracy_grid = speed = speed_grid = None
     if not args.skip_accuracy:
-        accuracy_grid = Grid.build(variants, args.ratios, illava.depths(backbone_config(args.backbone)))
+        accuracy_grid = Grid.build(variants, args.ratios, illava.depths(backbone_config(args.backbone)),
+                                   stages=args.stages)  # fmt: skip
         report_skips(accuracy_grid, variants, args.backbone, log)
         accuracy = run_accuracy(args, accuracy_grid, log)
     if not args.skip_speed:
-        speed_grid = Grid.build(variants, args.ratios, illava.depths(backbone_config(args.speed_backbone)))
+        speed_grid = Grid.build(variants, args.ratios, illava.depths(backbone_config(args.speed_backbone)),
+                                stages=args.stages)  # fmt: skip
         report_skips(speed_grid, variants, args.speed_backbone, log)
         speed = run_speed(args, speed_grid, log)
     report = Report(variants, list(args.ratios), accuracy, accuracy_grid, speed, speed_grid)
     text = provenance(args, report, load) + "\n\n" + report.render()
+    if accuracy is not None and args.recheck:
+        text += "\n\n" + "\n".join(recheck_report(accuracy.rechecks, args.recheck))
     print(text)
     if args.markdown:
         with args.markdown.open("a") as handle:
@@ -746,7 +895,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def report_skips(grid: Grid, variants: Iterable[Variant], backbone: str, log: Callable[[str], None]) -> None:
     for variant in variants:
-        for table, what in ((grid.placed, "placed"), (grid.paper, "at the paper's placement")):
+        tables = [(grid.placed, "placed"), (grid.paper, "at the paper's placement")]
+        tables += [
+            (getattr(grid, stage), f"at the paper's placement {place} only") for stage, place in STAGE_TABLES.items()
+        ]
+        for table, what in tables:
             reasons = {cell for (label, _), cell in table.items() if label == variant.label and isinstance(cell, str)}
             for reason in sorted(reasons):
                 log(f"{backbone}: {variant.label} not {what}: {reason}")
