@@ -306,10 +306,14 @@ class MergeMap:
 
     def gather(self, values: torch.Tensor, unit: int = 1) -> torch.Tensor:
         """(n * unit, ...) -> (P * unit, ...): the kept units' rows, nothing merged (positions)."""
+        return values[self.token_index(unit)]
+
+    def token_index(self, unit: int = 1) -> torch.Tensor:
+        """(P * unit,) long: the kept units' tokens, in order (what `gather` takes; computed once, it
+        serves every per-token tensor of a sequence)."""
         if unit == 1:
-            return values[self.keep]
-        tokens = (self.keep[:, None] * unit + torch.arange(unit, device=self.keep.device)).reshape(-1)
-        return values[tokens]
+            return self.keep
+        return (self.keep[:, None] * unit + torch.arange(unit, device=self.keep.device)).reshape(-1)
 
     @staticmethod
     def concat(maps: list[MergeMap], unit_offsets: list[int]) -> MergeMap:

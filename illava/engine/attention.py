@@ -32,6 +32,7 @@ library's own loop on an unpatched model makes one call per segment, each throug
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -44,6 +45,9 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 PACKED = "illava_packed"
 PACKED_VARLEN = "illava_packed_varlen_flash"  # "flash" in the name: see the module docstring
+#: The name `capture` gives a packed call it records (its function is the capture's): a module under
+#: it takes the block's bounds like the packed kernel it ends up calling.
+PACKED_CAPTURE = "illava_capture_packed_flash"
 ROUTE = "_illava_route"  # where `run_packed` leaves a `Route` on the module for the kernel
 
 
@@ -121,7 +125,9 @@ def packed_attention(
     if max_length_q is not None:
         longest = min(longest, int(max_length_q))
     if illava_importance is not None:
-        out, importance = _explicit(query, key, value, cu_seq_lens_q, lengths, longest, scaling, key_bias)
+        out, importance = _explicit(
+            query, key, value, cu_seq_lens_q, lengths, longest, scaling, key_bias, illava_bounds
+        )
         illava_importance.append(importance)
         return out, None
     if lengths is not None and len(set(lengths)) == 1:  # equal windows: one batched call, no padding
@@ -139,7 +145,57 @@ def packed_attention(
         q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (N, H, D)
         out = varlen_attn(q, k, v, cu, cu, longest, longest, scale=scaling)
         return out[None], None
-    return _padded(query, key, value, cu_seq_lens_q, longest, scaling, dropout, key_bias), None
+    layout = _layout(cu_seq_lens_q, illava_bounds, longest, n)
+    return _padded(query, key, value, layout, scaling, dropout, key_bias), None
+
+
+@dataclass(frozen=True)
+class PaddedLayout:
+    """Ragged segments of a packed sequence of N tokens as an (S, L) padded batch, L a host-known bound
+    on their lengths. Built on the device from ``cu`` (nothing read back) and, through the engine's
+    `Bounds`, once per set of bounds: every block until the next merge reuses it."""
+
+    index: torch.Tensor  # (S, L) long: the token in each slot (padding: token 0, masked)
+    real: torch.Tensor  # (S, L) bool: slots that hold a token
+    sizes: torch.Tensor  # (S,) long: tokens per segment
+    allowed: torch.Tensor  # (S, 1, 1, L) bool: keys a query may see (its segment's; padded rows see the first)
+    segment: torch.Tensor  # (N,) long: each token's segment
+    offset: torch.Tensor  # (N,) long: its slot within the segment
+
+    @classmethod
+    def of(cls, cu: torch.Tensor, longest: int, n: int) -> PaddedLayout:
+        cu = cu.to(dtype=torch.long)
+        starts, sizes = cu[:-1], cu[1:] - cu[:-1]
+        offsets = torch.arange(longest, device=cu.device)
+        real = offsets[None, :] < sizes[:, None]
+        tokens = torch.arange(n, device=cu.device)
+        segment = torch.searchsorted(cu[1:], tokens, right=True)
+        allowed = (real | (offsets == 0))[:, None, None, :]  # padded rows see one key: no row all masked
+        return cls(torch.where(real, starts[:, None] + offsets, 0), real, sizes, allowed, segment,
+                   tokens - starts[segment])  # fmt: skip
+
+    @functools.cached_property
+    def blocked_bias(self) -> torch.Tensor:
+        """(S, 1, 1, L) float32: 0 where `allowed`, -inf elsewhere (an additive mask)."""
+        return torch.zeros(self.allowed.shape, device=self.allowed.device).masked_fill_(~self.allowed, float("-inf"))
+
+    def gather(self, t: torch.Tensor) -> torch.Tensor:
+        """(1, H, N, D) -> (S, H, L, D)."""
+        return t[0][:, self.index].transpose(0, 1)
+
+    def scatter(self, out: torch.Tensor) -> torch.Tensor:
+        """(S, H, L, D) -> (1, N, H, D)."""
+        return out[self.segment, :, self.offset][None]
+
+
+def _layout(cu: torch.Tensor, bounds: Any, longest: int, n: int) -> PaddedLayout:
+    """The padded layout of `cu`, cached on the engine's `bounds` when there are (they outlive the call)."""
+    if bounds is None or not hasattr(bounds, "derived"):
+        return PaddedLayout.of(cu, longest, n)
+    key = ("padded", longest, n)
+    if key not in bounds.derived:
+        bounds.derived[key] = PaddedLayout.of(cu, longest, n)
+    return bounds.derived[key]
 
 
 def _with_key_bias(mask: torch.Tensor | None, bias: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -160,7 +216,17 @@ def _with_key_bias(mask: torch.Tensor | None, bias: torch.Tensor, dtype: torch.d
 EXPLICIT_BUDGET_BYTES = {"cpu": 2 * 2**20, "cuda": 256 * 2**20}
 
 
-def _explicit(query, key, value, cu: torch.Tensor, lengths: list[int] | None, longest: int, scaling, key_bias=None):
+def _explicit(
+    query,
+    key,
+    value,
+    cu: torch.Tensor,
+    lengths: list[int] | None,
+    longest: int,
+    scaling,
+    key_bias=None,
+    bounds: Any = None,
+):
     """The block's attention as matmul-softmax-matmul over padded segments, and each token's column
     mean of its segment's attention probabilities (heads averaged): (1, N, H, D) and (N,) float32.
     `key_bias` (N,): added to every key's logits (proportional attention), when given.
@@ -179,21 +245,16 @@ def _explicit(query, key, value, cu: torch.Tensor, lengths: list[int] | None, lo
         weights = 1.0 / (heads * length)  # every query row is real and weighs the same
         bias = None if key_bias is None else key_bias.float().view(segments, 1, 1, length)
     else:
-        cu = cu.to(device=device, dtype=torch.long)
-        starts, sizes = cu[:-1], cu[1:] - cu[:-1]
-        segments, length = cu.shape[0] - 1, longest
-        offsets = torch.arange(length, device=device)
-        real = offsets[None, :] < sizes[:, None]  # (S, L)
-        index = torch.where(real, starts[:, None] + offsets, 0)
-        q, k, v = (t[0][:, index].transpose(0, 1) for t in (query, key, value))  # (S, H, L, D)
-        weights = real / (heads * sizes[:, None].clamp(min=1))  # padded query rows count for nothing
+        layout = _layout(cu, bounds, longest, n)
+        segments, length = layout.index.shape
+        q, k, v = (layout.gather(t) for t in (query, key, value))  # (S, H, L, D)
+        weights = layout.real / (heads * layout.sizes[:, None].clamp(min=1))  # padded query rows count for nothing
         # Padded keys get -inf; each segment's first key stays visible, so no row is all masked.
-        allowed = real | (offsets == 0)
-        if key_bias is None:
-            bias = torch.zeros(segments, 1, 1, length, device=device)
-        else:
-            bias = key_bias.float()[index][:, None, None, :].contiguous()
-        bias.masked_fill_(~allowed[:, None, None, :], float("-inf"))
+        bias = (
+            layout.blocked_bias
+            if key_bias is None
+            else torch.where(layout.allowed, key_bias.float()[layout.index][:, None, None, :], float("-inf"))
+        )
     q = q.float() * scale  # (S, H, L, D): scaling the queries is cheaper than scaling every score
     k_t = k.float().transpose(-1, -2)
 
@@ -228,29 +289,16 @@ def _explicit(query, key, value, cu: torch.Tensor, lengths: list[int] | None, lo
                 column_mean[s0:s1] += column
     if equal:
         return out.transpose(0, 1).reshape(heads, n, -1).transpose(0, 1)[None], column_mean.reshape(-1)
-    tokens = torch.arange(n, device=device)
-    segment = torch.searchsorted(cu[1:], tokens, right=True)
-    offset = tokens - starts[segment]
-    return out[segment, :, offset][None], column_mean[segment, offset]
+    return layout.scatter(out), column_mean[layout.segment, layout.offset]
 
 
-def _padded(query, key, value, cu: torch.Tensor, longest: int, scaling, dropout, key_bias=None) -> torch.Tensor:
+def _padded(query, key, value, layout: PaddedLayout, scaling, dropout, key_bias=None) -> torch.Tensor:
     """Ragged segments as one padded batch with padded keys masked (reads nothing back); `key_bias`
     (N,), when given, added to every key's logits."""
-    device = query.device
-    cu = cu.to(device=device, dtype=torch.long)
-    starts, lengths = cu[:-1], cu[1:] - cu[:-1]
-    offsets = torch.arange(longest, device=device)
-    real = offsets[None, :] < lengths[:, None]  # (S, L)
-    index = torch.where(real, starts[:, None] + offsets, 0)
-    q, k, v = (t[0][:, index].transpose(0, 1) for t in (query, key, value))  # (S, H, L, D)
-    # Each padded query row sees its own segment's first key, so no row is all masked.
-    allowed = real[:, None, None, :] | (offsets == 0)[None, None, None, :]
-    mask = allowed if key_bias is None else _with_key_bias(allowed, key_bias[index], query.dtype)
+    q, k, v = (layout.gather(t) for t in (query, key, value))  # (S, H, L, D)
+    mask = layout.allowed if key_bias is None else _with_key_bias(layout.allowed, key_bias[layout.index], query.dtype)
     out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scaling)
-    tokens = torch.arange(query.shape[2], device=device)
-    segment = torch.searchsorted(cu[1:], tokens, right=True)
-    return out[segment, :, tokens - starts[segment]][None]  # (1, N, H, D)
+    return layout.scatter(out)  # (1, N, H, D)
 
 
 AttentionInterface.register(PACKED, packed_attention)
@@ -266,7 +314,7 @@ def is_packed(config: Any) -> bool:
 def takes_bounds(config: Any) -> bool:
     """Whether a module with `config` runs the packed kernel now -- configured so, or routed there for
     one block by `run_packed` -- and so takes the block's host-known bounds (``illava_bounds``)."""
-    return getattr(config, "_attn_implementation", None) in (PACKED, PACKED_VARLEN)
+    return getattr(config, "_attn_implementation", None) in (PACKED, PACKED_VARLEN, PACKED_CAPTURE)
 
 
 @contextmanager

@@ -27,7 +27,7 @@ import torch
 from transformers import AttentionInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from .attention import PACKED, PACKED_VARLEN
+from .attention import PACKED, PACKED_CAPTURE, PACKED_VARLEN
 
 CAPTURE = "illava_capture"
 CAPTURE_FLASH = "illava_capture_flash"
@@ -88,6 +88,7 @@ def _capturing_attention(module, query, key, value, attention_mask, *args, **kwa
 
 AttentionInterface.register(CAPTURE, _capturing_attention)
 AttentionInterface.register(CAPTURE_FLASH, _capturing_attention)
+AttentionInterface.register(PACKED_CAPTURE, _capturing_attention)
 
 
 def _eager_kernel(module: torch.nn.Module):
@@ -110,7 +111,11 @@ def capture(module: torch.nn.Module, *, enabled: bool = True, importance: bool =
         implementation = PACKED_VARLEN
     capture_config = copy.copy(original)
     # Set the field itself: the property setter would recurse into sub-configs shared with the original.
-    capture_config._attn_implementation_internal = CAPTURE_FLASH if "flash" in implementation else CAPTURE
+    if implementation == PACKED_VARLEN:
+        name = PACKED_CAPTURE  # the module hands it the block's bounds, as it would the packed kernel
+    else:
+        name = CAPTURE_FLASH if "flash" in implementation else CAPTURE
+    capture_config._attn_implementation_internal = name
     slot = Captured(implementation, original, capture_config, _eager_kernel(module), wants_importance=importance)
     module.__dict__["_illava_capture"] = slot
     module.config = capture_config

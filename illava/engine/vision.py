@@ -79,6 +79,9 @@ class Bounds:
     cu: torch.Tensor
     host: list[int] | None
     longest: int
+    #: What kernels derive from these bounds once and reuse in every block until the next merge
+    #: (the packed kernel's padded layout of ragged segments), by name.
+    derived: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
 
 @dataclass
@@ -175,7 +178,9 @@ class VisionRun:
         if sizes is not None or merge_map.tracks_sizes:
             self.sizes = merge_map.sizes_after(sizes)
         self.proportional = self.proportional or merge_map.proportional_attention
-        self.gathered = {name: merge_map.gather(t, self.unit) for name, t in self.gathered.items()}
+        if self.gathered:
+            tokens = merge_map.token_index(self.unit)
+            self.gathered = {name: t[tokens] for name, t in self.gathered.items()}
         self.order = self.order[merge_map.keep]
         if self.window is not None:
             self.window = self.window[merge_map.keep]

@@ -224,6 +224,42 @@ def test_equal_windows_of_an_unmerged_block_take_the_batched_call_not_the_padded
 
 
 @torch.no_grad()
+def test_merging_blocks_get_their_bounds_and_ragged_windows_are_laid_out_once_per_merge(monkeypatch):
+    """A merging block's captured call hands the packed kernel the block's host-known bounds (so equal
+    windows take the batched path there too), and the padded layout of ragged windows is built once per
+    merge and reused by every block until the next one, not rebuilt in each block."""
+    import illava.engine.attention as attention
+
+    packed = load_backbone("tiny", attn_implementation=PACKED)
+    batch = build_inputs(packed, [Sample("<image> What?", [synthetic_image(16 * 28, 1)])])  # 16 windows
+    paper = illava.paper_default_for(packed.model, 7 / 9)
+    # One encoder merge, in the first block: every windowed block after it sees the same ragged windows.
+    schedule = Schedule(reduction=7 / 9, encoder_share=0.4, encoder_layers=(0,), llm_layers=paper.llm_layers)
+    inner = packed.adapter.inner_model(packed.model)
+    windowed = [
+        i for i in range(1, len(packed.adapter.vision_blocks(inner))) if packed.adapter.vision_block_windowed(inner, i)
+    ]
+    assert len(windowed) >= 2
+    explicit, layouts, real_explicit, real_of = [], [], attention._explicit, attention.PaddedLayout.of
+
+    def watched_explicit(*args, **kwargs):
+        explicit.append(args[8] if len(args) > 8 else kwargs.get("bounds"))
+        return real_explicit(*args, **kwargs)
+
+    def watched_of(*args, **kwargs):
+        layouts.append(1)
+        return real_of(*args, **kwargs)
+
+    monkeypatch.setattr(attention, "_explicit", watched_explicit)
+    monkeypatch.setattr(attention.PaddedLayout, "of", watched_of)
+    illava.apply(packed.model, schedule)
+    packed.model(**batch, logits_to_keep=1)
+    illava.remove(packed.model)
+    assert len(explicit) == 1 and explicit[0] is not None
+    assert len(layouts) == 1  # built in the first windowed block after the merge, reused by the others
+
+
+@torch.no_grad()
 @pytest.mark.parametrize("method", ["fastv", "pdrop", "divprune", "visionzip", "sparsevlm", "tome"])
 def test_every_peer_method_gives_the_same_merged_model_under_packed_attention(pair, method):
     """The peers capture what they need from the block's own call, so the one-call-per-block kernel
