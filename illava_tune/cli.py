@@ -32,6 +32,11 @@ WORKLOAD_HELP = "a preset name or a YAML/JSON file (default: demo-vqa for the de
 # Mirrors illava.runtime.DTYPES / ATTENTIONS (tests hold them equal): the parser imports no torch.
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTIONS = ("eager", "sdpa", "flash_attention_2", "illava_packed")
+# jobs.cluster.TIMEOUT_ENV (the parser imports nothing of jobs: that would import torch).
+RAY_TIMEOUT_HELP = (
+    "seconds to wait for the Ray cluster at --ray-address / $RAY_ADDRESS to answer before the job fails with a "
+    "one-line error (default: $ILLAVA_RAY_CONNECT_TIMEOUT, else 30)"
+)
 
 
 def _runtime_args(parser: argparse.ArgumentParser, *, filters: bool = False) -> None:
@@ -139,6 +144,7 @@ def _tuning_commands(commands) -> None:
                         help="with --wait: also print the most accurate schedule at least this many times faster "
                         "than the unmerged model (a target that means the same on any machine)")  # fmt: skip
     submit.add_argument("--ray-address", help="a Ray cluster (default: $RAY_ADDRESS, else a local one)")
+    submit.add_argument("--ray-timeout", type=float, metavar="SECONDS", help=RAY_TIMEOUT_HELP)
     submit.add_argument("--database", help=db_help)
     submit.set_defaults(run=_lazy("cmd_submit", "tune"))
 
@@ -150,7 +156,8 @@ def _tuning_commands(commands) -> None:
         if name == "pareto":
             sub.add_argument("--plot", help="PNG path (default pareto-JOB.png)")
         if name == "resume":
-            sub.add_argument("--ray-address")
+            sub.add_argument("--ray-address", help="a Ray cluster (default: $RAY_ADDRESS, else a local one)")
+            sub.add_argument("--ray-timeout", type=float, metavar="SECONDS", help=RAY_TIMEOUT_HELP)
             sub.add_argument(
                 "--force", action="store_true",
                 help="take the job over from a driver whose lease has expired (never from one whose lease is live)",

@@ -131,7 +131,9 @@ def submit_job(database: Database, *, backbone: str = "demo", workload: str | di
 
 def cmd_submit(args) -> int:
     import jobs
+    from jobs.cluster import connect_timeout
 
+    connect_timeout(args.ray_timeout)  # a bad --ray-timeout (or $ILLAVA_RAY_CONNECT_TIMEOUT) before any job exists
     database = _database(args, create=True)
     job_id = submit_job(database, backbone=args.backbone, workload=args.workload, dataset=args.dataset,
                         limit=args.limit, trials=args.trials, workers=args.workers, reduction=args.reduction,
@@ -141,7 +143,7 @@ def cmd_submit(args) -> int:
                         objective=args.objective)  # fmt: skip
     print(job_id)
     if not args.wait:
-        log = jobs.start_background(database, job_id)
+        log = jobs.start_background(database, job_id, ray_address=args.ray_address, ray_timeout_s=args.ray_timeout)
         print(f"running in the background (log: {log}); follow with `illava-tune status {job_id[:8]}`", file=sys.stderr)
         return 0
     return _run_in_foreground(database, job_id, args)
@@ -161,7 +163,7 @@ def _run_in_foreground(database: Database, job_id: str, args) -> int:
 
     try:
         state = jobs.run(database, job_id, ray_address=getattr(args, "ray_address", None), on_progress=on_progress,
-                         force=getattr(args, "force", False))  # fmt: skip
+                         force=getattr(args, "force", False), ray_timeout_s=getattr(args, "ray_timeout", None))  # fmt: skip
     finally:
         bar.close()
     print(f"job {job_id}: {state}")

@@ -5,6 +5,7 @@ import sys
 
 from db import Database
 
+from .cluster import TIMEOUT_ENV
 from .driver import run
 
 
@@ -14,12 +15,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("job")
     parser.add_argument("--database", help="database URL (default: DATABASE_URL or sqlite:///illava.db)")
     parser.add_argument("--ray-address")
+    parser.add_argument("--ray-timeout", type=float,
+                        help=f"seconds joining the Ray cluster may take (default: ${TIMEOUT_ENV}, else 30)")  # fmt: skip
     parser.add_argument("--force", action="store_true", help="take over a job whose driver's lease has expired")
     args = parser.parse_args(argv)
     database = Database(args.database)
     try:
         database.check_schema()
-        status = run(database, args.job, ray_address=args.ray_address, force=args.force,
+        status = run(database, args.job, ray_address=args.ray_address, ray_timeout_s=args.ray_timeout, force=args.force,
                      on_progress=lambda p: print(f"{p.done}/{p.total} trials, front {p.front_size}", flush=True))  # fmt: skip
     except (ValueError, LookupError, RuntimeError, KeyboardInterrupt) as error:  # the job is marked already
         print(f"job {args.job}: {type(error).__name__}: {error}", flush=True)

@@ -166,18 +166,21 @@ def _has_cuda() -> bool:
 
 
 def start_background(database: Database, job_id: str, log_dir: Path = Path(".illava-jobs"), *,
-                     force: bool = False) -> Path:  # fmt: skip
+                     force: bool = False, ray_address: str | None = None,
+                     ray_timeout_s: float | None = None) -> Path:  # fmt: skip
     """Run the driver in a detached process (`python -m jobs run JOB`); returns its log file. It
-    connects to the Ray cluster at `RAY_ADDRESS` (else starts a local one)."""
+    connects to the Ray cluster at `ray_address` (else `RAY_ADDRESS`, else starts a local one),
+    waiting at most `ray_timeout_s` for it (else `ILLAVA_RAY_CONNECT_TIMEOUT`, else 30 s)."""
     log_dir.mkdir(parents=True, exist_ok=True)
     log = log_dir / f"{job_id}.log"
     # The URL goes by the environment, not the command line, where `ps` would show its password.
     env = {**os.environ, "DATABASE_URL": database.url}
+    command = [sys.executable, "-m", "jobs", "run", job_id, *(["--force"] if force else [])]
+    command += ["--ray-address", ray_address] if ray_address else []
+    command += ["--ray-timeout", str(ray_timeout_s)] if ray_timeout_s is not None else []
     with log.open("ab") as out:
-        subprocess.Popen(
-            [sys.executable, "-m", "jobs", "run", job_id, *(["--force"] if force else [])], env=env,
-            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-        )  # fmt: skip
+        subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                         start_new_session=True)  # fmt: skip
     return log
 
 

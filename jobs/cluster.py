@@ -6,7 +6,8 @@ cluster from `ray start` (token authentication is on there once `~/.ray/auth_tok
 any local `ray.init()` creates) rejects a driver without `RAY_AUTH_MODE=token` with a traceback; and
 Ray's notices land in the middle of the CLI's progress bar. `connect` probes the address first
 within a timeout, lets `ray.init` make a single attempt, keeps Ray's notices off the terminal, and
-turns every failure into a one-line `ClusterError` that says what to check.
+turns every failure into a one-line `ClusterError` that says what to check. How long it waits is
+`connect_timeout()`: 30 s unless `ILLAVA_RAY_CONNECT_TIMEOUT` (or the caller) says otherwise.
 """
 
 from __future__ import annotations
@@ -20,7 +21,10 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["ClusterError", "connect", "disconnect"]
+__all__ = ["TIMEOUT_ENV", "ClusterError", "connect", "connect_timeout", "disconnect"]
+
+TIMEOUT_ENV = "ILLAVA_RAY_CONNECT_TIMEOUT"  # seconds joining a cluster may take (the CLI's --ray-timeout)
+DEFAULT_TIMEOUT_S = 30.0
 
 # An HTTP/2 client preface and an empty SETTINGS frame: a gRPC server (Ray's GCS) answers at once with
 # its own SETTINGS frame (type 4); a server of another protocol answers something else, or nothing.
@@ -33,17 +37,35 @@ class ClusterError(RuntimeError):
     what to check or which variable to set. It never contains a token."""
 
 
-def connect(address: str | None = None, *, timeout_s: float = 30.0) -> bool:
+def connect_timeout(seconds: float | str | None = None) -> float:
+    """How long joining a Ray cluster may take, in seconds: `seconds`, else `$ILLAVA_RAY_CONNECT_TIMEOUT`,
+    else 30. ValueError, naming where the value came from, for anything but a finite number > 0."""
+    source, value = "the Ray connection timeout", seconds
+    if value is None:
+        source, value = TIMEOUT_ENV, os.environ.get(TIMEOUT_ENV) or None
+    if value is None:
+        return DEFAULT_TIMEOUT_S
+    try:
+        timeout = float(value)
+    except ValueError:
+        timeout = float("nan")
+    if not 0 < timeout < float("inf"):
+        raise ValueError(f"{source} must be a number of seconds > 0 (default {DEFAULT_TIMEOUT_S:g}), got {value!r}")
+    return timeout
+
+
+def connect(address: str | None = None, *, timeout_s: float | None = None) -> bool:
     """Initialize Ray in this process; True means this call did, so the caller `disconnect`s later.
     False (nothing done) when Ray is already initialized: whoever did owns the shutdown.
 
     `address`, else `$RAY_ADDRESS`: unset or "local" starts a local cluster (unless `ray start` runs on
     this machine: Ray joins that one); "HOST:PORT" (the GCS port `ray start --head` prints) or "auto"
     (the `ray start` cluster of this machine) joins a cluster; "ray://HOST:PORT" goes through Ray Client.
-    Raises `ClusterError` within about `timeout_s` when nothing answers there, when what answers is not
-    Ray, or when the cluster wants a token this process does not send."""
+    Raises `ClusterError` within about `timeout_s` (default `connect_timeout()`) when nothing answers
+    there, when what answers is not Ray, or when the cluster wants a token this process does not send."""
     import ray
 
+    timeout_s = connect_timeout(timeout_s)
     if ray.is_initialized():
         return False
     if os.environ.get("RAY_ADDRESS") and address in (None, "", "auto"):  # the precedence ray.init applies
@@ -109,8 +131,9 @@ def _answers(address: str, target: str, timeout_s: float, *, gcs: bool) -> str:
         except OSError:  # a timeout included: silence is not how a GCS greets
             reply = b""
     if len(reply) < 4 or reply[3] != 4:
-        raise ClusterError(f"{address} is not a Ray cluster: {target} accepts connections but does not answer as "
-                           "Ray's GCS (gRPC) does; use the port `ray start --head` prints (6379 unless --port)")  # fmt: skip
+        raise ClusterError(f"{address} is not a Ray cluster: {target} accepts connections but gave no answer of Ray's "
+                           f"GCS (gRPC) within {timeout_s:g} s; use the port `ray start --head` prints (6379 unless "
+                           f"--port), or allow more time with {TIMEOUT_ENV}")  # fmt: skip
     return target
 
 

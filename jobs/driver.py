@@ -149,21 +149,25 @@ def run(
     on_progress: Callable[[Progress], None] | None = None,
     force: bool = False,
     lease_s: float = LEASE_S,
+    ray_timeout_s: float | None = None,
 ) -> str:
     """Run (or continue) a job to its end; returns its final status: "completed", "cancelled", or
-    "failed" when no trial could be measured (the first error is the job's error).
+    "failed" when no trial could be measured (the first error is the job's error). `ray_timeout_s`:
+    how long joining a Ray cluster may take (`cluster.connect_timeout`).
 
     Raises `db.LeaseHeld` (nothing done) when another driver owns the job (`force` takes over a
     lease that has expired, see `jobs.lease`); `db.LeaseLost` when another driver took the job over
     mid-run (this one stops and writes nothing more); `cluster.ClusterError` when Ray cannot be
     reached and `DriverStopped` / `KeyboardInterrupt` on a signal or Ctrl-C (both after marking the
     job failed with the reason)."""
+    cluster.connect_timeout(ray_timeout_s)  # a bad value is refused before the job is touched
     owner = driver_id()
     job_id = take(database, job_id, owner, force=force, ttl_s=lease_s)
     keeper = LeaseKeeper(database, job_id, owner, ttl_s=lease_s).start()
     try:
         with _StopSignals() as signals:
-            return _Driver(database, job_id, owner, lease_s, keeper, signals).run(ray_address, on_progress)
+            driver = _Driver(database, job_id, owner, lease_s, keeper, signals)
+            return driver.run(ray_address, on_progress, ray_timeout_s=ray_timeout_s)
     finally:
         keeper.stop()
         _quietly("releasing the lease", lambda: _release(database, job_id, owner))
@@ -249,7 +253,8 @@ class _Driver:
         with self.database.session() as s:
             yield s, queries.renew_lease(s, self.job_id, self.owner, ttl_s=self.ttl_s)
 
-    def run(self, ray_address: str | None, on_progress: Callable[[Progress], None] | None) -> str:
+    def run(self, ray_address: str | None, on_progress: Callable[[Progress], None] | None, *,
+            ray_timeout_s: float | None = None) -> str:  # fmt: skip
         import ray
 
         from illava.backbones import backbone_config
@@ -275,7 +280,7 @@ class _Driver:
                 self.study = make_study(self.database.optuna_storage_url, study_name, sampler=sampler, seed=seed,
                                         objectives=self.objectives)  # fmt: skip
             self._repair()
-            ray_started = cluster.connect(ray_address)
+            ray_started = cluster.connect(ray_address, timeout_s=ray_timeout_s)
             self.signals.install()
             count, device, resources = _plan_workers(n_workers)
             pool = _Pool(count, resources, (backbone, workload),

@@ -39,7 +39,7 @@ spec.loader.exec_module(cluster)
 print("connecting", flush=True)
 began = time.monotonic()
 try:
-    started = cluster.connect(sys.argv[1] or None, timeout_s=float(sys.argv[2]))
+    started = cluster.connect(sys.argv[1] or None, timeout_s=float(sys.argv[2]) if sys.argv[2] else None)
 except cluster.ClusterError as error:
     print(json.dumps({"error": str(error), "elapsed": time.monotonic() - began}))
     sys.exit(0)
@@ -70,8 +70,10 @@ def clean_env(**overrides: str) -> dict[str, str]:
     return env | overrides
 
 
-def drive(address: str, timeout_s: float, **env: str) -> Driven:
-    done = subprocess.run([sys.executable, "-c", DRIVER, address, str(timeout_s)], cwd=REPO, env=clean_env(**env),
+def drive(address: str, timeout_s: float | None, **env: str) -> Driven:
+    """`DRIVER` in a fresh process; `timeout_s` None: connect's default (ILLAVA_RAY_CONNECT_TIMEOUT, else 30 s)."""
+    timeout = "" if timeout_s is None else str(timeout_s)
+    done = subprocess.run([sys.executable, "-c", DRIVER, address, timeout], cwd=REPO, env=clean_env(**env),
                           capture_output=True, text=True, timeout=120)  # fmt: skip
     assert done.returncode == 0, done.stderr
     return Driven(json.loads(done.stdout.strip().splitlines()[-1]), done.stderr)
@@ -133,6 +135,31 @@ def test_a_server_that_is_not_ray_fails_within_the_timeout(reply):
     assert driven.outcome["elapsed"] < 8
     assert driven.outcome["error"].startswith(f"{address} is not a Ray cluster")
     assert "Traceback" not in driven.stderr
+
+
+def test_the_connection_timeout_comes_from_the_environment():
+    """ILLAVA_RAY_CONNECT_TIMEOUT bounds the wait for a server that accepts and never answers (30 s without it)."""
+    import ray
+
+    host = ray.util.get_node_ip_address()
+    with socket.create_server((host, 0)) as server:
+        address = f"{host}:{server.getsockname()[1]}"
+        threading.Thread(target=serve, args=(server, b""), daemon=True).start()
+        driven = drive(address, None, ILLAVA_RAY_CONNECT_TIMEOUT="2")
+    assert 1.5 < driven.outcome["elapsed"] < 6, driven.outcome
+    assert "within 2 s" in driven.outcome["error"] and cluster.TIMEOUT_ENV in driven.outcome["error"]
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "soon", "inf", "nan"])
+def test_a_bad_connection_timeout_names_where_it_came_from(monkeypatch, value):
+    monkeypatch.setenv(cluster.TIMEOUT_ENV, value)
+    with pytest.raises(ValueError, match=f"^{cluster.TIMEOUT_ENV} must be a number of seconds > 0 .*got '{value}'$"):
+        cluster.connect_timeout()
+    with pytest.raises(ValueError, match="^the Ray connection timeout must be"):
+        cluster.connect_timeout(value)
+    assert cluster.connect_timeout(7) == 7.0  # an explicit timeout wins over the environment
+    monkeypatch.delenv(cluster.TIMEOUT_ENV)
+    assert cluster.connect_timeout() == 30.0
 
 
 def test_sigterm_stops_a_connect_that_waits_for_an_answer():

@@ -116,6 +116,36 @@ def test_one_driver_owns_a_job_through_kills_races_and_signals(backend, tmp_path
         assert jobs.status(database, job_id).driver is None
 
 
+def test_the_ray_timeout_is_the_drivers_and_bad_ones_are_refused_before_a_job_exists(tmp_path, monkeypatch, capsys):
+    """--ray-timeout reaches the driver (a silent server makes it wait exactly that long); a bad value, or a
+    bad ILLAVA_RAY_CONNECT_TIMEOUT, is a one-line error before any job exists."""
+    url = f"sqlite:///{tmp_path / 'timeout.db'}"
+    command = ["submit", "--backbone", "tiny", "--workload", str(small_workload(tmp_path)), "--database", url]
+    for flag, variable in ((["--ray-timeout", "0"], None), ([], "soon")):
+        if variable is not None:
+            monkeypatch.setenv("ILLAVA_RAY_CONNECT_TIMEOUT", variable)
+        assert cli([*command, *flag]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "must be a number of seconds > 0 (default 30)" in err[0], err
+        assert ("ILLAVA_RAY_CONNECT_TIMEOUT" in err[0]) == (variable is not None)
+    monkeypatch.delenv("ILLAVA_RAY_CONNECT_TIMEOUT")
+    assert not (tmp_path / "timeout.db").exists()  # refused before the database was even opened
+
+    import ray
+
+    database = Database(url)
+    job_id = submit(database, tmp_path, n_trials=1, n_workers=1)
+    with socket.create_server((ray.util.get_node_ip_address(), 0)) as server:  # accepts, never answers
+        address = f"{server.getsockname()[0]}:{server.getsockname()[1]}"
+        driver = driver_process(database, "-m", "illava_tune.cli", "resume", job_id, "--ray-address", address,
+                                "--ray-timeout", "2")  # fmt: skip
+        output = driver.communicate(timeout=120)[0]
+    assert driver.returncode == 2 and f"illava-tune: error: {address} is not a Ray cluster" in output, output
+    status = jobs.status(database, job_id)
+    assert status.state == "failed" and f"{address} is not a Ray cluster" in status.error
+    assert "within 2 s" in status.error and "Traceback" not in output
+
+
 def test_the_seeds_count_toward_the_budget_and_none_is_left_waiting(tmp_path):
     database = Database(f"sqlite:///{tmp_path / 'seeds.db'}")
     job_id = submit(database, tmp_path, n_trials=3, n_workers=1)  # 4 seeds: unmerged + 3 paper ratios
