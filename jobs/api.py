@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import secrets
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -28,7 +29,7 @@ from illava import Schedule
 from optimizer import SAMPLERS, Constraints, Objectives, SearchSpace, best_for_target, make_study, seed_reductions
 
 from .driver import Progress, point, progress
-from .lease import check_takeable, describe_lease, holder_is_gone
+from .lease import LEASE_S, START_S, check_takeable, describe_lease, driver_id, hand_over, holder_is_gone, release, take
 
 
 class InvalidInput(ValueError):
@@ -62,16 +63,36 @@ class JobStatus:
     progress: Progress  # trials done / total, failed, front size, elapsed, estimate of what is left
     driver: str | None = None  # the driver holding the job's lease ("host:pid:token"), if any
     lease_expires_at: datetime | None = None  # when that lease runs out without a renewal
+    created_at: datetime | None = None  # when the job was submitted
 
     @property
     def driver_note(self) -> str | None:
-        """What a user should know about the job's driver: None while a live driver runs it (or
-        none is needed); else who holds it and what to do (`jobs.lease.describe_lease`)."""
+        """What a user should know about the job's driver: None while a live driver runs it, or is
+        starting it (or none is needed); else who holds it and what to do (`jobs.lease.describe_lease`)."""
+        short = self.id[:8]
+        if self.state == "queued":
+            return self._queued_note(short)
         if self.state != "running":
             return None
         if self.driver is None:
-            return f"no driver holds job {self.id[:8]}: `illava-tune resume {self.id[:8]}` continues it"
+            return f"no driver holds job {short}: `illava-tune resume {short}` continues it"
         if self.lease_expires_at is not None and self.lease_expires_at > utcnow() and not holder_is_gone(self.driver):
+            return None
+        return describe_lease(self.id, self.driver, self.lease_expires_at)
+
+    def _queued_note(self, short: str) -> str | None:
+        """A queued job waits for the driver `submit` started (it holds the job's lease from the start,
+        `start_background`): a note once that driver is gone, or when none took the job in `LEASE_S`."""
+        if self.driver is None:
+            waited = (utcnow() - self.created_at).total_seconds() if self.created_at else 0.0
+            if waited < LEASE_S:
+                return None
+            return (f"no driver has taken job {short} in the {waited:.0f} s since it was submitted: "
+                    f"`illava-tune resume {short}` runs it")  # fmt: skip
+        if holder_is_gone(self.driver):
+            return (f"the driver started for job {short} ({self.driver}) exited before it took the job; its log is "
+                    f".illava-jobs/{self.id}.log where the job was submitted. `illava-tune resume {short}` runs the job")  # fmt: skip
+        if self.lease_expires_at is not None and self.lease_expires_at > utcnow():
             return None
         return describe_lease(self.id, self.driver, self.lease_expires_at)
 
@@ -170,17 +191,30 @@ def start_background(database: Database, job_id: str, log_dir: Path = Path(".ill
                      ray_timeout_s: float | None = None) -> Path:  # fmt: skip
     """Run the driver in a detached process (`python -m jobs run JOB`); returns its log file. It
     connects to the Ray cluster at `ray_address` (else `RAY_ADDRESS`, else starts a local one),
-    waiting at most `ray_timeout_s` for it (else `ILLAVA_RAY_CONNECT_TIMEOUT`, else 30 s)."""
+    waiting at most `ray_timeout_s` for it (else `ILLAVA_RAY_CONNECT_TIMEOUT`, else 30 s).
+
+    The job's lease is taken here first, as the driver would take it (`LeaseHeld` now, and no
+    process started, while another driver owns the job; `force` as for `jobs.run`), then handed to
+    the new process (`jobs.lease.hand_over`): from the start the lease names the process that will
+    run the job, so `status` says so when it dies before it gets going, and `resume` replaces it."""
+    launcher = driver_id()
+    job_id = take(database, job_id, launcher, force=force, ttl_s=START_S)
     log_dir.mkdir(parents=True, exist_ok=True)
     log = log_dir / f"{job_id}.log"
     # The URL goes by the environment, not the command line, where `ps` would show its password.
     env = {**os.environ, "DATABASE_URL": database.url}
-    command = [sys.executable, "-m", "jobs", "run", job_id, *(["--force"] if force else [])]
+    token = secrets.token_hex(4)
+    command = [sys.executable, "-m", "jobs", "run", job_id, "--handed-from", launcher, "--token", token]
     command += ["--ray-address", ray_address] if ray_address else []
     command += ["--ray-timeout", str(ray_timeout_s)] if ray_timeout_s is not None else []
-    with log.open("ab") as out:
-        subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                         start_new_session=True)  # fmt: skip
+    try:
+        with log.open("ab") as out:
+            process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                       start_new_session=True)  # fmt: skip
+    except BaseException:
+        release(database, job_id, launcher)
+        raise
+    hand_over(database, job_id, launcher, driver_id(process.pid, token))
     return log
 
 
@@ -190,11 +224,11 @@ def status(database: Database, job_id: str) -> JobStatus:
         head = (job.id, job.status, job.backbone.name, job.workload.name, job.error)
         now = utcnow()
         beat = (now - job.heartbeat_at).total_seconds() if job.heartbeat_at else None
-        driver, expires = job.lease_owner, job.lease_expires_at
+        driver, expires, created = job.lease_owner, job.lease_expires_at, job.created_at
     p = progress(database, head[0])
     if head[1] != "running":
         p = dataclasses.replace(p, eta_s=None)
-    return JobStatus(*head, beat, p, driver=driver, lease_expires_at=expires)
+    return JobStatus(*head, beat, p, driver=driver, lease_expires_at=expires, created_at=created)
 
 
 @dataclass(frozen=True)

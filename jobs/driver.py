@@ -59,7 +59,7 @@ from optimizer import (
 )
 
 from . import cluster
-from .lease import LEASE_S, LeaseKeeper, driver_id, take
+from .lease import LEASE_S, LeaseKeeper, driver_id, release, take
 from .worker import FAULTS_ENV, TrialWorker, parse_faults
 
 INTERRUPTED = "interrupted: the driver stopped while this trial was in flight"
@@ -150,10 +150,15 @@ def run(
     force: bool = False,
     lease_s: float = LEASE_S,
     ray_timeout_s: float | None = None,
+    owner: str | None = None,
+    handed_from: str | None = None,
 ) -> str:
     """Run (or continue) a job to its end; returns its final status: "completed", "cancelled", or
-    "failed" when no trial could be measured (the first error is the job's error). `ray_timeout_s`:
-    how long joining a Ray cluster may take (`cluster.connect_timeout`).
+    "failed" when no trial could be measured (the first error is the job's error).
+
+    `ray_timeout_s`: how long joining a Ray cluster may take (`cluster.connect_timeout`). `owner`
+    and `handed_from` are for a detached driver (`jobs.start_background`): its id, chosen by the
+    process that started it, and that process's, whose lease it takes over (`jobs.lease.take`).
 
     Raises `db.LeaseHeld` (nothing done) when another driver owns the job (`force` takes over a
     lease that has expired, see `jobs.lease`); `db.LeaseLost` when another driver took the job over
@@ -161,8 +166,8 @@ def run(
     reached and `DriverStopped` / `KeyboardInterrupt` on a signal or Ctrl-C (both after marking the
     job failed with the reason)."""
     cluster.connect_timeout(ray_timeout_s)  # a bad value is refused before the job is touched
-    owner = driver_id()
-    job_id = take(database, job_id, owner, force=force, ttl_s=lease_s)
+    owner = owner or driver_id()
+    job_id = take(database, job_id, owner, force=force, ttl_s=lease_s, handed_from=handed_from)
     keeper = LeaseKeeper(database, job_id, owner, ttl_s=lease_s).start()
     try:
         with _StopSignals() as signals:
@@ -170,12 +175,7 @@ def run(
             return driver.run(ray_address, on_progress, ray_timeout_s=ray_timeout_s)
     finally:
         keeper.stop()
-        _quietly("releasing the lease", lambda: _release(database, job_id, owner))
-
-
-def _release(database: Database, job_id: str, owner: str) -> None:
-    with database.session() as s:
-        queries.release_lease(s, job_id, owner)
+        _quietly("releasing the lease", lambda: release(database, job_id, owner))
 
 
 def _quietly(doing: str, action: Callable[[], Any]) -> None:

@@ -11,7 +11,12 @@ nothing more. The lease is taken when
   replaced at once, without waiting for its lease to run out);
 - it has expired and the caller forces it (`resume --force`): a driver on another host, or one
   that is alive but stopped checking in, is only replaced on the operator's word, and never while
-  its lease is live.
+  its lease is live;
+- it was handed over: a detached driver (`jobs.start_background`) takes the job from the process
+  that started it. That process takes the lease first (so it is refused at once, like a driver),
+  starts the driver and hands the lease to the driver's id (`hand_over`) before the driver has even
+  imported its modules, so from the start the lease names the process that will run the job: one
+  that dies before taking the job is seen to be gone, and `resume` replaces it.
 """
 
 from __future__ import annotations
@@ -28,10 +33,15 @@ from db.models import utcnow
 
 LEASE_S = 30.0  # how long a lease holds without a renewal
 RENEW_S = 1.0  # how often the keeper renews it (and reads the cancel flag)
+#: How long the lease of a detached driver that is still starting holds: its imports (torch, Ray) take
+#: tens of seconds on a loaded machine, and it renews nothing before it takes the job.
+START_S = 120.0
 
 
-def driver_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+def driver_id(pid: int | None = None, token: str | None = None) -> str:
+    """A driver's name, "host:pid:token": this process's with a fresh token, or (`pid`, `token`) that
+    of a process this one starts."""
+    return f"{socket.gethostname()}:{os.getpid() if pid is None else pid}:{token or secrets.token_hex(4)}"
 
 
 def holder_is_gone(owner: str) -> bool:
@@ -82,18 +92,36 @@ def check_takeable(job_id: str, holder: str | None, expires_at: datetime | None,
         raise LeaseHeld(describe_lease(job_id, holder, expires_at), holder, expires_at)
 
 
-def take(database: Database, job_id: str, owner: str, *, force: bool = False, ttl_s: float = LEASE_S) -> str:
+def take(database: Database, job_id: str, owner: str, *, force: bool = False, ttl_s: float = LEASE_S,
+         handed_from: str | None = None) -> str:  # fmt: skip
     """Make `owner` the job's driver (see the module docstring for when); returns the full job id.
-    Raises `LeaseHeld` naming the holder and when its lease expires."""
+    `handed_from`: the process that started this driver, whose lease (or, once it handed it over,
+    `owner`'s own) is taken whatever its state. Raises `LeaseHeld` naming the holder and when its
+    lease expires."""
     for _ in range(10):  # another driver changed the lease between our read and our write: judge again
         with database.session() as s:
             job = queries.get_job(s, job_id)
             current = (job.lease_owner, job.lease_expires_at)
-            if job.lease_owner != owner:
+            if job.lease_owner not in (owner, handed_from):
                 check_takeable(job.id, *current, force=force)
             if queries.acquire_lease(s, job.id, owner, ttl_s=ttl_s, replacing=current):
                 return job.id
     raise LeaseHeld(f"job {job_id}: its lease keeps changing hands; is another driver starting?", *current)  # type: ignore[arg-type]
+
+
+def hand_over(database: Database, job_id: str, holder: str, driver: str, *, ttl_s: float = START_S) -> bool:
+    """Pass `holder`'s lease to `driver` (the process `holder` started to run the job); returns whether
+    it did. False, nothing changed, when the lease is no longer `holder`'s: `driver` took it already."""
+    with database.session() as s:
+        job = queries.get_job(s, job_id)
+        if job.lease_owner != holder:
+            return False
+        return queries.acquire_lease(s, job.id, driver, ttl_s=ttl_s, replacing=(holder, job.lease_expires_at))
+
+
+def release(database: Database, job_id: str, owner: str) -> None:
+    with database.session() as s:
+        queries.release_lease(s, job_id, owner)
 
 
 class LeaseKeeper:

@@ -7,20 +7,25 @@ from __future__ import annotations
 import base64
 import io
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import optuna
 import pytest
 from PIL import Image
+from sqlalchemy import update
 
 import jobs
-from db import SCHEDULE_STATUSES, Database, LeaseHeld, queries
+from db import SCHEDULE_STATUSES, Database, LeaseHeld, TuningJob, queries
+from db.models import utcnow
 from illava_tune.cli import main as cli
+from jobs.lease import holder_is_gone
 from optimizer import SEED_ATTR, WARM_ROLE
 from profiler import DatasetError, read_dataset
 from tests.db.conftest import fresh_database
@@ -114,6 +119,39 @@ def test_one_driver_owns_a_job_through_kills_races_and_signals(backend, tmp_path
         assert jobs.run(database, job_id) == "completed"
         assert_budget_kept(database, job_id, 4)
         assert jobs.status(database, job_id).driver is None
+
+
+def test_a_queued_job_whose_driver_died_before_taking_it_says_so_and_resumes(tmp_path, capsys):
+    database = Database(f"sqlite:///{tmp_path / 'queued.db'}")
+    job_id = submit(database, tmp_path, n_trials=1, n_workers=1)
+    short = job_id[:8]
+    jobs.start_background(database, job_id, log_dir=tmp_path / "logs")
+    status = jobs.status(database, job_id)
+    pid = int(status.driver.split(":")[1])  # the lease names the new process from the start
+    assert pid != os.getpid() and status.state == "queued" and status.driver_note is None  # starting
+    os.kill(pid, signal.SIGKILL)  # long before it imported what it needs to take the job
+    wait_until(lambda: holder_is_gone(status.driver), "the driver is gone", timeout_s=30)
+    status = jobs.status(database, job_id)
+    assert status.state == "queued"
+    assert f"the driver started for job {short} ({status.driver}) exited before it took the job" in status.driver_note
+    assert f"`illava-tune resume {short}` runs the job" in status.driver_note
+    assert cli(["status", short, "--database", database.url]) == 0
+    assert "exited before it took the job" in capsys.readouterr().out
+    assert cli(["resume", short, "--database", database.url]) == 0
+    assert jobs.status(database, job_id).state == "completed"
+    assert_budget_kept(database, job_id, 1)
+
+
+def test_a_queued_job_no_driver_took_says_how_to_run_it(tmp_path):
+    database = Database(f"sqlite:///{tmp_path / 'orphan.db'}")
+    job_id = submit(database, tmp_path, n_trials=1, n_workers=1)  # queued, no driver started (a server died)
+    assert jobs.status(database, job_id).driver_note is None  # its driver may be on its way
+    with database.session() as s:
+        s.execute(update(TuningJob).where(TuningJob.id == job_id).values(created_at=utcnow() - timedelta(minutes=5)))
+    short = job_id[:8]
+    note = jobs.status(database, job_id).driver_note
+    assert re.fullmatch(rf"no driver has taken job {short} in the 30\d s since it was submitted: "
+                        rf"`illava-tune resume {short}` runs it", note), note  # fmt: skip
 
 
 def test_the_ray_timeout_is_the_drivers_and_bad_ones_are_refused_before_a_job_exists(tmp_path, monkeypatch, capsys):
