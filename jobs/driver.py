@@ -3,7 +3,13 @@
 One driver owns a job at a time (`jobs.lease`): it takes the job's lease first, keeps it renewed,
 and opens every write with a renewal, so a second driver is refused and a driver that lost its
 job writes nothing more. The trial budget is checked by the database when a trial starts
-(`db.queries.claim_trial`).
+(`db.queries.claim_trial`). Optuna's writes go through Optuna's own storage, which knows no
+lease, so the driver renews the lease right before it enqueues or asks anything (`_reconcile`),
+and an asked trial whose claim fails is failed in Optuna at once (`_abandon`): a driver that lost
+its job asks nothing more, and one that lost it in the moment between its renewal and its ask
+leaves a FAIL trial that the job's driver records as not run. Before each ask the driver also
+settles any Optuna trial the database does not match, so the two hold the same trials in the
+same states whatever happened to the drivers before it.
 
 A job starts from its seed schedules (the unmerged model, the paper's defaults), then up to
 `WARM_TRIALS` warm-start schedules chosen with the FLOPs model on the workload's first batch
@@ -19,8 +25,8 @@ whose result (or start) is already in the database. `run` on a job that was inte
 exactly that (tells Optuna the stored result), marks trials that were still in flight as failed
 ("interrupted") in both places, and carries on until the job's trial budget is used; no finished
 trial is run or counted twice. SIGTERM, SIGHUP and Ctrl-C stop the driver: its trials in flight
-are failed, the job is marked failed with the reason, and the lease is released (`resume`
-continues it).
+are failed, no trial is left WAITING in Optuna, the job is marked failed with the reason, and the
+lease is released (`resume` continues it).
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -38,7 +45,7 @@ from typing import Any
 import optuna
 
 import illava
-from db import Database, DatabaseError, LeaseLost, queries
+from db import Database, LeaseLost, queries
 from illava import Schedule
 from optimizer import (
     SEED_ATTR,
@@ -63,6 +70,7 @@ from .lease import LEASE_S, LeaseKeeper, driver_id, release, take
 from .worker import FAULTS_ENV, TrialWorker, parse_faults
 
 INTERRUPTED = "interrupted: the driver stopped while this trial was in flight"
+ASKED_BY_STALE = "not run: asked by a driver that no longer held the job"
 CANCEL_POLL_S = 2.0  # longest wait for a trial before looking at the cancel flag and the lease again
 #: Each trial's paired prefill rounds (unmerged, then the schedule): `MEASURE_REPEATS` timed after
 #: `MEASURE_WARMUP` untimed (`profiler.Profiler`; benchmarks/search_efficiency.py measures its table so).
@@ -179,11 +187,12 @@ def run(
 
 
 def _quietly(doing: str, action: Callable[[], Any]) -> None:
-    """Clean-up on the way out: a database that fails now is reported, never hides the first error."""
+    """Clean-up on the way out: whatever fails now (the database, Optuna's storage) is reported,
+    never hides the first error."""
     try:
         action()
-    except DatabaseError as error:
-        print(f"illava-tune: {doing} failed: {error}", file=sys.stderr)
+    except Exception as error:  # noqa: BLE001 - reported, and the error that stopped the driver goes on
+        print(f"illava-tune: {doing} failed: {_describe(error)}", file=sys.stderr)
 
 
 class _StopSignals:
@@ -241,7 +250,9 @@ class _Driver:
                  signals: _StopSignals) -> None:  # fmt: skip
         self.database, self.job_id, self.owner, self.ttl_s, self.keeper = database, job_id, owner, ttl_s, keeper
         self.signals = signals
+        self.study: optuna.Study | None = None
         self.in_flight: dict[Any, tuple[optuna.Trial, Any, Schedule]] = {}  # Ray ref -> (trial, actor, schedule)
+        self.telling: int | None = None  # the trial whose result is stored and is being told to Optuna
         self.queue: list[tuple[Schedule, str | None]] = []  # (schedule, role) to enqueue, in order: seeds, warm
         self.warm_left = 0  # warm-start trials still to enqueue (this job's, less those its study holds)
         self.stored = 0  # the job's trial rows: what the budget counts
@@ -279,7 +290,7 @@ class _Driver:
             with self.database.schema_lock():  # Optuna creates its tables on first use: one process at a time
                 self.study = make_study(self.database.optuna_storage_url, study_name, sampler=sampler, seed=seed,
                                         objectives=self.objectives)  # fmt: skip
-            self._repair()
+            self._reconcile()  # what a driver before this one left behind
             ray_started = cluster.connect(ray_address, timeout_s=ray_timeout_s)
             self.signals.install()
             count, device, resources = _plan_workers(n_workers)
@@ -289,8 +300,6 @@ class _Driver:
             seeds = seed_schedules(self.space, encoder_depth=self.encoder_depth, llm_depth=self.llm_depth,
                                    reductions=seed_reductions(self.space))  # fmt: skip
             self.queue = [(schedule, None) for schedule in seeds[: self.n_trials]]
-            with self.database.session() as s:
-                self.stored = len(queries.list_trials(s, queries.get_job(s, self.job_id)))
             self._queue_warm_start(pool, config, seeds, seed)
             while True:
                 self.keeper.check()
@@ -307,11 +316,13 @@ class _Driver:
                 trial, actor, schedule = self.in_flight.pop(ready[0])
                 outcome = _collect(ready[0], actor, pool)
                 summary = self._record(trial, schedule, outcome)  # database first
+                self.telling = trial.number  # stored, told below: `_reconcile` leaves it to this loop
                 self._dispatch(pool)  # the freed worker starts its next trial before Optuna's bookkeeping below
                 if summary is None:
                     tell_failure(self.study, trial)
                 else:
                     tell_result(self.study, trial, summary, constraints=self.constraints, objectives=self.objectives)
+                self.telling = None
                 if on_progress:
                     on_progress(progress(self.database, self.job_id, started=started))
         except LeaseLost:
@@ -325,38 +336,83 @@ class _Driver:
             if pool is not None:
                 pool.shutdown()
             cluster.disconnect(ray_started)
-            if stop_reason is not None:
+            if stop_reason is not None:  # the lease still holds: leave nothing waiting, then say why it stopped
+                if self.study is not None:
+                    _quietly("retiring the waiting trials", self._retire_waiting)
                 _quietly("marking the job failed", lambda: self._fail(stop_reason))
         return self._close(cancelled=cancel)
 
     def _schedule_of(self, params: dict[str, Any]) -> Schedule | None:
         """The schedule a trial with these parameters stands for (None: its parameters are incomplete)."""
         try:
-            return self.space.suggest(optuna.trial.FixedTrial(params), encoder_depth=self.encoder_depth,
-                                      llm_depth=self.llm_depth)  # fmt: skip
+            with warnings.catch_warnings():  # the unmerged seed's reduction 0 lies outside the searched range
+                warnings.simplefilter("ignore", UserWarning)
+                return self.space.suggest(optuna.trial.FixedTrial(params), encoder_depth=self.encoder_depth,
+                                          llm_depth=self.llm_depth)  # fmt: skip
         except ValueError:
             return None
 
-    def _repair(self) -> None:
-        """After a driver death: Optuna trials still RUNNING either have a stored result (tell it)
-        or were in flight (fail them in both places, the database first). No database session is
-        held while Optuna writes: on SQLite an open session's write lock would block Optuna's commit."""
-        running = [t for t in self.study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.RUNNING]
-        if not running:
-            return
-        with self.database.session() as s:
-            stored = {t.number: t for t in queries.list_trials(s, queries.get_job(s, self.job_id))}
-        for frozen in running:
+    def _reconcile(self) -> None:
+        """Renew the lease (`LeaseLost`, nothing touched, once the job is another driver's), count the
+        job's trials (`stored`, what the budget counts) and settle every trial of the study the
+        database does not match, except this driver's own (in flight, or being told):
+
+        - RUNNING with a stored result: told it (its driver died between the two writes);
+        - RUNNING without one: failed in both places, the database first ("interrupted": its driver
+          died, or lost the job, while it was asked or in flight);
+        - FAIL without a row: a driver that lost the job asked it and could not claim it; its row
+          says it never ran.
+
+        WAITING trials stay: the next ask takes them. No database session is held while Optuna
+        writes: on SQLite an open session's write lock would block Optuna's commit."""
+        with self.writing() as (s, job):
+            stored = {t.number: t for t in queries.list_trials(s, job)}
+        self.stored = len(stored)
+        ours = {trial.number for trial, _, _ in self.in_flight.values()} | {self.telling}
+        running, failed = optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.FAIL
+        for frozen in self.study.get_trials(deepcopy=False):
             row = stored.get(frozen.number)
-            if row is not None and row.state == "complete":
+            if frozen.number in ours or frozen.state not in (running, failed):
+                continue
+            if frozen.state == running and row is not None and row.state == "complete":
                 tell_result(self.study, frozen.number, row.metrics, constraints=self.constraints,
                             objectives=self.objectives)  # fmt: skip
                 continue
             if row is None or row.state == "running":
                 schedule, error = self._interrupted_schedule(frozen) if row is None else (row.schedule, INTERRUPTED)
+                if frozen.state == failed and row is None:
+                    error = ASKED_BY_STALE
                 with self.writing() as (s, job):
                     queries.record_trial(s, job, frozen.number, state="failed", schedule=schedule, error=error)
-            tell_failure(self.study, frozen.number)
+                self.stored += int(row is None)
+            if frozen.state == running:
+                self._tell_failed(frozen.number)
+
+    def _tell_failed(self, trial: optuna.Trial | int) -> None:
+        """FAIL in Optuna. A trial another driver finished meanwhile (a stale driver failing what it
+        asked, while this one settles it) stays as that driver left it."""
+        try:
+            tell_failure(self.study, trial)
+        except ValueError:  # Optuna's "Cannot tell a FAIL trial": finished between the look and the tell
+            number = trial if isinstance(trial, int) else trial.number
+            if not any(t.number == number and t.state.is_finished() for t in self.study.get_trials(deepcopy=False)):
+                raise
+
+    def _abandon(self, trial: optuna.Trial, error: BaseException) -> None:
+        """An asked trial that will not run (its claim failed, or the ask was cut short): its row is
+        failed while this driver still holds the job (else the job's driver records it, `_reconcile`),
+        then it is failed in Optuna, so nothing is left RUNNING there without a row."""
+        if not isinstance(error, LeaseLost):
+
+            def record() -> None:
+                frozen = next(t for t in self.study.get_trials(deepcopy=False) if t.number == trial.number)
+                schedule = self._interrupted_schedule(frozen)[0]
+                with self.writing() as (s, job):
+                    queries.record_trial(s, job, trial.number, state="failed", schedule=schedule,
+                                         error=f"not run: {_describe(error)}")  # fmt: skip
+
+            _quietly(f"recording trial {trial.number}", record)
+        _quietly(f"failing trial {trial.number} in Optuna", lambda: self._tell_failed(trial))
 
     def _interrupted_schedule(self, frozen) -> tuple[dict[str, Any], str]:
         """The schedule of a trial a killed driver asked but never stored (from its drawn or enqueued
@@ -426,17 +482,31 @@ class _Driver:
 
     def _dispatch(self, pool: _Pool) -> None:
         """Give every idle worker a new trial while the budget allows."""
-        while pool.idle and self.stored < self.n_trials:
-            with self.signals.deferred():  # asked in Optuna, stored in the database and running, or none
-                self._next_enqueued()
-                trial = self.study.ask()
-                schedule = self.space.suggest(trial, encoder_depth=self.encoder_depth, llm_depth=self.llm_depth)
-                with self.database.session() as s:
-                    queries.claim_trial(s, self.job_id, self.owner, trial.number, schedule.to_dict(),
-                                        ttl_s=self.ttl_s)  # fmt: skip
-                self.stored += 1
-                actor = pool.idle.pop()
-                self.in_flight[actor.evaluate.remote(trial.number, schedule.to_dict())] = (trial, actor, schedule)
+        while pool.idle:
+            with self.signals.deferred():  # asked in Optuna, stored in the database and running, or neither
+                if not self._start_trial(pool):
+                    return
+
+    def _start_trial(self, pool: _Pool) -> bool:
+        """Ask the next trial (a seed or warm start first) and start it on an idle worker; False when
+        the budget is spent. The lease is renewed before anything is written to Optuna, and an asked
+        trial that cannot be claimed (the lease lost since, the database failing) is abandoned."""
+        self._reconcile()
+        if self.stored >= self.n_trials:
+            return False
+        self._next_enqueued()
+        trial = self.study.ask()
+        try:
+            schedule = self.space.suggest(trial, encoder_depth=self.encoder_depth, llm_depth=self.llm_depth)
+            with self.database.session() as s:
+                queries.claim_trial(s, self.job_id, self.owner, trial.number, schedule.to_dict(), ttl_s=self.ttl_s)
+        except BaseException as error:
+            self._abandon(trial, error)
+            raise
+        self.stored += 1
+        actor = pool.idle.pop()
+        self.in_flight[actor.evaluate.remote(trial.number, schedule.to_dict())] = (trial, actor, schedule)
+        return True
 
     def _stop_in_flight(self, reason: str | None) -> None:
         """Kill the workers of the trials still running; with a `reason`, fail those trials (the
@@ -483,18 +553,25 @@ class _Driver:
             return summary
 
     def _retire_waiting(self) -> None:
-        """No trial is left WAITING in Optuna once the job ends (one can only be there when a driver
-        died between enqueueing a seed or warm start and asking it): each is failed, the database first."""
+        """No trial is left WAITING in Optuna once the job ends, however it ends (one is there when a
+        driver stopped between enqueueing a seed or warm start and asking it): each is asked and
+        failed, the database first, under a renewed lease like any other ask."""
         waiting = optuna.trial.TrialState.WAITING
         while any(t.state == waiting for t in self.study.get_trials(deepcopy=False)):
+            self._reconcile()
             trial = self.study.ask()
-            schedule = self.space.suggest(trial, encoder_depth=self.encoder_depth, llm_depth=self.llm_depth)
-            with self.writing() as (s, job):
-                queries.record_trial(s, job, trial.number, state="failed", schedule=schedule.to_dict(),
-                                     error="not run: the job ended before this trial started")  # fmt: skip
+            try:
+                schedule = self.space.suggest(trial, encoder_depth=self.encoder_depth, llm_depth=self.llm_depth)
+                with self.writing() as (s, job):
+                    queries.record_trial(s, job, trial.number, state="failed", schedule=schedule.to_dict(),
+                                         error="not run: the job ended before this trial started")  # fmt: skip
+            except BaseException as error:
+                self._abandon(trial, error)
+                raise
             tell_failure(self.study, trial)
 
     def _close(self, *, cancelled: bool) -> str:
+        self._reconcile()  # a trial a stale driver asked meanwhile is on record before the job closes
         self._retire_waiting()
         with self.writing() as (s, job):
             if cancelled:

@@ -77,8 +77,8 @@ def describe_lease(job_id: str, owner: str, expires_at: datetime | None) -> str:
             "takes the job over once the lease has expired"
         )
     return (
-        f"job {short} was run by driver {owner}, whose lease expired {-left:.0f} s ago without a renewal; "
-        f"if that driver is gone, `illava-tune resume {short} --force` takes the job over"
+        f"job {short} was run by driver {owner}, whose lease expired at {expires_at:%H:%M:%S} UTC ({-left:.0f} s "
+        f"ago) without a renewal; if that driver is gone, `illava-tune resume {short} --force` takes the job over"
     )
 
 

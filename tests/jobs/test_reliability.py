@@ -19,13 +19,14 @@ from pathlib import Path
 import optuna
 import pytest
 from PIL import Image
-from sqlalchemy import update
+from sqlalchemy import select, update
 
 import jobs
-from db import SCHEDULE_STATUSES, Database, LeaseHeld, TuningJob, queries
+from db import SCHEDULE_STATUSES, Database, DatabaseError, LeaseHeld, LeaseLost, TuningJob, queries
 from db.models import utcnow
 from illava_tune.cli import main as cli
-from jobs.lease import holder_is_gone
+from jobs.driver import ASKED_BY_STALE
+from jobs.lease import holder_is_gone, take
 from optimizer import SEED_ATTR, WARM_ROLE
 from profiler import DatasetError, read_dataset
 from tests.db.conftest import fresh_database
@@ -74,11 +75,39 @@ def completed(database: Database, job_id: str) -> int:
 def assert_budget_kept(database: Database, job_id: str, budget: int) -> None:
     """Exactly `budget` trials, numbered 0.., in the database and in Optuna, each in the same state
     in both, none running or waiting."""
+    rows = assert_agree(database, job_id)
+    assert sorted(rows) == list(range(budget)), rows
+
+
+def assert_agree(database: Database, job_id: str) -> dict[int, str]:
+    """The database and Optuna hold the same trials in the same states, none running or waiting;
+    returns the database's {number: state}."""
     rows = {t.number: t.state for t in stored_trials(database, job_id)}
     study = optuna.load_study(study_name=f"illava-{job_id}", storage=database.optuna_storage_url)
     in_optuna = {t.number: t.state for t in study.get_trials(deepcopy=False)}
-    assert sorted(rows) == list(range(budget)), rows
-    assert {number: OPTUNA_STATE[state] for number, state in rows.items()} == in_optuna
+    assert {number: OPTUNA_STATE.get(state, state) for number, state in rows.items()} == in_optuna
+    return rows
+
+
+def expire_lease(database: Database, job_id: str, *, ago_s: float = 5.0) -> None:
+    """What a driver that stopped renewing leaves once its lease period has passed."""
+    with database.session() as s:
+        s.execute(update(TuningJob).where(TuningJob.id == job_id).values(lease_expires_at=utcnow() - timedelta(seconds=ago_s)))  # fmt: skip
+
+
+def stop_between_writes(process: subprocess.Popen, database: Database, job_id: str) -> None:
+    """SIGSTOP `process` at a moment it holds no lock on the job's row: stopped inside a write, it would
+    keep every other driver waiting (as a process stopped with a transaction open does in production)."""
+    for _ in range(100):
+        os.kill(process.pid, signal.SIGSTOP)
+        try:
+            with database.session() as s:
+                s.execute(select(TuningJob.id).where(TuningJob.id == job_id).with_for_update(nowait=True))
+            return
+        except DatabaseError:
+            os.kill(process.pid, signal.SIGCONT)
+            time.sleep(0.05)
+    pytest.fail("the driver always held the job's row")
 
 
 # The SQLite run is behind `slow` for the default run's time: the lease is one UPDATE on either backend
@@ -119,6 +148,130 @@ def test_one_driver_owns_a_job_through_kills_races_and_signals(backend, tmp_path
         assert jobs.run(database, job_id) == "completed"
         assert_budget_kept(database, job_id, 4)
         assert jobs.status(database, job_id).driver is None
+
+
+# Two driver processes and three trials: slow. The default run has the same race staged in one process below,
+# and `resume --force` against live and expired leases (test_resume_refuses_a_live_lease_even_forced_...).
+@pytest.mark.slow
+def test_a_driver_stopped_past_its_lease_and_replaced_by_resume_force_writes_nothing_more(tmp_path, capsys):
+    """The race as an operator meets it, with real processes: a driver stops renewing (SIGSTOP) mid-job;
+    `resume` is refused while its lease is live (with --force too) and, once it expired, without --force;
+    `resume --force` takes the job over; the stopped driver, woken up, stops without writing anything.
+    The database and Optuna agree on every trial and hold exactly the budget."""
+    with fresh_database("postgresql", tmp_path) as database:
+        job_id = submit(database, tmp_path, n_trials=3, n_workers=1)
+        short, url = job_id[:8], ["--database", database.url]
+        stale = driver_process(database, "-m", "jobs", "run", job_id)
+        try:
+            wait_until(lambda: completed(database, job_id) >= 1, "one trial completed", process=stale)
+            stop_between_writes(stale, database, job_id)  # alive, renewing nothing: its lease runs out by itself
+            for force in ([], ["--force"]):
+                assert cli(["resume", short, *force, *url]) == 2
+                live = capsys.readouterr().err
+                assert re.search(rf"being run by driver \S+:{stale.pid}:\S+; its lease is live until", live), live
+            expire_lease(database, job_id)
+            assert cli(["resume", short, *url]) == 2
+            refused = capsys.readouterr().err
+            assert f":{stale.pid}:" in refused and "whose lease expired at" in refused, refused
+            assert f"`illava-tune resume {short} --force` takes the job over" in refused
+            forced = driver_process(database, "-m", "illava_tune.cli", "resume", short, "--force")
+            wait_until(lambda: f":{forced.pid}:" in (jobs.status(database, job_id).driver or ""),
+                       "resume --force took the job", process=forced)  # fmt: skip
+        finally:
+            os.kill(stale.pid, signal.SIGCONT)
+        output = stale.communicate(timeout=120)[0]
+        assert stale.returncode == 1 and f"no longer holds job {job_id}" in output, output
+        output = forced.communicate(timeout=300)[0]
+        assert forced.returncode == 0 and f"job {job_id}: completed" in output, output
+        assert_budget_kept(database, job_id, 3)
+        assert jobs.status(database, job_id).driver is None
+
+
+def test_a_driver_that_loses_its_job_between_its_renewal_and_its_ask_leaves_optuna_and_the_database_agreeing(
+    tmp_path, monkeypatch
+):
+    """The narrowest window: the driver renewed its lease, then stalled past it inside its ask while
+    `resume --force` took the job elsewhere. Its claim fails (`LeaseLost`): the trial it asked is FAIL in
+    Optuna, not RUNNING, and the driver that finishes the job records it as never run. Only the moment of
+    the stall is staged; the database, Optuna and Ray are real."""
+    database = Database(f"sqlite:///{tmp_path / 'stale.db'}")
+    job_id = submit(database, tmp_path, n_trials=2, n_workers=1)
+    elsewhere = "gpu-node-7:4242:f00d"  # a driver on another machine
+    real_ask = optuna.study.Study.ask
+
+    def ask_after_a_stall(study, *args, **kwargs):
+        monkeypatch.setattr(optuna.study.Study, "ask", real_ask)
+        expire_lease(database, job_id)
+        take(database, job_id, elsewhere, force=True, ttl_s=1)  # `resume --force` there; it stops in turn
+        return real_ask(study, *args, **kwargs)
+
+    monkeypatch.setattr(optuna.study.Study, "ask", ask_after_a_stall)
+    with pytest.raises(LeaseLost, match=f"driver {elsewhere} took it over"):
+        jobs.run(database, job_id)
+    study = optuna.load_study(study_name=f"illava-{job_id}", storage=database.optuna_storage_url)
+    assert [t.state for t in study.get_trials()] == [optuna.trial.TrialState.FAIL]
+    assert stored_trials(database, job_id) == []  # the driver that lost the job wrote nothing to the database
+    assert jobs.status(database, job_id).driver == elsewhere
+
+    expire_lease(database, job_id)
+    with pytest.raises(LeaseHeld, match=rf"driver {elsewhere}, whose lease expired at \S+ UTC \(\d+ s ago\)"):
+        jobs.run(database, job_id)  # another host's driver may be alive: only --force replaces it
+    assert jobs.run(database, job_id, force=True) == "completed"
+    assert_budget_kept(database, job_id, 2)
+    first, second = stored_trials(database, job_id)
+    assert (first.state, first.error, second.state) == ("failed", ASKED_BY_STALE, "complete")
+
+
+@pytest.mark.parametrize("where", ["between ask and claim", "between enqueue and ask"])
+def test_a_driver_that_fails_around_an_ask_leaves_nothing_running_or_waiting(where, tmp_path, monkeypatch):
+    """A database error right after Optuna's ask, or Optuna failing to ask a seed it just enqueued: the
+    job fails, and the trial is failed in both places (none RUNNING or WAITING in Optuna)."""
+    database = Database(f"sqlite:///{tmp_path / 'fails.db'}")
+    job_id = submit(database, tmp_path, n_trials=2, n_workers=1)
+    target, name = (queries, "claim_trial") if where == "between ask and claim" else (optuna.study.Study, "ask")
+    real = getattr(target, name)
+
+    def fail_once(*args, **kwargs):
+        monkeypatch.setattr(target, name, real)
+        raise DatabaseError("the database went away")
+
+    monkeypatch.setattr(target, name, fail_once)
+    with pytest.raises(DatabaseError):
+        jobs.run(database, job_id)
+    rows = assert_agree(database, job_id)
+    assert rows == {0: "failed"}
+    (trial,) = stored_trials(database, job_id)
+    cause = "DatabaseError: the database went away" if where == "between ask and claim" else "the job ended"
+    assert trial.error.startswith(f"not run: {cause}"), trial.error
+    status = jobs.status(database, job_id)
+    assert status.state == "failed" and "the database went away" in status.error and status.driver is None
+
+
+def test_resume_refuses_a_live_lease_even_forced_and_an_expired_one_unforced(tmp_path, capsys):
+    """`illava-tune resume` against a driver of another machine and a live process of this one: refused
+    while the lease is live, --force or not; once it expired, refused without --force naming the driver and
+    when; taken with --force."""
+    database = Database(f"sqlite:///{tmp_path / 'force.db'}")
+    job_id = submit(database, tmp_path, n_trials=1, n_workers=1)
+    short, url = job_id[:8], ["--database", database.url]
+    for holder in ("gpu-node-7:4242:f00d", f"{socket.gethostname()}:{os.getpid()}:beef"):
+        with database.session() as s:
+            queries.set_job_status(s, queries.get_job(s, job_id), "running")
+            job = queries.get_job(s, job_id)
+            assert queries.acquire_lease(s, job_id, holder, ttl_s=60, replacing=(job.lease_owner, job.lease_expires_at))
+        for force in ([], ["--force"]):
+            assert cli(["resume", short, *force, *url]) == 2
+            err = capsys.readouterr().err
+            assert f"job {short} is being run by driver {holder}; its lease is live until" in err, err
+        expire_lease(database, job_id, ago_s=42)
+        assert cli(["resume", short, *url]) == 2
+        err = capsys.readouterr().err
+        assert re.search(rf"driver {holder}, whose lease expired at \d\d:\d\d:\d\d UTC \(4\d s ago\)", err), err
+        assert f"`illava-tune resume {short} --force` takes the job over" in err
+        assert jobs.status(database, job_id).driver == holder and stored_trials(database, job_id) == []
+    assert cli(["resume", short, "--force", *url]) == 0
+    assert jobs.status(database, job_id).state == "completed" and jobs.status(database, job_id).driver is None
+    assert_budget_kept(database, job_id, 1)
 
 
 def test_a_queued_job_whose_driver_died_before_taking_it_says_so_and_resumes(tmp_path, capsys):
