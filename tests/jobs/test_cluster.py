@@ -84,6 +84,7 @@ class Head:
     port: int
     home: Path  # HOME of the head node: ~/.ray/auth_token lives there
     token: str
+    root: Path  # its --temp-dir is root / "ray"
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +107,7 @@ def head() -> Iterator[Head]:
             assert process.poll() is None and time.monotonic() < deadline, log.read_text()
             time.sleep(0.2)
         assert "Token authentication is enabled" in log.read_text()
-        yield Head(port, home, (home / ".ray" / "auth_token").read_text().strip())
+        yield Head(port, home, (home / ".ray" / "auth_token").read_text().strip(), root)
     finally:
         for number in (signal.SIGTERM, signal.SIGKILL):  # SIGKILL: whatever of the group outlived the SIGTERM
             with contextlib.suppress(ProcessLookupError, subprocess.TimeoutExpired):
@@ -205,6 +206,31 @@ def test_joins_the_cluster_started_as_the_readme_says(head, tmp_path, where):
     assert "Token authentication" not in driven.stderr and " INFO " not in driven.stderr  # Ray's notices kept off
     with socket.create_connection(("127.0.0.1", head.port), timeout=5):
         pass  # disconnect left the external cluster running
+
+
+def test_a_tuning_job_runs_on_the_cluster_started_as_the_readme_says(head, tmp_path):
+    """README, on the head node: `export RAY_AUTH_MODE=token`, then `RAY_ADDRESS=HEAD:6379 illava-tune submit`.
+    The job's worker runs in that cluster (its session logs hold the worker), not in a local one."""
+    workload = tmp_path / "workload.yaml"
+    workload.write_text("name: on-cluster\nimage_size: [224, 224]\nsamples: 1\noutput_tokens: 2\n")
+    url = f"sqlite:///{tmp_path / 'cluster.db'}"
+    env = clean_env(HOME=str(head.home), RAY_AUTH_MODE="token", RAY_ADDRESS=f"127.0.0.1:{head.port}")
+    done = subprocess.run([sys.executable, "-m", "illava_tune.cli", "submit", "--backbone", "tiny", "--workload",
+                           str(workload), "--trials", "1", "--workers", "1", "--wait", "--database", url],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    (job_line,) = [line for line in done.stdout.splitlines() if line.startswith("job ")]
+    assert job_line.endswith(": completed")
+    assert "Token authentication" not in done.stderr and "Traceback" not in done.stderr
+    from db import Database, queries
+
+    with Database(url).session() as s:
+        (job,) = queries.list_jobs(s)
+        assert [t.state for t in queries.list_trials(s, job)] == ["complete"]
+    logs = head.root / "ray" / "session_latest" / "logs"
+    assert any(":actor_name:TrialWorker" in log.read_text(errors="replace") for log in logs.glob("worker-*.out"))
+    with socket.create_connection(("127.0.0.1", head.port), timeout=5):
+        pass  # the job left the cluster running
 
 
 def test_the_readme_recipe_is_the_one_tested():
