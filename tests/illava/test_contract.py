@@ -8,6 +8,7 @@ Each family is a real transformers model (tiny seeded config) run on the CPU in 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import pytest
 import torch
@@ -26,6 +27,11 @@ class Family:
     name: str
     sdpa: object
     eager: object
+
+    @functools.cached_property
+    def packed(self):
+        """The same seeded model under the engine's one-call-per-block attention (built on first use)."""
+        return load_backbone(self.name, attn_implementation="illava_packed")
 
     @property
     def adapter(self):
@@ -70,6 +76,8 @@ def _unpatched(request):
         fam = request.getfixturevalue("family")
         illava.remove(fam.sdpa.model)
         illava.remove(fam.eager.model)
+        if "packed" in vars(fam):  # built by a test that used it
+            illava.remove(fam.packed.model)
 
 
 def inputs(backbone, *samples):

@@ -265,7 +265,11 @@ def test_every_peer_method_gives_the_same_merged_model_under_packed_attention(pa
     """The peers capture what they need from the block's own call, so the one-call-per-block kernel
     changes nothing about what they keep (fp32, to sdpa's tolerance). A noise image: the synthetic
     pictures' flat regions give identical patches, whose exact ties (VisionZip's and SparseVLM's
-    nearest centre) either kernel's last-bit rounding may break either way."""
+    nearest centre) either kernel's last-bit rounding may break either way. (Text-guided iLLaVA, padded
+    batches, several images, video and cached decoding under the packed kernel:
+    `test_a_peer_selects_and_decodes_the_same_under_every_attention` in test_peer_methods.py; on this
+    noise image text-guided iLLaVA meets a near-tie on Qwen2-VL: inputs 7e-8 apart recycle other
+    members at its second LLM merge.)"""
     import numpy as np
     from PIL import Image
 

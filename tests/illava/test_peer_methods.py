@@ -5,6 +5,7 @@ equals each sample alone, cached generation equals a cache-free one)."""
 from __future__ import annotations
 
 import itertools
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -16,12 +17,25 @@ from illava.methods import PromptView, StageRequest, get_method
 from illava.methods.base import SegmentSpec
 from illava.methods.divprune import max_min_diverse
 from illava.methods.sparsevlm import density_peaks
-from tests.illava.test_contract import GREEDY, assert_images_merge_independently, inputs, prompts, segment_plans
+from tests.illava.test_contract import (
+    GREEDY,
+    assert_images_merge_independently,
+    assert_same_greedy,
+    inputs,
+    prompts,
+    segment_plans,
+)
 from tests.illava.test_contract import _unpatched as _unpatched  # noqa: F401  (models unpatched after each test)
 from tests.illava.test_contract import family as family  # noqa: F401  (the per-family fixture)
+from tests.illava.test_contract import runtime as runtime  # noqa: F401  (a family in a deployment's dtype and attention)
 
 #: The peers, and iLLaVA's text-guided variant ("illava+text": `text_guided=True`).
 PEERS = ["fastv", "pdrop", "divprune", "visionzip", "sparsevlm", "tome", "illava+text"]
+PACKED = "illava_packed"
+#: The runtimes of `tests.illava.test_contract.RUNTIMES` in bf16 (fp32 packed: the tests above). bf16 is
+#: slow on a CPU: the generation tests run the engine's own kernel by default, sdpa with ``-m slow``.
+BF16 = ["bf16-sdpa", "bf16-packed"]
+BF16_GENERATE = ["bf16-packed", pytest.param("bf16-sdpa", marks=pytest.mark.slow)]
 #: Those whose selection depends on the last prompt token (a new one at every cache-free step).
 BY_LAST_TOKEN = {"fastv", "pdrop", "sparsevlm", "illava+text"}
 
@@ -367,17 +381,54 @@ def test_a_peer_merges_every_video_frame_by_its_plan(family, method):
     ]
 
 
+def video_schedule(family, method: str) -> illava.Schedule | None:
+    """`peer_schedule` for a video, or None where the family cannot run it: a family that merges
+    videos in the LLM only gives a method that also acts there all of its removal there."""
+    schedule = peer_schedule(family, method)
+    if schedule.encoder_share == 0 or family.adapter.encoder_merges_video:
+        return schedule
+    if schedule.reduction_method.acts_at("llm"):
+        return schedule.with_(encoder_share=0.0, encoder_layers=())
+    return None
+
+
+def mixed_batches(family, method: str) -> list[tuple[illava.Schedule, list]]:
+    """A padded batch of two: one sample with two images, one with a video -- or, where the family
+    cannot merge that video under the method's schedule, the images beside a shorter one-image
+    sample and the video alone under `video_schedule` (left out where that is None: refused on
+    every kernel, see test_a_peer_merges_every_video_frame_by_its_plan)."""
+    kinds = prompts(family)
+    (two_images,), (video,) = kinds["two_images"], kinds["video"]
+    schedule, for_video = peer_schedule(family, method), video_schedule(family, method)
+    if for_video == schedule:
+        return [(schedule, [two_images, video])]
+    alone = [(for_video, [video])] if for_video is not None else []
+    return [(schedule, [two_images, kinds["padded"][0]]), *alone]
+
+
 @torch.no_grad()
 @pytest.mark.parametrize("method", PEERS)
-def test_a_peer_selects_the_same_under_eager_and_sdpa_attention(family, method):
-    """Importance comes from the captured queries and keys, so the attention kernel changes nothing."""
-    schedule = peer_schedule(family, method)
-    scores = []
-    for backbone in (family.eager, family.sdpa):
-        illava.apply(backbone.model, schedule)
-        out = backbone.model.generate(**inputs(backbone, *prompts(family)["padded"]), max_new_tokens=1, **GREEDY)
-        scores.append(out.scores[0])  # (B, V): each sample's next-token logits after the merged prefill
-    torch.testing.assert_close(scores[0], scores[1], rtol=0, atol=1e-4)
+def test_a_peer_selects_and_decodes_the_same_under_every_attention(family, method):
+    """Importance comes from the captured queries and keys (under ``illava_packed`` from the block's
+    own single call), so the kernel changes nothing: on a padded batch with several images and a
+    video, eager and the packed kernel keep the tokens sdpa keeps and give its next-token scores
+    within sdpa's tolerance, the packed kernel also through a cached decoding step."""
+    steps = {"sdpa": 2, PACKED: 2, "eager": 1}  # eager: the merged prefill only (the slowest kernel)
+    backbones = {"sdpa": family.sdpa, PACKED: family.packed, "eager": family.eager}
+    for schedule, samples in mixed_batches(family, method):
+        batch = inputs(family.sdpa, *samples)  # the family's processor: the same inputs for every kernel
+        kept, runs = {}, {}
+        for attn, backbone in backbones.items():
+            illava.apply(backbone.model, schedule)
+            runs[attn] = backbone.model.generate(**batch, max_new_tokens=steps[attn], **GREEDY)
+            kept[attn] = illava.last_stats(backbone.model).kept_units
+        for attn in (PACKED, "eager"):
+            where = f"{attn}, {len(samples)} sample(s)"
+            assert all(torch.equal(a, b) for a, b in zip(kept["sdpa"], kept[attn], strict=True)), where
+            width = batch["input_ids"].shape[1] + steps[attn]
+            assert torch.equal(runs["sdpa"].sequences[:, :width], runs[attn].sequences), where
+            for a, b in zip(runs["sdpa"].scores, runs[attn].scores, strict=False):
+                torch.testing.assert_close(a, b, rtol=0, atol=1e-4, msg=where)
 
 
 @torch.no_grad()
@@ -386,3 +437,43 @@ def test_what_an_image_keeps_before_the_llm_does_not_depend_on_another_image(fam
     """The methods that select before the LLM look at each image alone (those in the LLM see the
     whole prompt by definition: the text's attention, the causal order)."""
     assert_images_merge_independently(family, peer_schedule(family, method))
+
+
+# ----------------------------------------------------------------------------------- in bf16
+@torch.no_grad()
+@pytest.mark.parametrize("runtime", BF16, indirect=True)
+def test_zero_reduction_of_every_peer_equals_the_unpatched_model_in_bf16(runtime):
+    """Every peer removing nothing, in bf16 with sdpa and with the packed kernel, against the
+    library's bf16 sdpa model on a padded batch (the other inputs: test_contract's runtime tests)."""
+    model = runtime.backbone.model
+    batch = inputs(runtime.backbone, *prompts(runtime.family)["padded"])
+    valid = batch["attention_mask"].bool()
+    reference = runtime.reference.model(**batch).logits.float()[valid]
+    for method in PEERS:
+        illava.apply(model, peer_schedule(runtime.family, method, reduction=0.0))
+        merged = model(**batch).logits.float()[valid]
+        torch.testing.assert_close(merged, reference, rtol=0, atol=runtime.atol, msg=method)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("runtime", BF16_GENERATE, indirect=True)
+@pytest.mark.parametrize("method", PEERS)
+def test_a_peer_in_bf16_batches_and_caches_like_in_fp32(runtime, method):
+    """The guarantees iLLaVA keeps in bf16 (test_contract's runtime tests), for every peer: a padded
+    batch of two generates what each sample alone does, and cached decoding what a cache-free one
+    does (one step for the methods that select by the last token, as in fp32) -- scores within bf16's
+    tolerance, a token that differs only where its two candidates tie within it. (Merged bf16 is not
+    held to merged fp32: bf16 rounding can change which tokens a method keeps.)"""
+    model = runtime.backbone.model
+    samples = prompts(runtime.family)["padded"]
+    illava.apply(model, peer_schedule(runtime.family, method))
+    batch = inputs(runtime.backbone, *samples)
+    together = model.generate(**batch, max_new_tokens=2, **GREEDY)
+    for row, sample in enumerate(samples):
+        alone = model.generate(**inputs(runtime.backbone, sample), max_new_tokens=2, **GREEDY)
+        assert_same_greedy(together, alone, runtime.atol, [row], [0])
+    steps = 1 if method in BY_LAST_TOKEN else 2
+    recomputed = model.generate(**batch, use_cache=False, max_new_tokens=steps, **GREEDY)
+    cached = SimpleNamespace(sequences=together.sequences[:, : batch["input_ids"].shape[1] + steps],
+                             scores=together.scores[:steps])  # fmt: skip
+    assert_same_greedy(cached, recomputed, runtime.atol)
