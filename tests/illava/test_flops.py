@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -255,20 +257,56 @@ def test_every_family_matches_torch_flop_counter(name: str) -> None:
     assert flops.llm_tokens[0] == batch["input_ids"].shape[1]
 
 
-def test_merged_counts_in_the_flop_model_follow_the_engine() -> None:
-    """The tokens per decoder layer the FLOP model assumes are the ones a merged prefill runs with."""
+FAMILIES = ["tiny", "tiny-qwen2-vl", "tiny-qwen3-vl", "tiny-llava-onevision"]
+#: Every registered method, and iLLaVA's text-guided variant.
+METHODS = [*illava.method_names(), "illava+text"]
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def backbone(request):
     from illava.backbones import load_backbone
+
+    return load_backbone(request.param)
+
+
+def placed(model, method: str) -> Schedule:
+    """The paper default at 77.8%, on the stages `method` acts at (how seeds and comparisons place it)."""
+    paper = illava.paper_default_for(model, 7 / 9)
+    if method == "illava+text":
+        return paper.with_(text_guided=True)
+    return illava.get_method(method).placement(paper)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_merged_counts_in_the_flop_model_follow_the_engine(backbone, method: str) -> None:
+    """The tokens the FLOP model assumes in every vision block (attention and FFN) and every decoder
+    layer are the ones a merged prefill of two images in one prompt runs with, for every method. A
+    ``downsample`` schedule is the unmerged model on the resized images; the FLOP model counts it from
+    the full-resolution grids."""
     from illava.inputs import Sample, build_inputs, synthetic_image
 
-    for name in ("tiny-qwen3-vl", "tiny-llava-onevision"):
-        backbone = load_backbone(name)
-        model = backbone.model
-        batch = build_inputs(backbone, [Sample("<image> Hi", [synthetic_image((192, 128), 1)])])
-        schedule = illava.paper_default_for(model, 7 / 9)
-        grids, text_tokens = backbone.adapter.flop_inputs(model.config, batch)
-        illava.apply(model, schedule)
+    model = backbone.model
+    schedule = placed(model, method)
+    side = max(backbone.adapter.size_multiple(model.config), 28)
+    sample = Sample("<image> and <image>: which?", [synthetic_image((6 * side, 4 * side), 1),
+                                                   synthetic_image(4 * side, 2)])  # fmt: skip
+    full = build_inputs(backbone, [sample])
+    grids, text_tokens = backbone.adapter.flop_inputs(model.config, full)
+    flops = prefill_flops(model.config, schedule, grids, text_tokens)
+    downsampled = schedule.method == "downsample"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", illava.DownsampleWarning)
+        illava.apply(model, Schedule.vanilla() if downsampled else schedule)
+    try:
         with torch.no_grad():
-            model(**batch)
-        ran = [int(n) for n in illava.last_stats(model).llm_sequence]
+            model(**(build_inputs(backbone, [sample], schedule=schedule) if downsampled else full))
+        stats = illava.last_stats(model)
+    finally:
         illava.remove(model)
-        assert list(prefill_flops(model.config, schedule, grids, text_tokens).llm_tokens) == ran, name
+    assert list(flops.llm_tokens) == [int(n) for (n,) in stats.llm_sequence]
+    unit = getattr(model.config.vision_config, "spatial_merge_size", 1) ** 2  # patches per LLM token
+    entering = [unit * sum(units) for units in stats.encoder_units]  # patches entering each block
+    assert [attention for attention, _ in flops.encoder_tokens] == entering
+    assert [ffn for _, ffn in flops.encoder_tokens][:-1] == entering[1:]  # a merge sits before the FFN
+    if downsampled and backbone.adapter.family != "llava_onevision":  # which keeps one tile per image of several
+        assert flops.llm_tokens[0] < prefill_flops(model.config, Schedule.vanilla(), grids, text_tokens).llm_tokens[0]
