@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import time
+import warnings
 from pathlib import Path
 
 import optuna
 import pytest
+import torch
 
 import illava
 import jobs
@@ -159,7 +161,15 @@ def test_a_workload_file_that_does_not_parse_fails_before_any_job_exists(tmp_pat
 
 
 def test_a_job_searching_peer_methods_stores_each_trials_method_and_its_manifests_apply(tmp_path):
+    """Every trial row stores the schedule Optuna's parameters for it make (its method and that
+    method's parameters), and every completed trial -- on the front or not -- exports, the way a user
+    does it (`publish --job --trial`, then `export`), a manifest that `illava.apply` accepts on a
+    fresh model, which then runs a forward with the counts the plan says."""
+    from optuna.trial import FixedTrial
+
     from illava.backbones import load_backbone
+    from illava.inputs import Sample, build_inputs, synthetic_image
+    from tests.illava.test_contract import segment_plans
 
     database = Database(f"sqlite:///{tmp_path / 'methods.db'}")
     peers = ("fastv", "pdrop", "divprune", "visionzip", "sparsevlm", "tome", "downsample")
@@ -169,18 +179,36 @@ def test_a_job_searching_peer_methods_stores_each_trials_method_and_its_manifest
     trials = stored_trials(database, job_id)
     assert all(t.state == "complete" for t in trials), [t.error for t in trials]
     merged = [illava.Schedule.from_dict(t.schedule) for t in trials if t.schedule["reduction"] > 0]
-    assert len({s.method for s in merged}) >= 5 and {s.method for s in merged} <= set(peers)
+    assert {s.method for s in merged} == set(peers)
     for schedule in merged:  # each on the stages its method acts at
         assert illava.get_method(schedule.method).check_schedule(schedule) == []
-    model = load_backbone("tiny").model
-    for row in jobs.front(database, job_id):
-        manifest = jobs.manifest(database, row["id"])  # what a deployment does with the export
-        if manifest["schedule"]["method"] == "downsample":  # the model stays unmerged; the inputs change
-            with pytest.warns(illava.DownsampleWarning, match="resize each image"):
-                illava.apply(model, manifest)
-        else:
-            illava.apply(model, manifest)
-        illava.remove(model)
+
+    study = optuna.load_study(study_name=f"illava-{job_id}", storage=database.optuna_storage_url)
+    asked = {t.number: t.params for t in study.get_trials(deepcopy=False)}
+    encoder_depth, llm_depth = illava.depths(backbone_config("tiny"))
+    sample = Sample("<image> What is in the picture?", [synthetic_image(224, 1)])
+    for trial in trials:
+        with warnings.catch_warnings():  # the enqueued seeds lie outside the searched range on purpose
+            warnings.filterwarnings("ignore", message=r"The value .* is out of the range", category=UserWarning)
+            schedule = space.suggest(FixedTrial(asked[trial.number]), encoder_depth=encoder_depth, llm_depth=llm_depth)
+        stored = trial.schedule
+        assert (stored["method"], stored["params"]) == (schedule.method, schedule.params.to_dict()), trial.number
+        assert stored == schedule.to_dict(), trial.number
+
+        row = jobs.publish(database, job=job_id, trial=trial.number)  # what `illava-tune publish --job --trial` does
+        manifest = jobs.manifest(database, row["id"])  # what `illava-tune export` writes
+        assert manifest["schedule"] == stored and manifest["provenance"]["trial"] == trial.id
+        assert manifest["backbone"]["name"] == "tiny" and manifest["metrics"] == trial.metrics
+        backbone = load_backbone("tiny")  # a fresh model, as a deployment has
+        batch = build_inputs(backbone, [sample], schedule=schedule)  # downsample: the image resized
+        with warnings.catch_warnings():
+            warnings.simplefilter("error" if schedule.method != "downsample" else "ignore", illava.DownsampleWarning)
+            illava.apply(backbone.model, manifest)
+        with torch.no_grad():
+            assert torch.isfinite(backbone.model(**batch).logits).all()
+        if schedule.method != "downsample" and not schedule.removes_nothing:
+            plans = segment_plans(backbone, batch, schedule)
+            assert int(illava.last_stats(backbone.model).llm_image_tokens[-1]) == sum(plan.kept for plan in plans)
 
 
 def test_a_job_runs_its_seeds_then_its_warm_start_within_its_budget_and_a_resume_adds_none(tmp_path):
