@@ -9,6 +9,13 @@ the projected features the LLM would receive. Choices where the paper is silent:
 earlier token; each image (video frame) keeps its planned count independently; all the removal
 happens before the LLM (``encoder_share`` must be 1). The greedy steps run for every segment of a
 call at once (one loop over steps, none over images), and nothing is read back.
+
+LLaVA-OneVision videos are refused (a `ScheduleError` at the forward, from its adapter): the library
+halves each frame's token grid after the projector (``apply_pooling``), which the adapter does where
+it places the features, so the stage between encoder and LLM sees a frame's unpooled tokens, not
+the LLM's. Selecting among the pooled tokens instead would take the adapter pooling frames in its
+``vision_project`` (the plan already counts pooled tokens); until it does, such a video merges with
+a method that acts in the LLM.
 """
 
 from __future__ import annotations

@@ -32,6 +32,10 @@ Choices made here, where the paper (plain ViTs, no windows, no LLM) is silent:
   removal is before the LLM (``encoder_share`` must be 1; `placement` moves it there).
 * ``prop_attn=False`` keeps the size-weighted average but leaves attention unbiased (the paper's
   ablation); at zero reduction no block merges and nothing changes.
+* **LLaVA-OneVision videos are refused** (a `ScheduleError` at the forward, from its adapter), and
+  stay so: the library halves each frame's token grid after the encoder (``apply_pooling``,
+  bilinear), and a frame merged inside the encoder has no grid left to resample. Its images, and
+  videos on the other families, merge as above.
 """
 
 from __future__ import annotations

@@ -20,6 +20,12 @@ How it runs here, and the choices made where the paper is silent or where this e
 * The plan's counts are kept exactly (dominant + contextual == the plan's kept); each image (video
   frame) keeps its own count; all the removal happens before the LLM (``encoder_share`` must be 1).
 * Every segment of a call at once; nothing is read back.
+* LLaVA-OneVision videos are refused (a `ScheduleError` at the forward, from its adapter): the
+  library halves each frame's token grid after the projector (``apply_pooling``), so the features
+  this stage sees are a frame's unpooled tokens, not the LLM's. Acting on the pooled tokens would
+  take the adapter pooling frames in its ``vision_project``, and the last block's attention pooled
+  the same way for the dominant tokens; until then such a video merges with a method that acts in
+  the LLM.
 """
 
 from __future__ import annotations
