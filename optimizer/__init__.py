@@ -16,9 +16,11 @@ from .front import MEMORY_NOISE, Choice, NoMatchError, Point, best_for_target, p
 from .hypervolume import HypervolumeError, hypervolume
 from .objectives import LATENCY_OBJECTIVES, Constraints, Metrics, Objectives, metrics_summary, retention_of
 from .space import SearchSpace, SearchSpaceError, parse_range, schedule_params
+from .speed import SpeedModel, merge_steps
 from .study import (
     SAMPLERS,
     SEED_ATTR,
+    SPEEDUP_ATTR,
     WARM_ROLE,
     enqueue_seed,
     fail_waiting,
@@ -39,6 +41,7 @@ __all__ = [
     "seed_reductions",
     "SAMPLERS",
     "SEED_ATTR",
+    "SPEEDUP_ATTR",
     "WARM_ROLE",
     "Choice",
     "HypervolumeError",
@@ -49,11 +52,13 @@ __all__ = [
     "Point",
     "SearchSpace",
     "SearchSpaceError",
+    "SpeedModel",
     "best_for_target",
     "enqueue_seed",
     "fail_waiting",
     "hypervolume",
     "make_study",
+    "merge_steps",
     "metrics_summary",
     "pareto_front",
     "parse_range",

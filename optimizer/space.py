@@ -163,6 +163,8 @@ class SearchSpace:
             # Seeded reference points (the unmerged model, paper defaults at other ratios) are
             # enqueued outside the searched ranges on purpose.
             warnings.filterwarnings("ignore", message=r"Fixed parameter .* is out of range", category=UserWarning)
+            # The same, read back through `optuna.trial.FixedTrial` (a stored trial's parameters).
+            warnings.filterwarnings("ignore", message=r"The value .* is out of the range", category=UserWarning)
             reduction = trial.suggest_float("reduction", *self.bounds(self.reduction))
             if reduction == 0.0:
                 return Schedule.vanilla()

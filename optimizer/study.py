@@ -42,6 +42,9 @@ if TYPE_CHECKING:
 SAMPLERS = ("tpe", "nsga2", "random")
 SEED_ATTR = "illava_seed"  # user attribute naming why a trial was enqueued: a seed's role, or WARM_ROLE
 WARM_ROLE = "warm"  # the SEED_ATTR of a warm-start trial (`optimizer.warm_schedules`)
+#: User attribute of a told trial: its paired speedup over the unmerged model, whatever the speed
+#: objective (what `optimizer.GuidedSearch` calibrates its speed model on).
+SPEEDUP_ATTR = "illava_speedup"
 
 
 def make_study(
@@ -212,7 +215,8 @@ def tell_result(
     constraints: Constraints | None = None,
     objectives: Objectives | None = None,
 ) -> FrozenTrial:
-    """Finish a trial with its measurement: constraint values first, then the objective values.
+    """Finish a trial with its measurement: constraint values first, then the objective values;
+    the paired speedup, when measured, is stored as the trial's `SPEEDUP_ATTR`.
 
     `trial` is the asked trial or its number (after a resume). Idempotent: a trial already
     finished is returned unchanged. Raises ValueError (trial left running) for metrics that
@@ -225,6 +229,8 @@ def tell_result(
         return _frozen(study, trial)
     for name, value in (constraints or Constraints()).violation_dict(metrics).items():
         live.set_constraint(name, value)
+    if metrics.speedup is not None:
+        live.set_user_attr(SPEEDUP_ATTR, float(metrics.speedup))
     return study.tell(live, list(values))
 
 
