@@ -5,14 +5,17 @@ Imports `illava` (the schedule type) and Optuna; never Ray, the database, jobs o
 measurements arrive as the plain dict ``profiler.Measurement.to_dict()`` gives.
 
     study = make_study("sqlite:///illava.db", "illava-demo", seed=0)
-    seed_study(study, space, encoder_depth=32, llm_depth=28)  # a job then enqueues warm_schedules(...)
-    trial = study.ask()
-    schedule = space.suggest(trial, encoder_depth=32, llm_depth=28)
+    guide = GuidedSearch(space, encoder_depth=32, llm_depth=28, seed=0,
+                         flops_speedup=lambda s: illava.predicted_speedup(config, s, grids, text_tokens))
+    for schedule in seed_schedules(space, encoder_depth=32, llm_depth=28):  # a job: one before each ask
+        enqueue_seed(study, schedule, space)
+    trial, schedule = guide.ask(study)  # the seeds first, then exploration draws, then the sampler's
     ...  # measure it
     tell_result(study, trial, measurement.to_dict(), constraints=constraints)
 """
 
 from .front import MEMORY_NOISE, Choice, NoMatchError, Point, best_for_target, pareto_front
+from .guide import EXPLORE_ROLE, EXPLORE_TRIALS, PRUNED_ATTR, GuidedSearch
 from .hypervolume import HypervolumeError, hypervolume
 from .objectives import LATENCY_OBJECTIVES, Constraints, Metrics, Objectives, metrics_summary, retention_of
 from .space import SearchSpace, SearchSpaceError, parse_range, schedule_params
@@ -36,16 +39,20 @@ from .study import (
 from .warm import warm_schedules
 
 __all__ = [
+    "EXPLORE_ROLE",
+    "EXPLORE_TRIALS",
     "LATENCY_OBJECTIVES",
     "MEMORY_NOISE",
     "seed_reductions",
     "SAMPLERS",
+    "PRUNED_ATTR",
     "SEED_ATTR",
     "SPEEDUP_ATTR",
     "WARM_ROLE",
     "Choice",
     "HypervolumeError",
     "Constraints",
+    "GuidedSearch",
     "Metrics",
     "NoMatchError",
     "Objectives",
