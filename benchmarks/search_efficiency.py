@@ -14,9 +14,10 @@ schedule is written as soon as it is measured, so an interrupted run resumes whe
 header line records the machine, the settings and the commit of the measuring code.
 
 `replay` runs each strategy as a job would (`optimizer.make_study`, the same objectives, the
-table's seed schedules enqueued one at a time before their asks) but "measures" a suggested schedule
-by looking up the nearest schedule of the table (`Table.nearest`; seeds match exactly) and telling
-the study that row's values. It reports the hypervolume of the rows visited after 10..60 trials as a
+table's seed schedules enqueued one at a time before their asks; the `guided` strategies ask every
+trial through the job's `optimizer.GuidedSearch`, which sees only what the study has been told) but
+"measures" a suggested schedule by looking up the nearest schedule of the table (`Table.nearest`;
+seeds match exactly) and telling the study that row's values. It reports the hypervolume of the rows visited after 10..60 trials as a
 percentage of the hypervolume of the whole table's front (`Scale` says over which objectives and
 against which reference point), median and range over seeds.
 """
@@ -48,10 +49,12 @@ from jobs.driver import MEASURE_REPEATS, MEASURE_WARMUP  # noqa: E402  (what a j
 from optimizer import (  # noqa: E402
     MEMORY_NOISE,
     SEED_ATTR,
+    GuidedSearch,
     Metrics,
     Objectives,
     Point,
     SearchSpace,
+    SpeedModel,
     enqueue_seed,
     hypervolume,
     make_study,
@@ -500,13 +503,16 @@ class Context:
 class Strategy:
     """A search as a job would run it: `sampler` is the job's (`make_study(sampler=...)`), seeded the
     job's way; `make_sampler` replaces it (a sampler a job does not offer yet); `warm` lists schedules
-    enqueued after the job's seeds, before the sampler takes over (they count toward the budget)."""
+    enqueued after the job's seeds, before the sampler takes over (they count toward the budget);
+    `guide`, the job's `optimizer.GuidedSearch`, asks every trial after the seeds (what it prunes is
+    never measured and counts toward nothing)."""
 
     name: str
     sampler: str
     about: str
     make_sampler: Callable[[int], Any] | None = None
     warm: Callable[[Context, int, list[Schedule]], list[Schedule]] | None = None
+    guide: Callable[[Context, int], GuidedSearch] | None = None
 
 
 def _sampler(kind: str, **options: Any) -> Callable[[int], Any]:
@@ -530,7 +536,16 @@ def _warm(count: int) -> Callable[[Context, int, list[Schedule]], list[Schedule]
     return schedules
 
 
+def _guided(**options: Any) -> Callable[[Context, int], GuidedSearch]:
+    def guide(context: Context, seed: int) -> GuidedSearch:
+        return GuidedSearch(context.space, encoder_depth=context.encoder_depth, llm_depth=context.llm_depth,
+                            flops_speedup=context.predict, seed=seed, **options)  # fmt: skip
+
+    return guide
+
+
 MULTIVARIATE = {"multivariate": True, "group": True}
+EVERY_TRIAL = 10**6  # an exploration longer than any budget: every trial a guided random draw
 STRATEGIES: dict[str, Strategy] = {
     s.name: s
     for s in (
@@ -559,6 +574,33 @@ STRATEGIES: dict[str, Strategy] = {
             make_sampler=_sampler("tpe", **MULTIVARIATE),
             warm=_warm(6),
         ),
+        Strategy(
+            "guided",
+            "tpe",
+            "the job's search (`optimizer.GuidedSearch`, defaults): 16 random draws among the schedules the "
+            "calibrated speed model predicts faster than the unmerged model, then TPE with that guard",
+            guide=_guided(),
+        ),
+        Strategy("guided-x10", "tpe", "as `guided` with 6 random draws (TPE from trial 11)", guide=_guided(explore=10)),
+        Strategy(
+            "guided-x4",
+            "tpe",
+            "as `guided` without random draws: TPE with the guard from trial 5",
+            guide=_guided(explore=4),
+        ),
+        Strategy(
+            "guided-random",
+            "tpe",
+            "as `guided` with every trial a random draw (the sampler never asked)",
+            guide=_guided(explore=EVERY_TRIAL),
+        ),
+        Strategy(
+            "guided-flops",
+            "tpe",
+            "as `guided` with the FLOPs model uncalibrated (`calibrate=False`): it "
+            "predicts every merged schedule faster, so nothing is ruled out",
+            guide=_guided(calibrate=False),
+        ),
     )  # fmt: skip
 }
 
@@ -572,13 +614,18 @@ def replay(table: Table, strategy: Strategy, seed: int, budget: int, context: Co
         study.sampler = strategy.make_sampler(seed)
     seeds = table.seeds()
     warm = strategy.warm(context, seed, seeds) if strategy.warm else []
+    guide = strategy.guide(context, seed) if strategy.guide else None
     queue = [(s, True) for s in seeds[:budget]] + [(s, False) for s in warm]
     visited = []
     for _ in range(budget):
         while queue and not _enqueue(study, *queue.pop(0), space):
             pass  # already in the study (a warm schedule equal to a seed): the next one
-        trial = study.ask()
-        row = table.nearest(space.suggest(trial, encoder_depth=depths[0], llm_depth=depths[1]))
+        if guide is not None:
+            trial, schedule = guide.ask(study)
+        else:
+            trial = study.ask()
+            schedule = space.suggest(trial, encoder_depth=depths[0], llm_depth=depths[1])
+        row = table.nearest(schedule)
         visited.append(row)
         if row.metrics is None:
             tell_failure(study, trial)
@@ -725,6 +772,7 @@ def summary(table: Table) -> list[str]:
         f"{np.corrcoef(predicted, speedups)[0, 1]:.2f}. Paired speedup range (max - min of the rounds) / median: "
         f"median {f'{np.median(spread):.1%}' if spread else 'not recorded'}. The front's memory figures differ by "
         f"{max(memory) / min(memory) - 1:.2%}.",
+        *speed_model_summary(table),
         "",
         "| row | speedup (paired range) | memory MiB | quality | schedule |",
         "|---|---:|---:|---:|---|",
@@ -736,6 +784,33 @@ def summary(table: Table) -> list[str]:
             f"{row.metrics.memory_mib:.2f} | {row.metrics.quality:.0%} | {what} |"
         )
     return lines
+
+
+def speed_model_summary(table: Table) -> list[str]:
+    """How the job's speed model (`optimizer.SpeedModel`), fitted on the seeds alone as a job's is
+    after its first trials, ranks the grid's schedules, beside the FLOPs model; nothing when the
+    table lacks the FLOPs predictions."""
+    if any(row.predicted_speedup is None for row in table.measured):
+        return []
+    flops = {schedule_key(row.schedule): row.predicted_speedup for row in table.measured}
+    seeds = [(Schedule.from_dict(row.schedule), row.metrics.speedup) for row in table.measured if row.role != "grid"]
+    model = SpeedModel.fit(lambda schedule: flops[schedule_key(schedule)], seeds)
+    grid = [row for row in table.measured if row.role == "grid"]
+    measured = np.array([row.metrics.speedup for row in grid])
+    calibrated = np.array([model.speedup(Schedule.from_dict(row.schedule)) for row in grid])
+    by_flops = np.array([row.predicted_speedup for row in grid])
+
+    def rank_correlation(predicted: np.ndarray) -> float:
+        return float(np.corrcoef(np.argsort(np.argsort(predicted)), np.argsort(np.argsort(measured)))[0, 1])
+
+    passed, faster = calibrated >= 1.0, measured > 1.0
+    return [
+        f"The speed model fitted on the {model.fitted_on} merged seeds: {model.per_merge:.3f} of the unmerged prefill "
+        f"per merge step; on the {len(grid)} grid schedules its rank correlation with the measured speedup is "
+        f"{rank_correlation(calibrated):.2f} (the FLOPs model's {rank_correlation(by_flops):.2f}), and it predicts "
+        f"{passed.sum()} faster than the unmerged model, {(passed & faster).sum()} of the {faster.sum()} that are "
+        f"(the FLOPs model: {(by_flops >= 1.0).sum()}, {((by_flops >= 1.0) & faster).sum()})."
+    ]
 
 
 def _trials(first: float | None, most: int) -> str:

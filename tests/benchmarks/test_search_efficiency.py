@@ -1,6 +1,7 @@
 """`benchmarks/search_efficiency.py`: the replay on a synthetic table (no model) gives sane
 hypervolume percentages for every strategy, and `measure` on `demo` resumes from its own file."""
 
+import dataclasses
 import importlib.util
 import json
 import math
@@ -10,8 +11,10 @@ from pathlib import Path
 
 import pytest
 
+import illava
 from illava import Schedule
-from optimizer import Metrics, SearchSpace, warm_schedules
+from illava.backbones import backbone_config
+from optimizer import Metrics, SearchSpace, SpeedModel, warm_schedules
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "search_efficiency.py"
 
@@ -149,3 +152,26 @@ def test_warm_start_spreads_distinct_schedules_mostly_at_the_fewest_layers(table
     assert shares[-1] - shares[0] > 0.4  # spread, not clustered
     with pytest.raises(ValueError, match="count >= 0"):
         warm_schedules(SPACE, encoder_depth=8, llm_depth=6, predict=context.predict, count=-1)
+
+
+def test_the_speed_model_summary_recovers_a_known_merge_cost():
+    """Rows whose speedups are the FLOPs model plus 0.1 of the unmerged prefill per merge step: the
+    model fitted on the seeds finds that cost, and calls faster exactly the rows that are."""
+    config = backbone_config("demo")
+    truth = SpeedModel(lambda s: illava.predicted_speedup(config, s, [[1, 16, 16]], 45), per_merge=0.1)
+    table = _table(40)
+    rows = []
+    for row in table.rows:
+        schedule = Schedule.from_dict(row.schedule)
+        metrics = dataclasses.replace(row.metrics, speedup=truth.speedup(schedule))
+        rows.append(dataclasses.replace(row, metrics=metrics, predicted_speedup=truth.flops_speedup(schedule)))
+    line = se.speed_model_summary(se.Table(se.TableFile(table.file.header, rows)))[0]
+    faster = sum(row.metrics.speedup > 1 for row in rows if row.role == "grid")
+    assert 0 < faster < 40
+    assert (
+        "0.100 of the unmerged prefill per merge step" in line
+        and "rank correlation with the measured speedup is 1.00" in line
+    )
+    assert f"predicts {faster} faster than the unmerged model, {faster} of the {faster} that are" in line
+    assert "(the FLOPs model: 40," in line
+    assert se.speed_model_summary(table) == []  # no FLOPs predictions in the rows: nothing to say
