@@ -16,7 +16,8 @@ How, trial by trial (`GuidedSearch.ask`):
 2. While fewer than `explore` trials have been asked (seeds included; pruned ones not counted),
    the next is a random draw among the schedules the model, fitted on every measurement so far,
    predicts at least `floor` times as fast as the unmerged model: enqueued under the role
-   `EXPLORE_ROLE` and asked.
+   `EXPLORE_ROLE` and asked. In a space of several methods (`submit --methods`) each draw is of
+   the method the study has tried least, so every method is tried early.
 3. Then the sampler suggests. A suggestion predicted slower than `floor` is not measured: it is
    told PRUNED (with `PRUNED_ATTR` saying why), which TPE reads as a poor region, and the sampler
    asks again; after `tries` of them the trial is a random draw as in 2.
@@ -88,7 +89,7 @@ class GuidedSearch:
         model = self.model(study)
         asked = sum(t.state != TrialState.PRUNED for t in trials)
         if asked < self.explore:
-            return self._ask_drawn(study, model, asked)
+            return self._ask_drawn(study, model, asked, trials)
         for _ in range(self.tries):
             trial, schedule = self._ask(study)
             predicted = model.speedup(schedule)
@@ -98,7 +99,7 @@ class GuidedSearch:
                 PRUNED_ATTR, f"predicted {predicted:.3f}x the unmerged model's speed, below {self.floor:g}x"
             )
             study.tell(trial, state=TrialState.PRUNED)
-        return self._ask_drawn(study, model, asked)
+        return self._ask_drawn(study, model, asked, study.get_trials(deepcopy=False))
 
     def model(self, study: optuna.Study) -> SpeedModel:
         """`SpeedModel` fitted on the study's measured trials (their speedups as `tell_result`
@@ -112,13 +113,16 @@ class GuidedSearch:
                 measured.append((self._schedule_of(trial), speedup))
         return SpeedModel.fit(self.flops_speedup, measured)
 
-    def draw(self, model: SpeedModel, asked: int) -> Schedule:
-        """A random merged schedule of the space predicted at least `floor` times as fast as the
-        unmerged model (the fastest predicted of `DRAWS` when none is), seeded by `asked`."""
+    def draw(self, model: SpeedModel, asked: int, method: str | None = None) -> Schedule:
+        """A random merged schedule of the space (of `method`, when given) predicted at least
+        `floor` times as fast as the unmerged model (the fastest predicted of `DRAWS` when none is),
+        seeded by `asked`."""
         sampler = optuna.samplers.RandomSampler(seed=(self.seed * 1_000_003 + asked) % 2**32)
         scratch = optuna.create_study(sampler=sampler)
         fastest, fastest_speed = None, 0.0
         for _ in range(DRAWS):
+            if method is not None:
+                scratch.enqueue_trial({"method": method})  # the other parameters drawn at random
             schedule = self._suggest(scratch.ask())
             if schedule.removes_nothing:
                 continue
@@ -131,8 +135,14 @@ class GuidedSearch:
             raise ValueError("the search space drew no merged schedule")
         return fastest
 
-    def _ask_drawn(self, study: optuna.Study, model: SpeedModel, asked: int) -> tuple[optuna.Trial, Schedule]:
-        enqueue_seed(study, self.draw(model, asked), self.space, role=EXPLORE_ROLE)
+    def _ask_drawn(
+        self, study: optuna.Study, model: SpeedModel, asked: int, trials: list[optuna.trial.FrozenTrial]
+    ) -> tuple[optuna.Trial, Schedule]:
+        method = None
+        if len(self.space.methods) > 1:  # the method tried least (pruned trials were not), the space's order on ties
+            tried = [t.params.get("method") for t in trials if t.state != TrialState.PRUNED]
+            method = min(self.space.methods, key=tried.count)
+        enqueue_seed(study, self.draw(model, asked, method), self.space, role=EXPLORE_ROLE)
         return self._ask(study)  # a draw equal to an earlier trial is not enqueued: the sampler's, then
 
     def _ask(self, study: optuna.Study) -> tuple[optuna.Trial, Schedule]:

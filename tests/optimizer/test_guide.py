@@ -182,3 +182,21 @@ def test_bad_settings_are_refused():
         guide(explore=-1)
     with pytest.raises(ValueError, match="floor > 0"):
         guide(floor=0)
+
+
+def test_a_space_of_several_methods_draws_each_method_early():
+    """The draws go to the method the study has tried least, so 7 methods need 7 draws, not luck."""
+    peers = ("fastv", "pdrop", "divprune", "visionzip", "sparsevlm", "tome", "downsample")
+    space = SearchSpace(reduction=0.778, methods=peers)
+    search = GuidedSearch(space, encoder_depth=DEPTHS[0], llm_depth=DEPTHS[1], flops_speedup=flops_speedup)
+    study = make_study(None, "methods", seed=0)
+    seeds = seed_schedules(space, encoder_depth=DEPTHS[0], llm_depth=DEPTHS[1], reductions=seed_reductions(space))
+    methods = []
+    for number in range(9):
+        if number < len(seeds):
+            enqueue_seed(study, seeds[number], space)
+        trial, schedule = search.ask(study)
+        methods.append(schedule.method)
+        tell_result(study, trial, measure(schedule))
+    assert methods[1] == "fastv"  # the paper default in the space's first method
+    assert set(methods[2:9]) == set(peers)
