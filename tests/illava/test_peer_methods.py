@@ -1,6 +1,7 @@
 """The peer methods (FastV, PyramidDrop, DivPrune, VisionZip, SparseVLM, ToMe, text-guided iLLaVA): their rules on hand-made tensors, and the
 engine's contract for each of them on every family (counts follow the plan, a padded batch of two
-equals each sample alone, cached generation equals a cache-free one)."""
+equals each sample alone, cached generation equals a cache-free one, every attention implementation
+selects the same, and the same holds in bf16)."""
 
 from __future__ import annotations
 
