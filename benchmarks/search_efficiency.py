@@ -48,7 +48,6 @@ from illava.backbones import backbone_config  # noqa: E402
 from jobs.driver import MEASURE_REPEATS, MEASURE_WARMUP  # noqa: E402  (what a job's worker is given)
 from optimizer import (  # noqa: E402
     MEMORY_NOISE,
-    SEED_ATTR,
     GuidedSearch,
     Metrics,
     Objectives,
@@ -67,7 +66,6 @@ from optimizer import (  # noqa: E402
     seed_schedules,
     tell_failure,
     tell_result,
-    warm_schedules,
 )
 
 DEFAULT_TABLE = Path(__file__).resolve().parent / "results" / "search" / "demo_grid.jsonl"
@@ -269,7 +267,7 @@ def _job_setup(backbone: str, reduction: str, encoder_share: str, limit: int) ->
 
 
 def _header(args: argparse.Namespace, space: SearchSpace, workload: Any, depths: tuple, worker: Any) -> dict:
-    grids, text_tokens = worker.flop_inputs()  # what a job's warm start reads, the same way
+    grids, text_tokens = worker.flop_inputs()  # what a job's guided search reads, the same way
     return {
         "kind": "header", "format": FORMAT, "backbone": args.backbone, "workload": workload.to_dict(),
         "space": space.to_dict(), "depths": list(depths), "design_seed": args.design_seed,
@@ -502,16 +500,13 @@ class Context:
 @dataclass(frozen=True)
 class Strategy:
     """A search as a job would run it: `sampler` is the job's (`make_study(sampler=...)`), seeded the
-    job's way; `make_sampler` replaces it (a sampler a job does not offer yet); `warm` lists schedules
-    enqueued after the job's seeds, before the sampler takes over (they count toward the budget);
-    `guide`, the job's `optimizer.GuidedSearch`, asks every trial after the seeds (what it prunes is
+    job's way; `make_sampler` replaces it (a sampler a job does not offer yet); `guide`, the job's `optimizer.GuidedSearch`, asks every trial after the seeds (what it prunes is
     never measured and counts toward nothing)."""
 
     name: str
     sampler: str
     about: str
     make_sampler: Callable[[int], Any] | None = None
-    warm: Callable[[Context, int, list[Schedule]], list[Schedule]] | None = None
     guide: Callable[[Context, int], GuidedSearch] | None = None
 
 
@@ -526,14 +521,6 @@ def _sampler(kind: str, **options: Any) -> Callable[[int], Any]:
             return samplers[kind](seed=seed, **options)
 
     return make
-
-
-def _warm(count: int) -> Callable[[Context, int, list[Schedule]], list[Schedule]]:
-    def schedules(context: Context, seed: int, seeds: list[Schedule]) -> list[Schedule]:
-        return warm_schedules(context.space, encoder_depth=context.encoder_depth, llm_depth=context.llm_depth,
-                              predict=context.predict, count=count, seed=seed, after=seeds)  # fmt: skip
-
-    return schedules
 
 
 def _guided(**options: Any) -> Callable[[Context, int], GuidedSearch]:
@@ -562,24 +549,14 @@ STRATEGIES: dict[str, Strategy] = {
             make_sampler=_sampler("tpe", **MULTIVARIATE),
         ),
         Strategy(
-            "warm-tpe",
-            "tpe",
-            "6 warm-start schedules (`optimizer.warm`) after the seeds, then the job's TPE",
-            warm=_warm(6),
-        ),
-        Strategy(
-            "warm-tpe-mv",
-            "tpe",
-            "6 warm-start schedules after the seeds, then multivariate TPE",
-            make_sampler=_sampler("tpe", **MULTIVARIATE),
-            warm=_warm(6),
-        ),
-        Strategy(
             "guided",
             "tpe",
-            "the job's search (`optimizer.GuidedSearch`, defaults): 16 random draws among the schedules the "
+            "the job's search (`optimizer.GuidedSearch`, defaults): 26 random draws among the schedules the "
             "calibrated speed model predicts faster than the unmerged model, then TPE with that guard",
             guide=_guided(),
+        ),
+        Strategy(
+            "guided-x20", "tpe", "as `guided` with 16 random draws (TPE from trial 21)", guide=_guided(explore=20)
         ),
         Strategy("guided-x10", "tpe", "as `guided` with 6 random draws (TPE from trial 11)", guide=_guided(explore=10)),
         Strategy(
@@ -613,13 +590,12 @@ def replay(table: Table, strategy: Strategy, seed: int, budget: int, context: Co
     if strategy.make_sampler is not None:
         study.sampler = strategy.make_sampler(seed)
     seeds = table.seeds()
-    warm = strategy.warm(context, seed, seeds) if strategy.warm else []
     guide = strategy.guide(context, seed) if strategy.guide else None
-    queue = [(s, True) for s in seeds[:budget]] + [(s, False) for s in warm]
+    queue = list(seeds[:budget])
     visited = []
     for _ in range(budget):
-        while queue and not _enqueue(study, *queue.pop(0), space):
-            pass  # already in the study (a warm schedule equal to a seed): the next one
+        while queue and not enqueue_seed(study, queue.pop(0), space):
+            pass  # already in the study: the next one
         if guide is not None:
             trial, schedule = guide.ask(study)
         else:
@@ -632,16 +608,6 @@ def replay(table: Table, strategy: Strategy, seed: int, budget: int, context: Co
         else:
             tell_result(study, trial, row.metrics, objectives=OBJECTIVES)
     return visited
-
-
-def _enqueue(study: Any, schedule: Schedule, is_seed: bool, space: SearchSpace) -> bool:
-    """Enqueue a job seed as the driver does (`enqueue_seed`), a warm-start schedule the same way
-    under its own role; False when the study already has it."""
-    if is_seed:
-        return enqueue_seed(study, schedule, space)
-    before = len(study.get_trials(deepcopy=False))
-    study.enqueue_trial(schedule_params(schedule, space), user_attrs={SEED_ATTR: "warm"}, skip_if_exists=True)
-    return len(study.get_trials(deepcopy=False)) > before
 
 
 def hv_percent_by_budget(visited: Sequence[Row], budgets: Sequence[int], scale: Scale, full: float) -> list[float]:

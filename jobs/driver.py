@@ -11,13 +11,15 @@ leaves a FAIL trial that the job's driver records as not run. Before each ask th
 settles any Optuna trial the database does not match, so the two hold the same trials in the
 same states whatever happened to the drivers before it.
 
-A job starts from its seed schedules (the unmerged model, the paper's defaults), then up to
-`WARM_TRIALS` warm-start schedules chosen with the FLOPs model on the workload's first batch
-(`optimizer.warm_schedules`; the worker reports that batch's grids and text tokens), then its
-sampler. Both kinds are enqueued one at a time right before their ask, so they count toward the
-budget, the warm ones only where the budget has room after the seeds, and no trial is ever left
-WAITING in Optuna. Each carries its role in Optuna (`optimizer.SEED_ATTR`: the seed's, or
-``"warm"``); a resumed job skips what its study already holds, so none is run twice.
+A job starts from its seed schedules (the unmerged model, the paper's defaults), enqueued one at a
+time right before their ask, so they count toward the budget and no trial is ever left WAITING in
+Optuna; each carries its role in Optuna (`optimizer.SEED_ATTR`). Every later trial is asked through
+`optimizer.GuidedSearch`: random draws among the schedules a speed model (the FLOPs model on the
+workload's first batch, which a worker reports, plus a per-merge cost fitted on the trials measured
+so far) predicts faster than the unmerged model, role ``"explore"``, up to `EXPLORE_TRIALS` trials
+in all, then the job's sampler, whose suggestions predicted slower are told PRUNED in Optuna without
+being measured (no row, no budget). A resumed job counts what its study already holds, so no seed
+runs twice and the exploration goes on where it stopped.
 
 Crash safety, in the order things are written: a trial's row goes to the database *before* its
 result is told to Optuna, so a driver killed at any moment leaves at worst an Optuna trial RUNNING
@@ -48,9 +50,8 @@ import illava
 from db import Database, LeaseLost, queries
 from illava import Schedule
 from optimizer import (
-    SEED_ATTR,
-    WARM_ROLE,
     Constraints,
+    GuidedSearch,
     Objectives,
     Point,
     SearchSpace,
@@ -62,7 +63,6 @@ from optimizer import (
     seed_schedules,
     tell_failure,
     tell_result,
-    warm_schedules,
 )
 
 from . import cluster
@@ -75,9 +75,6 @@ CANCEL_POLL_S = 2.0  # longest wait for a trial before looking at the cancel fla
 #: Each trial's paired prefill rounds (unmerged, then the schedule): `MEASURE_REPEATS` timed after
 #: `MEASURE_WARMUP` untimed (`profiler.Profiler`; benchmarks/search_efficiency.py measures its table so).
 MEASURE_REPEATS, MEASURE_WARMUP = 3, 1
-#: Warm-start trials after the seeds, as many as the budget has room for: what the replay measured
-#: (benchmarks/results/search/demo_replay.md, `warm-tpe`).
-WARM_TRIALS = 6
 
 
 class DriverStopped(KeyboardInterrupt):
@@ -253,8 +250,8 @@ class _Driver:
         self.study: optuna.Study | None = None
         self.in_flight: dict[Any, tuple[optuna.Trial, Any, Schedule]] = {}  # Ray ref -> (trial, actor, schedule)
         self.telling: int | None = None  # the trial whose result is stored and is being told to Optuna
-        self.queue: list[tuple[Schedule, str | None]] = []  # (schedule, role) to enqueue, in order: seeds, warm
-        self.warm_left = 0  # warm-start trials still to enqueue (this job's, less those its study holds)
+        self.queue: list[Schedule] = []  # the seeds to enqueue, in order
+        self.guide: GuidedSearch | None = None  # asks every trial; None: no FLOPs inputs, the sampler alone
         self.stored = 0  # the job's trial rows: what the budget counts
 
     @contextmanager
@@ -299,8 +296,8 @@ class _Driver:
                               warmup=MEASURE_WARMUP, faults=parse_faults(os.environ.get(FAULTS_ENV))))  # fmt: skip
             seeds = seed_schedules(self.space, encoder_depth=self.encoder_depth, llm_depth=self.llm_depth,
                                    reductions=seed_reductions(self.space))  # fmt: skip
-            self.queue = [(schedule, None) for schedule in seeds[: self.n_trials]]
-            self._queue_warm_start(pool, config, seeds, seed)
+            self.queue = seeds[: self.n_trials]
+            self.guide = self._guided_search(pool, config, seed)
             while True:
                 self.keeper.check()
                 if self.keeper.cancel_requested:
@@ -317,7 +314,6 @@ class _Driver:
                 outcome = _collect(ready[0], actor, pool)
                 summary = self._record(trial, schedule, outcome)  # database first
                 self.telling = trial.number  # stored, told below: `_reconcile` leaves it to this loop
-                self._dispatch(pool)  # the freed worker starts its next trial before Optuna's bookkeeping below
                 if summary is None:
                     tell_failure(self.study, trial)
                 else:
@@ -423,29 +419,21 @@ class _Driver:
             return {"params": params}, "interrupted before its schedule was drawn"
         return schedule.to_dict(), INTERRUPTED
 
-    def _queue_warm_start(self, pool: _Pool, config: Any, seeds: list[Schedule], seed: int) -> None:
-        """Queue the warm-start schedules after the seeds: `WARM_TRIALS`, or what the budget leaves
-        after every seed (a design of that size, `warm_schedules(count=...)`), of which those the
-        study already holds (a resumed job) count as done. Their FLOPs model is fed the batch the
-        workers time, read off by one of them once its model is loaded."""
-        room = min(WARM_TRIALS, self.n_trials - len(seeds))
-        held = sum(t.user_attrs.get(SEED_ATTR) == WARM_ROLE for t in self.study.get_trials(deepcopy=False))
-        if room - held <= 0:
-            return
+    def _guided_search(self, pool: _Pool, config: Any, seed: int) -> GuidedSearch | None:
+        """The job's `GuidedSearch`, its FLOPs model fed the batch the workers time, read off by one
+        of them once its model is loaded; None (the sampler alone) when that failed."""
         inputs = self._flop_inputs(pool)
         if inputs is None:
-            return
+            return None
         grids, text_tokens = inputs
-        warm = warm_schedules(
-            self.space, encoder_depth=self.encoder_depth, llm_depth=self.llm_depth, count=room, seed=seed,
-            after=seeds, predict=lambda schedule: illava.predicted_speedup(config, schedule, grids, text_tokens),
+        return GuidedSearch(
+            self.space, encoder_depth=self.encoder_depth, llm_depth=self.llm_depth, seed=seed,
+            flops_speedup=lambda schedule: illava.predicted_speedup(config, schedule, grids, text_tokens),
         )  # fmt: skip
-        self.queue += [(schedule, WARM_ROLE) for schedule in warm]
-        self.warm_left = room - held
 
     def _flop_inputs(self, pool: _Pool) -> tuple[list, int] | None:
         """(grids, text tokens) of the workload's first batch from a worker (`TrialWorker.flop_inputs`),
-        waiting while it loads its model; None, and the job goes on without a warm start, when it
+        waiting while it loads its model; None, and the job goes on without a guided search, when it
         failed or the job was cancelled meanwhile. A worker that died is replaced."""
         import ray
 
@@ -457,27 +445,22 @@ class _Driver:
                 return None
         try:
             return ray.get(ref)
-        except Exception as error:  # noqa: BLE001 - the warm start is an optimisation; the trials report errors
+        except Exception as error:  # noqa: BLE001 - the guide is an optimisation; the trials report errors
             if isinstance(error, ray.exceptions.ActorDiedError):
                 pool.idle.remove(actor)
                 pool.replace(actor)
-            print(f"illava-tune: job {self.job_id[:8]}: no warm start ({_describe(error)})", file=sys.stderr)
+            print(f"illava-tune: job {self.job_id[:8]}: no guided search ({_describe(error)})", file=sys.stderr)
             return None
 
     def _next_enqueued(self) -> None:
-        """Enqueue the next queued schedule (a seed, then a warm start) the study has not seen,
-        unless a trial is already waiting (the next ask takes that one)."""
+        """Enqueue the next seed the study has not seen, unless a trial is already waiting (the
+        next ask takes that one)."""
         if not self.queue:  # everything queued is in the study: nothing to look up
             return
         if any(t.state == optuna.trial.TrialState.WAITING for t in self.study.get_trials(deepcopy=False)):
             return
         while self.queue:
-            schedule, role = self.queue.pop(0)
-            if role == WARM_ROLE and self.warm_left <= 0:
-                continue
-            if enqueue_seed(self.study, schedule, self.space, role=role):
-                if role == WARM_ROLE:
-                    self.warm_left -= 1
+            if enqueue_seed(self.study, self.queue.pop(0), self.space):
                 return
 
     def _dispatch(self, pool: _Pool) -> None:
@@ -488,16 +471,21 @@ class _Driver:
                     return
 
     def _start_trial(self, pool: _Pool) -> bool:
-        """Ask the next trial (a seed or warm start first) and start it on an idle worker; False when
-        the budget is spent. The lease is renewed before anything is written to Optuna, and an asked
-        trial that cannot be claimed (the lease lost since, the database failing) is abandoned."""
+        """Ask the next trial (a seed first, then through the guide) and start it on an idle worker;
+        False when the budget is spent. The lease is renewed before anything is written to Optuna, and
+        an asked trial that cannot be claimed (the lease lost since, the database failing) is
+        abandoned. The guide may prune suggestions on the way: finished in Optuna, never stored."""
         self._reconcile()
         if self.stored >= self.n_trials:
             return False
         self._next_enqueued()
-        trial = self.study.ask()
+        if self.guide is not None:
+            trial, schedule = self.guide.ask(self.study)  # a failure leaves its trial RUNNING: `_reconcile`
+        else:
+            trial, schedule = self.study.ask(), None
         try:
-            schedule = self.space.suggest(trial, encoder_depth=self.encoder_depth, llm_depth=self.llm_depth)
+            if schedule is None:
+                schedule = self.space.suggest(trial, encoder_depth=self.encoder_depth, llm_depth=self.llm_depth)
             with self.database.session() as s:
                 queries.claim_trial(s, self.job_id, self.owner, trial.number, schedule.to_dict(), ttl_s=self.ttl_s)
         except BaseException as error:
@@ -554,7 +542,7 @@ class _Driver:
 
     def _retire_waiting(self) -> None:
         """No trial is left WAITING in Optuna once the job ends, however it ends (one is there when a
-        driver stopped between enqueueing a seed or warm start and asking it): each is asked and
+        driver stopped between enqueueing a seed or an exploration draw and asking it): each is asked and
         failed, the database first, under a renewed lease like any other ask."""
         waiting = optuna.trial.TrialState.WAITING
         while any(t.state == waiting for t in self.study.get_trials(deepcopy=False)):

@@ -24,7 +24,6 @@ from .study import (
     SAMPLERS,
     SEED_ATTR,
     SPEEDUP_ATTR,
-    WARM_ROLE,
     enqueue_seed,
     fail_waiting,
     make_study,
@@ -36,7 +35,6 @@ from .study import (
     tell_failure,
     tell_result,
 )
-from .warm import warm_schedules
 
 __all__ = [
     "EXPLORE_ROLE",
@@ -48,7 +46,6 @@ __all__ = [
     "PRUNED_ATTR",
     "SEED_ATTR",
     "SPEEDUP_ATTR",
-    "WARM_ROLE",
     "Choice",
     "HypervolumeError",
     "Constraints",
@@ -77,5 +74,4 @@ __all__ = [
     "seed_study",
     "tell_failure",
     "tell_result",
-    "warm_schedules",
 ]

@@ -40,8 +40,7 @@ if TYPE_CHECKING:
     from optuna.storages import BaseStorage
 
 SAMPLERS = ("tpe", "nsga2", "random")
-SEED_ATTR = "illava_seed"  # user attribute naming why a trial was enqueued: a seed's role, or WARM_ROLE
-WARM_ROLE = "warm"  # the SEED_ATTR of a warm-start trial (`optimizer.warm_schedules`)
+SEED_ATTR = "illava_seed"  # user attribute naming why a trial was enqueued: a seed's role, or guide.EXPLORE_ROLE
 #: User attribute of a told trial: its paired speedup over the unmerged model, whatever the speed
 #: objective (what `optimizer.GuidedSearch` calibrates its speed model on).
 SPEEDUP_ATTR = "illava_speedup"
@@ -149,8 +148,8 @@ def enqueue_seed(study: optuna.Study, schedule: Schedule, space: SearchSpace, *,
     """Enqueue `schedule` unless a trial of the study (waiting, running or finished) already has
     its parameters; returns whether it was enqueued. The next `study.ask()` takes it.
 
-    `role` is stored as the trial's `SEED_ATTR` (why it was enqueued): `WARM_ROLE` for a warm-start
-    schedule (`optimizer.warm_schedules`); by default the seed's own (`seed_role`)."""
+    `role` is stored as the trial's `SEED_ATTR` (why it was enqueued): `EXPLORE_ROLE` for a draw of
+    `optimizer.GuidedSearch`; by default the seed's own (`seed_role`)."""
     before = len(study.get_trials(deepcopy=False))
     role = seed_role(schedule) if role is None else role
     study.enqueue_trial(schedule_params(schedule, space), user_attrs={SEED_ATTR: role}, skip_if_exists=True)

@@ -14,7 +14,7 @@ import pytest
 import illava
 from illava import Schedule
 from illava.backbones import backbone_config
-from optimizer import Metrics, SearchSpace, SpeedModel, warm_schedules
+from optimizer import Metrics, SearchSpace, SpeedModel
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "search_efficiency.py"
 
@@ -136,22 +136,6 @@ def test_measure_writes_rows_and_resumes_without_measuring_again(tmp_path):
     assert len(second.sessions) == 2
     assert all(json.loads(line) for line in out.read_text().splitlines())
     assert not math.isnan(se.Table(second).nearest(Schedule.from_dict(first.rows[-1].schedule)).metrics.quality)
-
-
-def test_warm_start_spreads_distinct_schedules_mostly_at_the_fewest_layers(table):
-    context = se.flops_context(table)
-    seeds = table.seeds()
-    warm = warm_schedules(SPACE, encoder_depth=8, llm_depth=6, predict=context.predict, count=6, seed=1, after=seeds)
-    again = warm_schedules(SPACE, encoder_depth=8, llm_depth=6, predict=context.predict, count=6, seed=1, after=seeds)
-    keys = {se.schedule_key(s) for s in warm}
-    assert len(keys) == 6 and keys == {se.schedule_key(s) for s in again}
-    assert not keys & {se.schedule_key(s) for s in seeds}
-    assert sum(len(s.encoder_layers) == len(s.llm_layers) == 1 for s in warm) == 4
-    assert all(SPACE.reduction[0] <= s.reduction <= SPACE.reduction[1] for s in warm)
-    shares = sorted(s.encoder_share for s in warm[:4])
-    assert shares[-1] - shares[0] > 0.4  # spread, not clustered
-    with pytest.raises(ValueError, match="count >= 0"):
-        warm_schedules(SPACE, encoder_depth=8, llm_depth=6, predict=context.predict, count=-1)
 
 
 def test_the_speed_model_summary_recovers_a_known_merge_cost():

@@ -13,17 +13,10 @@ import torch
 import illava
 import jobs
 from db import Database, queries
+from illava import Schedule
 from illava.backbones import backbone_config
 from jobs.worker import TrialWorker
-from optimizer import (
-    SEED_ATTR,
-    WARM_ROLE,
-    Constraints,
-    SearchSpace,
-    seed_reductions,
-    seed_schedules,
-    warm_schedules,
-)
+from optimizer import EXPLORE_ROLE, SEED_ATTR, Constraints, GuidedSearch, SearchSpace, SpeedModel
 from tests.db.conftest import fresh_database
 
 WORKLOAD = "single-448"
@@ -174,7 +167,7 @@ def test_a_job_searching_peer_methods_stores_each_trials_method_and_its_manifest
     database = Database(f"sqlite:///{tmp_path / 'methods.db'}")
     peers = ("fastv", "pdrop", "divprune", "visionzip", "sparsevlm", "tome", "downsample")
     space = SearchSpace(reduction=0.778, methods=peers)
-    job_id = submit(database, tmp_path, space=space, n_trials=9)  # 2 seeds + 6 warm starts spread over the methods + 1
+    job_id = submit(database, tmp_path, space=space, n_trials=9)  # 2 seeds + 7 draws, one per method
     assert jobs.run(database, job_id) == "completed"
     trials = stored_trials(database, job_id)
     assert all(t.state == "complete" for t in trials), [t.error for t in trials]
@@ -211,42 +204,45 @@ def test_a_job_searching_peer_methods_stores_each_trials_method_and_its_manifest
             assert int(illava.last_stats(backbone.model).llm_image_tokens[-1]) == sum(plan.kept for plan in plans)
 
 
-def test_a_job_runs_its_seeds_then_its_warm_start_within_its_budget_and_a_resume_adds_none(tmp_path):
+def test_a_job_runs_its_seeds_then_guided_draws_within_its_budget_and_a_resume_goes_on(tmp_path):
     """5 trials of a range holding none of the paper's ratios: its 2 seeds (the unmerged model, the
-    paper default at the middle), then the 3 warm starts that fit (a design of 3, the FLOPs model fed
-    the batch the worker times), each under its role in Optuna. A driver stopped after the first warm
-    trial leaves the next one failed; the resumed driver runs the last one, and no warm start twice."""
-    database = Database(f"sqlite:///{tmp_path / 'warm.db'}")
+    paper default at the middle), then 3 exploration draws (`optimizer.GuidedSearch`), each under its
+    role in Optuna and each the guide's draw with the speed model fitted on every trial before it. A
+    driver stopped after the first draw is resumed: the next draws go on from the study, and no seed
+    runs twice."""
+    database = Database(f"sqlite:///{tmp_path / 'guided.db'}")
     job_id = submit(database, tmp_path, n_trials=5, n_workers=1, space=SearchSpace(reduction=(0.7, 0.76)))
 
-    def stop_after_the_first_warm_trial(progress: jobs.Progress) -> None:
+    def stop_after_the_first_draw(progress: jobs.Progress) -> None:
         if progress.done == 3:
             raise RuntimeError("stopped for the test")
 
     with pytest.raises(RuntimeError, match="stopped for the test"):
-        jobs.run(database, job_id, on_progress=stop_after_the_first_warm_trial)
+        jobs.run(database, job_id, on_progress=stop_after_the_first_draw)
     assert jobs.status(database, job_id).state == "failed"
     assert jobs.run(database, job_id) == "completed"
 
     trials = {t.number: t for t in stored_trials(database, job_id)}
     study = optuna.load_study(study_name=f"illava-{job_id}", storage=database.optuna_storage_url)
     roles = {t.number: t.user_attrs.get(SEED_ATTR) for t in study.get_trials(deepcopy=False)}
-    assert sorted(trials) == sorted(roles) == list(range(5))  # the budget: no trial beyond it
+    assert sorted(trials) == sorted(roles) == list(range(5))  # the budget: no trial beyond it, none pruned
     assert all(t.state.is_finished() for t in study.get_trials(deepcopy=False))  # none left waiting
-    assert roles == {0: "unmerged", 1: "paper_default@0.73", 2: WARM_ROLE, 3: WARM_ROLE, 4: WARM_ROLE}
-    assert [trials[n].state for n in range(5)] == ["complete", "complete", "complete", "failed", "complete"]
-    assert "stopped for the test" in trials[3].error
+    assert roles == {0: "unmerged", 1: "paper_default@0.73", 2: EXPLORE_ROLE, 3: EXPLORE_ROLE, 4: EXPLORE_ROLE}
+    assert all(trials[n].state == "complete" for n in range(5))
 
-    # The warm trials are the design the FLOPs model ranks on the worker's first batch, in its order.
+    # Each draw is the guide's: the FLOPs model on the worker's first batch plus the per-merge cost
+    # fitted on the trials measured before it (a draw predicted faster than the unmerged model, or
+    # the fastest predicted where merges cost this CPU too much for any to be).
     with database.session() as s:
         job = queries.get_job(s, job_id)
         space, workload = SearchSpace.from_dict(job.search_space), job.workload.spec
     config = backbone_config("tiny")
     encoder_depth, llm_depth = illava.depths(config)
     grids, text_tokens = TrialWorker("tiny", workload, device="cpu", repeats=1, warmup=0).flop_inputs()
-    seeds = seed_schedules(space, encoder_depth=encoder_depth, llm_depth=llm_depth, reductions=seed_reductions(space))
-    expected = warm_schedules(
-        space, encoder_depth=encoder_depth, llm_depth=llm_depth, count=3, seed=0, after=seeds,
-        predict=lambda schedule: illava.predicted_speedup(config, schedule, grids, text_tokens),
-    )  # fmt: skip
-    assert [trials[n].schedule for n in range(2, 5)] == [schedule.to_dict() for schedule in expected]
+    guide = GuidedSearch(space, encoder_depth=encoder_depth, llm_depth=llm_depth, seed=0,
+                         flops_speedup=lambda schedule: illava.predicted_speedup(config, schedule, grids, text_tokens))  # fmt: skip
+    for n in range(2, 5):
+        model = SpeedModel.fit(guide.flops_speedup, [(Schedule.from_dict(trials[m].schedule), trials[m].speedup)
+                                                     for m in range(n)])  # fmt: skip
+        assert model.fitted_on == n - 1  # every merged trial before it
+        assert trials[n].schedule == guide.draw(model, n).to_dict()

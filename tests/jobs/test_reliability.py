@@ -27,7 +27,7 @@ from db.models import utcnow
 from illava_tune.cli import main as cli
 from jobs.driver import ASKED_BY_STALE
 from jobs.lease import holder_is_gone, take
-from optimizer import SEED_ATTR, WARM_ROLE
+from optimizer import EXPLORE_ROLE, SEED_ATTR
 from profiler import DatasetError, read_dataset
 from tests.db.conftest import fresh_database
 from tests.jobs.test_jobs import small_workload, stored_trials, submit
@@ -343,7 +343,7 @@ def test_the_seeds_count_toward_the_budget_and_none_is_left_waiting(tmp_path):
     assert jobs.run(database, job_id) == "completed"
     assert_budget_kept(database, job_id, 3)
     study = optuna.load_study(study_name=f"illava-{job_id}", storage=database.optuna_storage_url)
-    assert WARM_ROLE not in {t.user_attrs.get(SEED_ATTR) for t in study.get_trials()}  # no room for a warm start
+    assert EXPLORE_ROLE not in {t.user_attrs.get(SEED_ATTR) for t in study.get_trials()}  # no room for a draw
     assert any(t.schedule["reduction"] == 0.0 for t in stored_trials(database, job_id))
     elapsed = jobs.status(database, job_id).progress.elapsed_s
     time.sleep(1.1)
