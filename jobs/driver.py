@@ -195,13 +195,18 @@ def _quietly(doing: str, action: Callable[[], Any]) -> None:
 class _StopSignals:
     """SIGTERM, SIGHUP and SIGINT raise `DriverStopped` in the driver's thread (the main one;
     elsewhere the process's own handlers stay). Inside `deferred()` a signal waits for the block's
-    end, so no trial is ever asked in Optuna without its row in the database."""
+    end, so no trial is ever asked in Optuna without its row in the database.
+
+    Ray swallows an exception a signal handler raises while the driver blocks in ``ray.wait`` or
+    ``ray.get`` and raises a bare ``KeyboardInterrupt`` instead: `stopped` keeps the reason, and
+    `reason_of` gives it back for such an interrupt."""
 
     WANTED = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
 
     def __init__(self) -> None:
         self.active = threading.current_thread() is threading.main_thread()
         self.pending: str | None = None
+        self.stopped: str | None = None  # the reason of the last signal handled
         self.depth = 0
         self.previous: dict[int, Any] = {}
 
@@ -222,11 +227,18 @@ class _StopSignals:
                 signal.signal(number, self._handle)
 
     def _handle(self, signum: int, _frame: Any) -> None:
-        reason = f"stopped by {signal.Signals(signum).name}"
+        reason = self.stopped = f"stopped by {signal.Signals(signum).name}"
         if self.depth:
             self.pending = reason
             return
         raise DriverStopped(reason)
+
+    def reason_of(self, error: BaseException) -> DriverStopped | None:
+        """The `DriverStopped` a bare ``KeyboardInterrupt`` stands for (one Ray raised for a signal
+        this handled); None for anything else."""
+        if type(error) is KeyboardInterrupt and self.stopped is not None:
+            return DriverStopped(self.stopped)
+        return None
 
     @contextmanager
     def deferred(self) -> Iterator[None]:
@@ -325,7 +337,10 @@ class _Driver:
             lost = True  # the job is someone else's now: write nothing more
             raise
         except BaseException as error:
-            stop_reason = f"driver stopped: {_describe(error)}"
+            stopped = self.signals.reason_of(error)
+            stop_reason = f"driver stopped: {_describe(stopped or error)}"
+            if stopped is not None:
+                raise stopped from error
             raise
         finally:
             self._stop_in_flight(None if lost else stop_reason or "cancelled")

@@ -274,3 +274,30 @@ def test_an_initialized_ray_is_left_alone(monkeypatch):
     monkeypatch.setattr(ray, "init", lambda **_: pytest.fail("ray.init reached"))
     assert cluster.connect("127.0.0.1:1") is False
     cluster.disconnect(False)
+
+
+def test_a_signal_while_the_driver_waits_on_ray_keeps_its_reason():
+    """Ray catches what a signal handler raises inside `ray.wait` and raises a bare KeyboardInterrupt
+    instead; the driver's signal handling gives the reason back (a SIGTERM'd job said "illava-tune: " and
+    stored "driver stopped: interrupted (Ctrl-C)")."""
+    script = """
+import os, signal, threading, time, ray
+from jobs.driver import DriverStopped, _StopSignals
+ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+ref = ray.remote(lambda: time.sleep(60)).remote()
+with _StopSignals() as signals:
+    print("waiting", flush=True)
+    try:
+        ray.wait([ref], timeout=60)
+    except KeyboardInterrupt as error:
+        stopped = signals.reason_of(error)
+        print(type(error).__name__, repr(str(error)), type(stopped).__name__, str(stopped), flush=True)
+assert signals.reason_of(KeyboardInterrupt()) is not None and signals.reason_of(ValueError()) is None
+"""
+    process = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, env=clean_env(), stdout=subprocess.PIPE,
+                               stderr=subprocess.DEVNULL, text=True)  # fmt: skip
+    assert process.stdout.readline().strip() == "waiting"
+    time.sleep(1)
+    process.send_signal(signal.SIGTERM)
+    assert process.stdout.readline().strip() == "KeyboardInterrupt '' DriverStopped stopped by SIGTERM"
+    assert process.wait(timeout=30) == 0
