@@ -500,8 +500,9 @@ class Context:
 @dataclass(frozen=True)
 class Strategy:
     """A search as a job would run it: `sampler` is the job's (`make_study(sampler=...)`), seeded the
-    job's way; `make_sampler` replaces it (a sampler a job does not offer yet); `guide`, the job's `optimizer.GuidedSearch`, asks every trial after the seeds (what it prunes is
-    never measured and counts toward nothing)."""
+    job's way; `make_sampler` replaces it (a sampler a job does not offer yet); `guide`, the job's
+    `optimizer.GuidedSearch`, asks every trial after the seeds (what it prunes is never measured and
+    counts toward nothing)."""
 
     name: str
     sampler: str
