@@ -208,6 +208,9 @@ def test_joins_the_cluster_started_as_the_readme_says(head, tmp_path, where):
         pass  # disconnect left the external cluster running
 
 
+# Behind `slow` for the default run's time (9 min 29 s with it): joining that cluster is tested above in the
+# default run, and a job's driver connects through the same `cluster.connect`.
+@pytest.mark.slow
 def test_a_tuning_job_runs_on_the_cluster_started_as_the_readme_says(head, tmp_path):
     """README, on the head node: `export RAY_AUTH_MODE=token`, then `RAY_ADDRESS=HEAD:6379 illava-tune submit`.
     The job's worker runs in that cluster (its session logs hold the worker), not in a local one."""
