@@ -304,13 +304,9 @@ class MergeMap:
         total = torch.zeros_like(kept).index_add_(0, self.fold.slots, self._entry_weights(sizes))
         return torch.where(self._folded_slots(), total, kept)
 
-    def gather(self, values: torch.Tensor, unit: int = 1) -> torch.Tensor:
-        """(n * unit, ...) -> (P * unit, ...): the kept units' rows, nothing merged (positions)."""
-        return values[self.token_index(unit)]
-
     def token_index(self, unit: int = 1) -> torch.Tensor:
-        """(P * unit,) long: the kept units' tokens, in order (what `gather` takes; computed once, it
-        serves every per-token tensor of a sequence)."""
+        """(P * unit,) long: the kept units' tokens, in order, to index every per-token tensor of the
+        sequence with (positions: the kept units' rows, nothing merged)."""
         if unit == 1:
             return self.keep
         return (self.keep[:, None] * unit + torch.arange(unit, device=self.keep.device)).reshape(-1)
