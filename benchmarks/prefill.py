@@ -11,7 +11,15 @@ For each backbone, attention implementation and image size, and each schedule (v
 paper's default split at 66.7/77.8/88.9%), runs are interleaved round-robin in one process so that
 drift hits every schedule alike: each repeat times the encoder alone (`get_image_features`) and the
 full prefill forward (`logits_to_keep=1`). LLM time = total - encoder. A separate instrumented pass
-measures the share of the merged forward spent in importance + selection + merging + re-packing.
+measures the share of the merged forward spent in importance + selection + merging + re-packing;
+`at zero merge cost` is vanilla over the merged forward's time outside that work: the speedup its
+token counts allow on this machine, which no faster merge can exceed.
+
+Where FLOPs overstate that, the second table says how much is the machine: it times the decoder
+stack alone, unmerged, at every sequence length the schedules' decoder layers run at, and predicts
+each schedule's LLM speedup from those times (mean over its layers) beside the FLOPs prediction and
+the measured one. A machine whose decoder layer costs the same per token at every length gives the
+FLOPs figure; one whose small matmuls are bound by reading the weights gives less.
 
 Beside the times, one counted forward per schedule (`profiler.counts`: a dispatch mode) gives the
 aten ops, the kernel ops (those that launch work on a GPU), the host reads and the attention calls,
@@ -87,11 +95,17 @@ class Result:
     encoder: Timing | None = None
     total: Timing | None = None
     merge_share: float = 0.0
-    predicted: float = 1.0
+    flops: illava.Flops | None = None
+    llm_curve: float = 0.0  # seconds: the unmerged LLM's own time at this schedule's per-layer lengths
 
     @property
     def llm(self) -> float:
         return self.total.median - self.encoder.median
+
+    def ceiling(self, base: Result) -> float:
+        """The speedup this schedule's token counts allow here at zero merge cost: vanilla over the
+        merged forward's time outside merge work (medians of separate passes, so an estimate)."""
+        return base.total.median / (self.total.median * (1.0 - self.merge_share))
 
 
 def machine(device: torch.device) -> str:
@@ -135,8 +149,8 @@ def bench_size(backbone, size: int, batch_size: int, repeats: int, warmup: int, 
     for label, schedule in configs:
         set_schedule(model, schedule)
         total()  # lazy set-up is not counted
-        results.append(Result(size, label, image_tokens, schedule, count_call(total),
-                              predicted=illava.predicted_speedup(model.config, schedule, grids, text_tokens)))  # fmt: skip
+        flops = illava.prefill_flops(model.config, schedule, grids, text_tokens)
+        results.append(Result(size, label, image_tokens, schedule, count_call(total), flops=flops))
     if not timed:
         illava.remove(model)
         return results
@@ -162,7 +176,33 @@ def bench_size(backbone, size: int, batch_size: int, repeats: int, warmup: int, 
                 shares.append(illava.last_stats(model).merge_seconds / seconds)
             result.merge_share = statistics.median(shares)
     illava.remove(model)
+    lengths = sorted({n for r in results for n in r.flops.llm_tokens})
+    alone = llm_alone(backbone, lengths, batch_size, repeats, warmup, device)
+    for r in results:
+        r.llm_curve = statistics.fmean(alone[n].median for n in r.flops.llm_tokens)
     return results
+
+
+@torch.inference_mode()
+def llm_alone(backbone, lengths: list[int], batch_size: int, repeats: int, warmup: int,
+              device: torch.device) -> dict[int, Timing]:  # fmt: skip
+    """The decoder stack alone (no image, no merge) on random embeddings of each of `lengths`
+    tokens (split over the batch), interleaved round-robin: what the unmerged LLM costs here at each
+    length. A schedule whose layers run at lengths n_1..n_L then costs about the mean of these times,
+    which is the speedup its token counts allow on this machine, merge work aside."""
+    model = backbone.model
+    decoder = model.get_decoder()
+    width, dtype = model.config.get_text_config().hidden_size, next(decoder.parameters()).dtype
+    generator = torch.Generator().manual_seed(0)
+    embeds = {n: torch.randn(batch_size, -(-n // batch_size), width, generator=generator).to(device, dtype)
+              for n in lengths}  # fmt: skip
+    times: dict[int, list[float]] = {n: [] for n in lengths}
+    for run in range(warmup + repeats):
+        for n in lengths:
+            seconds = time_once(lambda e=embeds[n]: decoder(inputs_embeds=e, use_cache=False), device)
+            if run >= warmup:
+                times[n].append(seconds)
+    return {n: Timing(tuple(t)) for n, t in times.items()}
 
 
 @torch.inference_mode()
@@ -189,7 +229,7 @@ def table(results: list[Result]) -> str:
     head = "| image | img tokens | schedule | "
     if timed:
         head += ("encoder ms | LLM ms | prefill ms (spread) | speedup (min-max) | predicted | measured/predicted "
-                 "| merge share | ")  # fmt: skip
+                 "| merge share | at zero merge cost | ")  # fmt: skip
     head += COUNT_HEADER
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     base = {r.size: r for r in results if r.label == "vanilla"}
@@ -197,12 +237,28 @@ def table(results: list[Result]) -> str:
         row = f"| {r.size}x{r.size} | {r.image_tokens} | {r.label} "
         if timed:
             speedup = paired_ratios(base[r.size].total, r.total)
+            predicted = base[r.size].flops.total / r.flops.total
             row += (
                 f"| {r.encoder.median * 1e3:.1f} | {r.llm * 1e3:.1f} | {r.total.median * 1e3:.1f} ({r.total.spread:.0%}) "
-                f"| {speedup.median:.2f}x ({speedup.low:.2f}-{speedup.high:.2f}) | {r.predicted:.2f}x "
-                f"| {speedup.median / r.predicted:.0%} | {r.merge_share:.1%} "
+                f"| {speedup.median:.2f}x ({speedup.low:.2f}-{speedup.high:.2f}) | {predicted:.2f}x "
+                f"| {speedup.median / predicted:.0%} | {r.merge_share:.1%} | {r.ceiling(base[r.size]):.2f}x "
             )
         lines.append(row + _count_cells(r, base[r.size]))
+    return "\n".join(lines)
+
+
+def llm_table(results: list[Result]) -> str:
+    """The LLM's speedup three ways: measured (ratio of medians, merge work included), what FLOPs
+    predict, and what the unmerged LLM's own times at each layer's length predict (`llm_alone`)."""
+    lines = ["| image | schedule | LLM tokens, first -> last layer | LLM speedup, measured (medians) | FLOPs predict "
+             "| the unmerged LLM's times predict |", "|---|---|---|---|---|---|"]  # fmt: skip
+    base = {r.size: r for r in results if r.label == "vanilla"}
+    for r in results:
+        b, tokens = base[r.size], r.flops.llm_tokens
+        lines.append(
+            f"| {r.size}x{r.size} | {r.label} | {tokens[0]} -> {tokens[-1]} | {b.llm / r.llm:.2f}x "
+            f"| {b.flops.llm / r.flops.llm:.2f}x | {b.llm_curve / r.llm_curve:.2f}x |"
+        )
     return "\n".join(lines)
 
 
@@ -255,6 +311,7 @@ def main(argv: list[str] | None = None) -> int:
             ]
             report.append(f"**{name}, {attn}**\n\n{table(results)}\n")
             if not args.counts:
+                report.append(f"The LLM alone:\n\n{llm_table(results)}\n")
                 floor = text_only_floor(backbone, args.repeats, args.warmup, device)
                 report.append(f"The same prompt with no image (the floor no token reduction can go below): "
                               f"{floor.median * 1e3:.1f} ms ({floor.spread:.0%} spread).\n")  # fmt: skip

@@ -6,7 +6,8 @@ with a `TorchDispatchMode` (every aten op the forward dispatches) plus a wrapper
 `Tensor.tolist`, which reads a tensor back without dispatching an op.
 
 A *host read* is anything that needs a device value on the host before the forward can go on: a
-scalar (`.item()`, ``bool(t)``, ``int(t)``: ``aten._local_scalar_dense``), a list (`.tolist()`), or an
+scalar (`.item()`, ``bool(t)``, ``int(t)``, ``torch.equal``: ``aten._local_scalar_dense`` and the ops that
+wrap it), a list (`.tolist()`), or an
 op whose output size depends on the data (``nonzero``, boolean-mask indexing, ``masked_select``,
 ``unique``, ``repeat_interleave`` without an output size). On a CPU they cost nothing; on a GPU each
 one waits for the queue to drain. Inputs read on purpose count too (a model that reads
@@ -14,7 +15,8 @@ one waits for the queue to drain. Inputs read on purpose count too (a model that
 
 *Kernel ops* are the aten ops that launch work on a GPU: all of them but views, aliasing and tensor
 metadata (``view``, ``reshape`` of a contiguous tensor, ``unsqueeze``, ``slice``, ``transpose``,
-``expand``, ``detach``, ...), which cost a little host time and no launch.
+``expand``, ``detach``, ...), and conversions that return their input as it is (``.to(dtype)`` to the
+dtype it has, ``.contiguous()`` of a contiguous tensor), which cost a little host time and no launch.
 
 An *attention call* is one call of the attention function a module looks up in transformers'
 `AttentionInterface` (eager, SDPA, flash, ``illava_packed``): one per window or frame for the library's
@@ -35,6 +37,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 _READ_OPS = {
     "aten._local_scalar_dense.default",
+    # Composites that read a scalar: the mode sees them, not the `_local_scalar_dense` they run inside it.
+    "aten.item.default",
+    "aten.is_nonzero.default",
+    "aten.equal.default",
     "aten.nonzero.default",
     "aten.nonzero_static.default",
     "aten.masked_select.default",
@@ -54,8 +60,20 @@ _METADATA_OPS = {
 }  # fmt: skip
 
 
+_CONVERSION_OPS = {"to", "contiguous", "type_as"}  # a launch only when they make a new tensor
+
+
 def _is_metadata(name: str) -> bool:
     return name.split(".")[1] in _METADATA_OPS if name.startswith("aten.") else False
+
+
+def _launches(name: str, args: tuple, out: Any) -> bool:
+    """Whether the op `name`, which returned `out` for `args`, launched work (see the module doc)."""
+    if _is_metadata(name):
+        return False
+    if name.startswith("aten.") and name.split(".")[1] in _CONVERSION_OPS:
+        return not (args and out is args[0])
+    return True
 
 
 @dataclass
@@ -93,12 +111,13 @@ class _Counter(TorchDispatchMode):
         name = str(func)
         counts = self.counts
         counts.aten_ops += 1
-        counts.kernel_ops += not _is_metadata(name)
         counts.ops[name] += 1
         if _is_read(name, args, kwargs):
             counts.host_reads += 1
             counts.reads[name] += 1
-        return func(*args, **kwargs)
+        out = func(*args, **kwargs)
+        counts.kernel_ops += _launches(name, args, out)
+        return out
 
 
 @contextmanager

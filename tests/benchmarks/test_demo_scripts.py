@@ -74,5 +74,16 @@ def test_prefill_counts_every_attention_unmerged_and_merged(capsys):
 def test_prefill_times_and_counts(capsys):
     argv = ["--backbone", "tiny", "--attn", "illava_packed", "--sizes", "224", "--repeats", "5", "--warmup", "0"]
     _script("prefill").main(argv)
-    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 224x224")]
-    assert len(rows) == 4 and all(float(row.split("|")[6].split()[0]) > 0 for row in rows)  # prefill ms
+    main, llm = capsys.readouterr().out.split("The LLM alone:")
+    rows = [line.split("|") for line in main.splitlines() if line.startswith("| 224x224")]
+    assert len(rows) == 4 and all(float(row[6].split()[0]) > 0 for row in rows)  # prefill ms
+    zero_cost = [float(row[11].strip().rstrip("x")) for row in rows]  # speedup at zero merge cost
+    assert zero_cost[0] == 1.0 and all(c > 0 for c in zero_cost)
+    rows = [line.split("|") for line in llm.splitlines() if line.startswith("| 224x224")]
+    assert [row[2].strip() for row in rows] == ["vanilla", "iLLaVA 66.7%", "iLLaVA 77.8%", "iLLaVA 88.9%"]
+    assert [cell.strip() for cell in rows[0][4:7]] == ["1.00x"] * 3
+    for row in rows[1:]:
+        first, last = (int(n) for n in row[3].split("->"))
+        assert last < first  # the merged decoder's later layers run shorter
+        assert float(row[5].strip().rstrip("x")) > 1.0  # FLOPs predict a gain
+        assert float(row[6].strip().rstrip("x")) > 0  # a timed figure (how much is the machine's to say)
