@@ -19,7 +19,9 @@ Where FLOPs overstate that, the second table says how much is the machine: it ti
 stack alone, unmerged, at every sequence length the schedules' decoder layers run at, and predicts
 each schedule's LLM speedup from those times (mean over its layers) beside the FLOPs prediction and
 the measured one. A machine whose decoder layer costs the same per token at every length gives the
-FLOPs figure; one whose small matmuls are bound by reading the weights gives less.
+FLOPs figure; one whose small matmuls are bound by reading the weights gives less
+(`--no-llm-alone` skips it). Each table is printed, and appended to `--markdown`, as soon as it is
+measured, so a run cut short keeps what it finished.
 
 Beside the times, one counted forward per schedule (`profiler.counts`: a dispatch mode) gives the
 aten ops, the kernel ops (those that launch work on a GPU), the host reads and the attention calls,
@@ -129,7 +131,7 @@ def set_schedule(model, schedule: Schedule) -> None:
 
 @torch.inference_mode()
 def bench_size(backbone, size: int, batch_size: int, repeats: int, warmup: int, device: torch.device,
-               *, timed: bool = True) -> list[Result]:  # fmt: skip
+               *, timed: bool = True, decoder_alone: bool = True) -> list[Result]:  # fmt: skip
     model = backbone.model
     samples = [Sample(PROMPT, [synthetic_image(size, seed)]) for seed in range(batch_size)]
     batch = build_inputs(backbone, samples).to(device)
@@ -176,6 +178,8 @@ def bench_size(backbone, size: int, batch_size: int, repeats: int, warmup: int, 
                 shares.append(illava.last_stats(model).merge_seconds / seconds)
             result.merge_share = statistics.median(shares)
     illava.remove(model)
+    if not decoder_alone:
+        return results
     lengths = sorted({n for r in results for n in r.flops.llm_tokens})
     alone = llm_alone(backbone, lengths, batch_size, repeats, warmup, device)
     for r in results:
@@ -283,6 +287,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--attn", nargs="+", default=["sdpa", "illava_packed"], choices=list(illava.ATTENTIONS))
     parser.add_argument("--counts", action="store_true", help="counts only (deterministic, fast): no timing")
     parser.add_argument("--markdown", type=Path, help="append the tables and the machine to this file")
+    parser.add_argument("--llm-alone", action=argparse.BooleanOptionalAction, default=True,
+                        help="time the decoder alone at each merged length (the second table)")  # fmt: skip
     args = parser.parse_args(argv)
     if args.repeats < 5 and not args.counts:
         parser.error("--repeats must be at least 5 for a median with a spread")
@@ -294,7 +300,17 @@ def main(argv: list[str] | None = None) -> int:
         f"median of {args.repeats} interleaved rounds after {args.warmup} warm-up; spread = (max-min)/median; "
         "speedup = median (min-max) of the per-round ratios; counts: one counted forward"
     )  # fmt: skip
-    report = [f"`{command}` on {machine(device)}; {args.dtype}, batch {args.batch}; {what}\n"]
+
+    def emit(text: str) -> None:  # each part as soon as it is measured: a run cut short keeps those
+        print(text, flush=True)
+        if args.markdown:
+            with args.markdown.open("a") as out:
+                out.write(text + "\n")
+
+    if args.markdown:
+        with args.markdown.open("a") as out:
+            out.write("\n")
+    emit(f"`{command}` on {machine(device)}; {args.dtype}, batch {args.batch}; {what}\n")
     for name in args.backbone:
         for attn in args.attn:
             illava.runtime.check_attention(attn, device)
@@ -302,27 +318,22 @@ def main(argv: list[str] | None = None) -> int:
             backbone = load(name, attn, dtype, device)
             if device.type == "cuda":
                 print(f"weights on the GPU: {torch.cuda.memory_allocated(device) / 2**30:.1f} GiB", file=sys.stderr)
+            timing = dict(timed=not args.counts, decoder_alone=args.llm_alone)
             results = [
                 r
                 for size in args.sizes
-                for r in bench_size(
-                    backbone, size, args.batch, args.repeats, args.warmup, device, timed=not args.counts
-                )
+                for r in bench_size(backbone, size, args.batch, args.repeats, args.warmup, device, **timing)
             ]
-            report.append(f"**{name}, {attn}**\n\n{table(results)}\n")
+            emit(f"**{name}, {attn}**\n\n{table(results)}\n")
             if not args.counts:
-                report.append(f"The LLM alone:\n\n{llm_table(results)}\n")
+                if args.llm_alone:
+                    emit(f"The LLM alone:\n\n{llm_table(results)}\n")
                 floor = text_only_floor(backbone, args.repeats, args.warmup, device)
-                report.append(f"The same prompt with no image (the floor no token reduction can go below): "
-                              f"{floor.median * 1e3:.1f} ms ({floor.spread:.0%} spread).\n")  # fmt: skip
+                emit(f"The same prompt with no image (the floor no token reduction can go below): "
+                     f"{floor.median * 1e3:.1f} ms ({floor.spread:.0%} spread).\n")  # fmt: skip
             del backbone
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-    text = "\n".join(report)
-    print(text)
-    if args.markdown:
-        with args.markdown.open("a") as out:
-            out.write("\n" + text)
     return 0
 
 

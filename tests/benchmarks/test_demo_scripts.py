@@ -87,3 +87,13 @@ def test_prefill_times_and_counts(capsys):
         assert last < first  # the merged decoder's later layers run shorter
         assert float(row[5].strip().rstrip("x")) > 1.0  # FLOPs predict a gain
         assert float(row[6].strip().rstrip("x")) > 0  # a timed figure (how much is the machine's to say)
+
+
+def test_prefill_writes_each_table_to_markdown_and_can_skip_the_decoder_alone(tmp_path, capsys):
+    out = tmp_path / "prefill.md"
+    argv = ["--backbone", "tiny", "--attn", "sdpa", "--sizes", "224", "--repeats", "5", "--warmup", "0",
+            "--no-llm-alone", "--markdown", str(out)]  # fmt: skip
+    _script("prefill").main(argv)
+    written = out.read_text()
+    assert written.strip() == capsys.readouterr().out.strip()  # the same tables, appended as they came
+    assert "**tiny, sdpa**" in written and "no image" in written and "The LLM alone" not in written
