@@ -11,9 +11,12 @@ For each backbone, attention implementation and image size, and each schedule (v
 paper's default split at 66.7/77.8/88.9%), runs are interleaved round-robin in one process so that
 drift hits every schedule alike: each repeat times the encoder alone (`get_image_features`) and the
 full prefill forward (`logits_to_keep=1`). LLM time = total - encoder. A separate instrumented pass
-measures the share of the merged forward spent in importance + selection + merging + re-packing;
-`at zero merge cost` is vanilla over the merged forward's time outside that work: the speedup its
-token counts allow on this machine, which no faster merge can exceed.
+measures the share of the merged forward spent in selection + merging + re-packing and the LLM
+merges' importance; `at zero merge cost` is vanilla over the merged forward's time outside that
+work: about the speedup its token counts allow on this machine. It errs low by what a merging
+vision block pays to compute its attention explicitly (its importance comes out of it) instead of
+with its usual kernel, which the share does not time: little where merging blocks are windows,
+more where they are full attention over many tokens.
 
 Where FLOPs overstate that, the second table says how much is the machine: it times the decoder
 stack alone, unmerged, at every sequence length the schedules' decoder layers run at, and predicts

@@ -207,6 +207,7 @@ def last_stats(model: torch.nn.Module):
 
 
 def time_merges(model: torch.nn.Module, enabled: bool = True) -> None:
-    """Time the merge work of every prefill into ``last_stats(model).merge_seconds`` (it
-    synchronises around each merge on CUDA: for benchmarks, not for serving)."""
+    """Time the merge work of every prefill into ``last_stats(model).merge_seconds`` (what it
+    covers: `illava.engine.vision.MergeTimer`; it synchronises around each merge on CUDA: for
+    benchmarks, not for serving)."""
     _state(model).time_merges = enabled

@@ -224,8 +224,11 @@ class EncodedVisual(BaseModelOutputWithPooling):
 
 # ----------------------------------------------------------------------------------- timing
 class MergeTimer:
-    """Wall time of the merge work (importance, selection, merging, re-packing) when asked for;
-    synchronises around it on CUDA, so it is for benchmarks, not for production runs."""
+    """Wall time of the merge work when asked for: selection, merging and re-packing, and the
+    importance a merge computes itself (the LLM's). A merging vision block's importance comes out of
+    the block's own attention, computed explicitly for it (`illava.engine.attention`); what that
+    costs over the block's usual kernel is not in it. Synchronises around each merge on CUDA, so it
+    is for benchmarks, not for production runs."""
 
     def __init__(self, enabled: bool, device: torch.device):
         self.enabled, self.device = enabled, device
