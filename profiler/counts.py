@@ -6,10 +6,10 @@ with a `TorchDispatchMode` (every aten op the forward dispatches) plus a wrapper
 `Tensor.tolist`, which reads a tensor back without dispatching an op.
 
 A *host read* is anything that needs a device value on the host before the forward can go on: a
-scalar (`.item()`, ``bool(t)``, ``int(t)``, ``torch.equal``: ``aten._local_scalar_dense`` and the ops that
-wrap it), a list (`.tolist()`), or an
-op whose output size depends on the data (``nonzero``, boolean-mask indexing, ``masked_select``,
-``unique``, ``repeat_interleave`` without an output size). On a CPU they cost nothing; on a GPU each
+scalar (`.item()`, ``bool(t)``, ``int(t)``, ``torch.equal``: ``aten._local_scalar_dense`` and the
+ops that wrap it), a list (`.tolist()`), or an op whose output size depends on the data
+(``nonzero``, boolean-mask indexing, ``masked_select``, ``unique``, ``repeat_interleave`` without an
+output size). On a CPU they cost nothing; on a GPU each
 one waits for the queue to drain. Inputs read on purpose count too (a model that reads
 ``grid_thw.tolist()`` on a GPU reads it from the device).
 

@@ -224,7 +224,7 @@ def runtime(request, family):
     # On a CPU with AMX (Intel Xeon), oneDNN's bf16 matmuls round differently for a batch of two than
     # for one prompt, enough to flip a near-tie in a merge's importance (a third LLM merge keeping
     # token 7 alone and 8 in the batch: a 0.09 logit gap). That is the kernel's choice, not the
-    # engine's batching, which these tests hold; PyTorch's own CPU matmul rounds alike at every shape.
+    # engine's batching, which these tests hold; with oneDNN off the two round alike here.
     mkldnn = torch.backends.mkldnn.enabled
     torch.backends.mkldnn.enabled = mkldnn and dtype != torch.bfloat16
     try:
