@@ -100,7 +100,8 @@ class Result:
     encoder: Timing | None = None
     total: Timing | None = None
     merge_share: float = 0.0
-    flops: illava.Flops | None = None
+    predicted: float = 1.0
+    flops: illava.Flops | None = None  # the schedule's, for the LLM table
     llm_curve: float = 0.0  # seconds: the unmerged LLM's own time at this schedule's per-layer lengths
 
     @property
@@ -154,8 +155,9 @@ def bench_size(backbone, size: int, batch_size: int, repeats: int, warmup: int, 
     for label, schedule in configs:
         set_schedule(model, schedule)
         total()  # lazy set-up is not counted
-        flops = illava.prefill_flops(model.config, schedule, grids, text_tokens)
-        results.append(Result(size, label, image_tokens, schedule, count_call(total), flops=flops))
+        results.append(Result(size, label, image_tokens, schedule, count_call(total),
+                              predicted=illava.predicted_speedup(model.config, schedule, grids, text_tokens),
+                              flops=illava.prefill_flops(model.config, schedule, grids, text_tokens)))  # fmt: skip
     if not timed:
         illava.remove(model)
         return results
@@ -244,11 +246,10 @@ def table(results: list[Result]) -> str:
         row = f"| {r.size}x{r.size} | {r.image_tokens} | {r.label} "
         if timed:
             speedup = paired_ratios(base[r.size].total, r.total)
-            predicted = base[r.size].flops.total / r.flops.total
             row += (
                 f"| {r.encoder.median * 1e3:.1f} | {r.llm * 1e3:.1f} | {r.total.median * 1e3:.1f} ({r.total.spread:.0%}) "
-                f"| {speedup.median:.2f}x ({speedup.low:.2f}-{speedup.high:.2f}) | {predicted:.2f}x "
-                f"| {speedup.median / predicted:.0%} | {r.merge_share:.1%} | {r.ceiling(base[r.size]):.2f}x "
+                f"| {speedup.median:.2f}x ({speedup.low:.2f}-{speedup.high:.2f}) | {r.predicted:.2f}x "
+                f"| {speedup.median / r.predicted:.0%} | {r.merge_share:.1%} | {r.ceiling(base[r.size]):.2f}x "
             )
         lines.append(row + _count_cells(r, base[r.size]))
     return "\n".join(lines)

@@ -97,3 +97,12 @@ def test_prefill_writes_each_table_to_markdown_and_can_skip_the_decoder_alone(tm
     written = out.read_text()
     assert written.strip() == capsys.readouterr().out.strip()  # the same tables, appended as they came
     assert "**tiny, sdpa**" in written and "no image" in written and "The LLM alone" not in written
+
+
+def test_merge_kernels_times_each_piece_beside_what_it_replaces(capsys):
+    _script("merge_kernels").main(["--dtypes", "float32", "--repeats", "3"])
+    out = capsys.readouterr().out
+    rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| float32")]
+    assert [row[1].strip() for row in rows] == ["16 x 64 tokens", "1 x 1024 tokens"]
+    assert all(float(cell.split()[0]) > 0 for row in rows for cell in row[2:])  # explicit and SDPA ms
+    assert [line.split("|")[1].strip() for line in out.splitlines() if line.startswith("| eager")] == ["eager"]
